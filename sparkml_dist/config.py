@@ -1,0 +1,331 @@
+"""One typed configuration for every job: nested frozen dataclasses loaded from YAML plus overrides.
+
+Precedence: ``--set section.key=value`` > the YAML file > the defaults below. Unknown keys and values of
+the wrong type are rejected with a message naming the key and listing the valid ones.
+
+Paths: any ``*_url`` may be written as a plain path (relative paths resolve against ``paths.work_dir``'s
+parent, i.e. the working directory) and is turned into a ``file://`` URL with an absolute path; URLs with
+another scheme (hdfs://, s3a://, ...) pass through. ``{work_dir}`` inside a string is replaced by
+``paths.work_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names it and says what is valid."""
+
+
+def to_url(path_or_url: str) -> str:
+    """Return ``path_or_url`` as a URL: plain paths become absolute ``file://`` URLs."""
+    if "://" in path_or_url:
+        return path_or_url
+    return "file://" + os.path.abspath(path_or_url)
+
+
+def url_to_path(url: str) -> Path:
+    """Local path of a ``file://`` URL; raises for other schemes."""
+    if url.startswith("file://"):
+        return Path(url[len("file://") :])
+    if "://" not in url:
+        return Path(url).absolute()
+    raise ConfigError(f"{url!r} is not a local file:// URL; this operation needs local files")
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    work_dir: str = "work"
+    """Root for everything the embedded default writes (data, shards, runs, MLflow db)."""
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    master: str = "local[2]"
+    """Spark master URL. Ignored under spark-submit, which sets its own."""
+    app_name: str = "sparkml-dist"
+    """Spark application name."""
+    log_level: str = "WARN"
+    """Driver log level (ERROR, WARN, INFO, DEBUG)."""
+    conf: dict[str, str] = field(default_factory=dict)
+    """Extra Spark conf, e.g. {"spark.sql.shuffle.partitions": "8"}."""
+
+    def __post_init__(self) -> None:
+        _check_choice("spark.log_level", self.log_level, ("ERROR", "WARN", "INFO", "DEBUG"))
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    output_url: str = "{work_dir}/data/raw"
+    """Where the synthetic Parquet data set is written."""
+    rows: int = 100_000
+    """Number of rows."""
+    features: int = 16
+    """Number of dense numeric features."""
+    classes: int = 2
+    """2 for binary logistic data, >2 for softmax (multi-class) data."""
+    positive_fraction: float = 0.5
+    """Binary only: target share of label 1 (class balance), reached by shifting the intercept."""
+    label_noise: float = 0.0
+    """Share of labels replaced by a uniformly random class after sampling."""
+    weight_scale: float = 1.0
+    """Standard deviation of the true weights (larger = more separable)."""
+    seed: int = 42
+    """Seed for the true model and every row (rows are deterministic for a seed)."""
+    partitions: int = 8
+    """Number of Spark partitions (= output files)."""
+    layout: Literal["columns", "array"] = "array"
+    """'array': one fixed-length float array column `features`; 'columns': f0..f{n-1} scalar columns."""
+
+    def __post_init__(self) -> None:
+        _check_positive("generate.rows", self.rows)
+        _check_positive("generate.features", self.features)
+        _check_positive("generate.partitions", self.partitions)
+        if self.classes < 2:
+            raise ConfigError(f"generate.classes must be >= 2, got {self.classes}")
+        _check_fraction("generate.positive_fraction", self.positive_fraction, open_interval=True)
+        _check_fraction("generate.label_noise", self.label_noise)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    input_url: str = "{work_dir}/data/raw"
+    """Parquet input of the partition job (with scheme, or a plain path)."""
+    label_col: str = "label"
+    """Integer class label column (0..num_classes-1)."""
+    features_col: str | None = None
+    """Name of a fixed-length numeric array column holding the features; set this OR feature_cols."""
+    feature_cols: list[str] | None = None
+    """Scalar numeric feature columns; None with features_col None means every numeric column except
+    the label and row_id."""
+    num_classes: int = 2
+    """Declared number of classes; labels outside 0..num_classes-1 are rejected."""
+    row_id_col: str = "row_id"
+    """Stable row key. Used when present in the input, else assigned by the partition job."""
+    invalid_values: Literal["fail", "drop"] = "fail"
+    """NaN/inf features or a null label: 'fail' the job, or 'drop' the rows and count them."""
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2:
+            raise ConfigError(f"data.num_classes must be >= 2, got {self.num_classes}")
+        if self.features_col is not None and self.feature_cols is not None:
+            raise ConfigError("set data.features_col or data.feature_cols, not both")
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    output_url: str = "{work_dir}/data/partitioned"
+    """Output directory: shards, validation, feature groups and _manifest.json."""
+    mode: Literal["shuffle_split", "random_sample"] = "shuffle_split"
+    """shuffle_split: a seeded permutation cut into equal shards; random_sample: independent samples."""
+    num_shards: int = 2
+    """K sample shards, one per Horovod rank."""
+    validation_fraction: float = 0.1
+    """Share of rows held out as the validation split."""
+    sample_fraction: float = 0.5
+    """random_sample only: expected shard size as a share of the training rows."""
+    with_replacement: bool = False
+    """random_sample only: draw with replacement (a row may appear several times in one shard)."""
+    feature_groups: int = 0
+    """M > 0 also writes the features split into M column groups aligned by row_id."""
+    feature_grouping: Literal["contiguous", "hashed", "explicit"] = "contiguous"
+    """How features are assigned to groups."""
+    explicit_groups: list[list[str]] | None = None
+    """feature_grouping=explicit: the feature names of each group."""
+    feature_layout: Literal["array", "columns"] = "array"
+    """Layout of features in the output: one float32 array column (streams fastest) or scalar columns."""
+    row_group_mb: float = 8.0
+    """Parquet row-group size in MB (Petastorm reads one row group at a time)."""
+    min_row_groups: int = 1
+    """Refuse a shard with fewer row groups than this (a reader needs at least one per worker)."""
+    buckets: int = 0
+    """Shuffle buckets for the permutation; 0 = automatic (about 1M rows each, at least 2*num_shards)."""
+    seed: int = 7
+    """Seed of the permutation and samples."""
+
+    def __post_init__(self) -> None:
+        _check_positive("partition.num_shards", self.num_shards)
+        _check_fraction("partition.validation_fraction", self.validation_fraction, allow_one=False)
+        if not 0.0 < self.sample_fraction <= (10.0 if self.with_replacement else 1.0):
+            raise ConfigError(
+                f"partition.sample_fraction must be in (0, 1] (or (0, 10] with replacement), "
+                f"got {self.sample_fraction}"
+            )
+        if self.feature_groups < 0:
+            raise ConfigError(f"partition.feature_groups must be >= 0, got {self.feature_groups}")
+        if self.feature_grouping == "explicit" and self.feature_groups and not self.explicit_groups:
+            raise ConfigError("partition.feature_grouping=explicit needs partition.explicit_groups")
+        if self.row_group_mb <= 0:
+            raise ConfigError(f"partition.row_group_mb must be > 0, got {self.row_group_mb}")
+        _check_positive("partition.min_row_groups", self.min_row_groups)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dump(self) -> str:
+        """The resolved config as YAML (what was actually used)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, str]:
+        """section.key -> value as strings (for MLflow params)."""
+        out: dict[str, str] = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value if isinstance(value, str) else json.dumps(value)
+        return out
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Build a JobConfig from defaults, a YAML file and ``section.key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found (try conf/local.yaml)")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must be a mapping of sections")
+        raw = loaded
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.epochs=5")
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"config section {section!r} must be a mapping")
+        raw[section][name] = yaml.safe_load(value) if value != "" else ""
+    cfg = _build(JobConfig, raw, "")
+    return _resolve_paths(cfg)
+
+
+def _resolve_paths(cfg: JobConfig) -> JobConfig:
+    work_dir = os.path.abspath(cfg.paths.work_dir)
+
+    def fix(obj: Any) -> Any:
+        changes = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, str) and "{work_dir}" in value:
+                value = value.replace("{work_dir}", work_dir)
+                changes[f.name] = value
+            if f.name.endswith("_url") and isinstance(value, str) and value:
+                changes[f.name] = to_url(value)
+        return dataclasses.replace(obj, **changes) if changes else obj
+
+    sections = {f.name: fix(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    sections["paths"] = dataclasses.replace(cfg.paths, work_dir=work_dir)
+    return dataclasses.replace(cfg, **sections)
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        label = f"section {where!r}" if where else "the config"
+        raise ConfigError(f"unknown key(s) {unknown} in {label}; valid keys: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], raw[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # a __post_init__ check
+        raise ConfigError(str(exc)) from exc
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        _check_choice(key, value, get_args(tp))
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item,) = get_args(tp)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _check_positive(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def _check_fraction(key: str, value: float, open_interval: bool = False, allow_one: bool = True) -> None:
+    lo_ok = value > 0 if open_interval else value >= 0
+    hi_ok = value < 1 if (open_interval or not allow_one) else value <= 1
+    if not (lo_ok and hi_ok):
+        interval = "(0, 1)" if open_interval else ("[0, 1)" if not allow_one else "[0, 1]")
+        raise ConfigError(f"{key} must be in {interval}, got {value}")

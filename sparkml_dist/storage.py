@@ -1,0 +1,113 @@
+"""Where outputs live: Hadoop-FileSystem operations from the driver and atomic publication.
+
+Every output directory is written under a temporary sibling and published with renames, so a crash at
+any point leaves either the old complete output or the new complete one, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from pyspark.sql import SparkSession
+
+
+class HadoopFS:
+    """Thin wrapper over org.apache.hadoop.fs.FileSystem for any scheme Spark can reach."""
+
+    def __init__(self, spark: SparkSession, url: str) -> None:
+        jvm = spark.sparkContext._jvm
+        assert jvm is not None
+        self._jvm = jvm
+        conf = spark.sparkContext._jsc.hadoopConfiguration()  # type: ignore[union-attr]
+        self._fs = jvm.org.apache.hadoop.fs.Path(url).getFileSystem(conf)
+
+    def _path(self, url: str) -> Any:
+        return self._jvm.org.apache.hadoop.fs.Path(url)
+
+    def exists(self, url: str) -> bool:
+        return bool(self._fs.exists(self._path(url)))
+
+    def is_file(self, url: str) -> bool:
+        return bool(self._fs.isFile(self._path(url)))
+
+    def delete(self, url: str) -> None:
+        self._fs.delete(self._path(url), True)
+
+    def rename(self, src: str, dst: str) -> None:
+        if not self._fs.rename(self._path(src), self._path(dst)):
+            raise OSError(f"could not rename {src} to {dst}")
+
+    def mkdirs(self, url: str) -> None:
+        self._fs.mkdirs(self._path(url))
+
+    def read_text(self, url: str) -> str:
+        stream = self._fs.open(self._path(url))
+        try:
+            reader = self._jvm.java.io.BufferedReader(self._jvm.java.io.InputStreamReader(stream, "UTF-8"))
+            lines = []
+            while (line := reader.readLine()) is not None:
+                lines.append(line)
+            return "\n".join(lines)
+        finally:
+            stream.close()
+
+    def write_text(self, url: str, text: str) -> None:
+        """Write a small file atomically (temp file + rename)."""
+        tmp = f"{url}.tmp-{uuid.uuid4().hex[:8]}"
+        stream = self._fs.create(self._path(tmp), True)
+        try:
+            stream.write(bytearray(text.encode("utf-8")))
+        finally:
+            stream.close()
+        if self.exists(url):
+            self.delete(url)
+        self.rename(tmp, url)
+
+    def list_files(self, url: str, suffix: str = "") -> list[tuple[str, int, int]]:
+        """(path relative to url, size, mtime) of every file below url, sorted."""
+        root = self._fs.makeQualified(self._path(url)).toString().rstrip("/")
+        it = self._fs.listFiles(self._path(url), True)
+        out = []
+        while it.hasNext():
+            st = it.next()
+            full = st.getPath().toString()
+            name = st.getPath().getName()
+            if name.startswith((".", "_")) or not full.endswith(suffix):
+                continue
+            out.append((full[len(root) + 1 :], int(st.getLen()), int(st.getModificationTime())))
+        return sorted(out)
+
+
+@contextlib.contextmanager
+def atomic_output(spark: SparkSession, url: str) -> Iterator[str]:
+    """Yield a temporary URL to write into; publish it at ``url`` only if the block succeeds.
+
+    The old output (if any) is moved aside, the new one renamed into place, then the old one deleted.
+    A leftover ``*.old-*`` sibling after a crash still holds the previous complete output.
+    """
+    fs = HadoopFS(spark, url)
+    url = url.rstrip("/")
+    if fs.exists(url) and fs.is_file(url):
+        raise FileExistsError(f"output {url} is a file, not a directory: remove it or choose another path")
+    tag = uuid.uuid4().hex[:8]
+    tmp = f"{url}.tmp-{tag}"
+    try:
+        yield tmp
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.delete(tmp)
+        raise
+    publish(fs, tmp, url, tag)
+
+
+def publish(fs: HadoopFS, tmp: str, url: str, tag: str) -> None:
+    old = f"{url}.old-{tag}"
+    had_old = fs.exists(url)
+    if had_old:
+        fs.rename(url, old)
+    fs.rename(tmp, url)
+    if had_old:
+        fs.delete(old)

@@ -1,0 +1,131 @@
+"""Synthetic classification data with a known ground-truth model, generated on the executors.
+
+Rows are generated in fixed blocks of BLOCK_ROWS by row_id, each block from its own RNG seeded with
+(seed, block), so the data set is the same for a seed whatever the number of partitions or executors, and
+nothing passes through the driver except the true model (features x classes numbers).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
+
+from sparkml_dist.config import GenerateConfig
+
+BLOCK_ROWS = 4096
+TRUTH_NAME = "_truth.json"
+
+
+@dataclass(frozen=True)
+class TrueModel:
+    """The generating model: logits = x @ weights.T + bias; then label noise."""
+
+    weights: list[list[float]]
+    """classes x features for multi-class; 1 x features for binary (the logit of class 1)."""
+    bias: list[float]
+    classes: int
+    label_noise: float
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """P(label = c | x) of the generating process, noise included: rows x classes."""
+        w = np.asarray(self.weights, dtype=np.float64)
+        logits = x.astype(np.float64) @ w.T + np.asarray(self.bias)
+        if self.classes == 2:
+            p1 = 1.0 / (1.0 + np.exp(-logits[:, 0]))
+            probs = np.stack([1.0 - p1, p1], axis=1)
+        else:
+            logits -= logits.max(axis=1, keepdims=True)
+            e = np.exp(logits)
+            probs = e / e.sum(axis=1, keepdims=True)
+        return (1.0 - self.label_noise) * probs + self.label_noise / self.classes
+
+    def log_loss(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Mean negative log-likelihood of labels y under the true model (the best any model can do)."""
+        p = self.probabilities(x)[np.arange(len(y)), y.astype(np.int64)]
+        return float(-np.mean(np.log(np.clip(p, 1e-15, 1.0))))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrueModel:
+        return cls(**json.loads(text))
+
+
+def make_true_model(cfg: GenerateConfig) -> TrueModel:
+    rng = np.random.default_rng([cfg.seed, 0xC0FFEE])
+    k = 1 if cfg.classes == 2 else cfg.classes
+    weights = rng.normal(0.0, cfg.weight_scale, size=(k, cfg.features))
+    if cfg.classes == 2:
+        bias = [_intercept_for_balance(weights[0], cfg.positive_fraction, rng)]
+    else:
+        bias = [0.0] * k
+    return TrueModel(weights.tolist(), bias, cfg.classes, cfg.label_noise)
+
+
+def _intercept_for_balance(w: np.ndarray, positive_fraction: float, rng: np.random.Generator) -> float:
+    """Bisection for b with E[sigmoid(x.w + b)] = positive_fraction, x ~ N(0, I)."""
+    z = rng.normal(0.0, float(np.linalg.norm(w)), size=200_000)
+    lo, hi = -50.0, 50.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if np.mean(1.0 / (1.0 + np.exp(-(z + mid)))) < positive_fraction:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def generate_block(cfg: GenerateConfig, truth: TrueModel, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features (float32) and labels (int32) of rows [block*BLOCK_ROWS, (block+1)*BLOCK_ROWS)."""
+    rng = np.random.default_rng([cfg.seed, block])
+    x = rng.standard_normal(size=(BLOCK_ROWS, cfg.features), dtype=np.float32)
+    # Labels from the clean model, then noise: P(y) = (1-noise)*p + noise/classes, as TrueModel says.
+    clean = TrueModel(truth.weights, truth.bias, truth.classes, 0.0).probabilities(x)
+    u = rng.random(BLOCK_ROWS)
+    y = (u[:, None] > np.cumsum(clean, axis=1)).sum(axis=1)
+    noisy = rng.random(BLOCK_ROWS) < cfg.label_noise
+    y = np.where(noisy, rng.integers(0, cfg.classes, size=BLOCK_ROWS), y)
+    return x, np.minimum(y, cfg.classes - 1).astype(np.int32)
+
+
+def output_schema(cfg: GenerateConfig) -> T.StructType:
+    fields = [T.StructField("row_id", T.LongType(), False)]
+    if cfg.layout == "array":
+        fields.append(T.StructField("features", T.ArrayType(T.FloatType(), False), False))
+    else:
+        fields += [T.StructField(f"f{i}", T.FloatType(), False) for i in range(cfg.features)]
+    fields.append(T.StructField("label", T.IntegerType(), False))
+    return T.StructType(fields)
+
+
+def generate(spark: SparkSession, cfg: GenerateConfig) -> tuple[DataFrame, TrueModel]:
+    """A DataFrame of cfg.rows generated rows (lazy) and the model that generated them."""
+    truth = make_true_model(cfg)
+    ids = spark.range(0, cfg.rows, numPartitions=cfg.partitions)
+
+    def fill(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for batch in batches:
+            row_ids = batch["id"].to_numpy()
+            if len(row_ids) == 0:
+                continue
+            first, last = int(row_ids.min()) // BLOCK_ROWS, int(row_ids.max()) // BLOCK_ROWS
+            xs, ys = zip(*(generate_block(cfg, truth, b) for b in range(first, last + 1)), strict=True)
+            offset = row_ids - first * BLOCK_ROWS
+            x, y = np.concatenate(xs)[offset], np.concatenate(ys)[offset]
+            out = {"row_id": row_ids}
+            if cfg.layout == "array":
+                out["features"] = list(x)
+            else:
+                out.update({f"f{i}": x[:, i] for i in range(cfg.features)})
+            out["label"] = y
+            yield pd.DataFrame(out)
+
+    df = ids.mapInPandas(fill, schema=output_schema(cfg))
+    return df, truth
