@@ -158,8 +158,7 @@ class PartitionConfig:
         _check_fraction("partition.validation_fraction", self.validation_fraction, allow_one=False)
         if not 0.0 < self.sample_fraction <= (10.0 if self.with_replacement else 1.0):
             raise ConfigError(
-                f"partition.sample_fraction must be in (0, 1] (or (0, 10] with replacement), "
-                f"got {self.sample_fraction}"
+                f"partition.sample_fraction must be in (0, 1] (or (0, 10] with replacement), got {self.sample_fraction}"
             )
         if self.feature_groups < 0:
             raise ConfigError(f"partition.feature_groups must be >= 0, got {self.feature_groups}")
@@ -171,12 +170,110 @@ class PartitionConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    manifest_url: str = "{work_dir}/data/partitioned"
+    """Partition output (with _manifest.json) to train on."""
+    model: str = "logistic"
+    """logistic | softmax | mlp | a user nn.Module given as 'package.module:ClassName'."""
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 32])
+    """mlp only: hidden layer widths."""
+    activation: Literal["relu", "tanh", "gelu"] = "relu"
+    """mlp only: activation."""
+    dropout: float = 0.0
+    """mlp only: dropout after each hidden layer."""
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    """Optimizer."""
+    lr: float = 0.01
+    """Learning rate (before optional scaling by world size)."""
+    momentum: float = 0.0
+    """sgd only."""
+    weight_decay: float = 0.0
+    """L2 penalty / AdamW decoupled decay."""
+    batch_size: int = 512
+    """Rows per step per rank (global batch = batch_size x world size)."""
+    epochs: int = 3
+    """Passes over the shards."""
+    max_steps_per_epoch: int = 0
+    """0 = as many as the smallest shard allows; >0 caps it (tests, quick runs)."""
+    seed: int = 0
+    """Seed of model init, shuffling and dropout."""
+    shuffle: bool = True
+    """Shuffle row groups and rows (through a buffer) each epoch, seeded by (seed, epoch, rank)."""
+    shuffle_buffer_rows: int = 20_000
+    """Rows held in the shuffle buffer per rank."""
+    fp16_allreduce: bool = False
+    """Compress gradients to fp16 for the allreduce."""
+    backward_passes_per_step: int = 1
+    """Gradient accumulation: local backward passes per allreduce + optimizer step."""
+    scale_lr_by_world_size: bool = False
+    """Multiply lr by world size (with warm-up), the usual rule for a larger global batch."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up from lr to the scaled lr over this many epochs."""
+    grad_clip_norm: float = 0.0
+    """Clip the global gradient norm to this value; 0 = off."""
+    runs_url: str = "{work_dir}/runs"
+    """Per-run directories (checkpoints) live below this."""
+    checkpoint: bool = True
+    """Rank 0 writes a checkpoint after every epoch; a retried or re-run job resumes from it."""
+    resume_run_id: str | None = None
+    """Resume this MLflow run id from its latest checkpoint."""
+
+    def __post_init__(self) -> None:
+        _check_positive("train.batch_size", self.batch_size)
+        _check_positive("train.epochs", self.epochs)
+        _check_positive("train.backward_passes_per_step", self.backward_passes_per_step)
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        _check_fraction("train.dropout", self.dropout, allow_one=False)
+        if self.max_steps_per_epoch < 0:
+            raise ConfigError(f"train.max_steps_per_epoch must be >= 0, got {self.max_steps_per_epoch}")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    backend: Literal["barrier", "local"] = "barrier"
+    """barrier: one Spark barrier stage, a Horovod rank per task; local: ranks as local processes (tests)."""
+    start_timeout_s: float = 120.0
+    """Seconds every rank may take to reach the rendezvous and finish hvd.init."""
+    collective_timeout_s: float = 300.0
+    """Seconds a single collective may wait for the other ranks (Gloo timeout)."""
+    job_timeout_s: float = 0.0
+    """Cancel the whole training stage after this many seconds; 0 = no limit."""
+    use_gpu: bool = False
+    """Use the task's GPU (from Spark task resources) and NCCL instead of Gloo on CPU."""
+    nic: str = ""
+    """Network interface for Gloo; empty = the one that holds the task's address (lo for 127.0.0.1)."""
+
+    def __post_init__(self) -> None:
+        for key in ("start_timeout_s", "collective_timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"launch.{key} must be > 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tracking_uri: str = "sqlite:///{work_dir}/mlflow.db"
+    """MLflow tracking URI (sqlite file, http://host:port, databricks, ...)."""
+    artifact_url: str = "{work_dir}/mlartifacts"
+    """Artifact root for new experiments."""
+    experiment: str = "sparkml-dist"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """Run name; None = generated."""
+    log_model: bool = True
+    """Log the final model with mlflow.pytorch.log_model."""
+
+
+@dataclass(frozen=True)
 class JobConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

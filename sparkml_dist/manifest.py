@@ -131,8 +131,9 @@ def read_manifest(root_url: str, verify: bool = True) -> Manifest:
     if info.type == pafs.FileType.NotFound:
         what = filesystem.get_file_info(root).type
         hint = (
-            "it does not exist" if what == pafs.FileType.NotFound else "it has no _manifest.json, so it is not a "
-            "complete partition output"
+            "it does not exist"
+            if what == pafs.FileType.NotFound
+            else "it has no _manifest.json, so it is not a complete partition output"
         )
         raise ManifestError(f"{root_url} is not a partition output: {hint}. Run jobs/partition.py first.")
     with filesystem.open_input_stream(f"{root}/{MANIFEST_NAME}") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from pyspark import SparkConf
 from pyspark.sql import SparkSession
@@ -42,6 +43,8 @@ def build_spark_session(cfg: SparkConfig) -> SparkSession:
         if cfg.master.startswith("local"):
             # Loopback only for the embedded default: nothing listens on a public interface.
             os.environ.setdefault(SPARK_LOCAL_IP, "127.0.0.1")
+            # Local Python workers run the driver's interpreter (the project venv), not the system one.
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     for key, value in wanted.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()

@@ -129,3 +129,41 @@ def generate(spark: SparkSession, cfg: GenerateConfig) -> tuple[DataFrame, TrueM
 
     df = ids.mapInPandas(fill, schema=output_schema(cfg))
     return df, truth
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    output_url: str
+    rows: int
+    features: int
+    classes: int
+    truth_url: str
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def write_dataset(spark: SparkSession, cfg: GenerateConfig) -> GenerateResult:
+    """Generate and publish the data set atomically, with the true model in ``_truth.json`` beside it."""
+    import time
+
+    from sparkml_dist.storage import HadoopFS, atomic_output
+
+    started = time.monotonic()
+    df, truth = generate(spark, cfg)
+    out = cfg.output_url.rstrip("/")
+    spark.sparkContext.setJobDescription(f"generate: {cfg.rows} rows x {cfg.features} features")
+    with atomic_output(spark, out) as tmp:
+        df.write.mode("errorifexists").parquet(tmp)
+        HadoopFS(spark, tmp).write_text(f"{tmp}/{TRUTH_NAME}", truth.to_json())
+    return GenerateResult(
+        out, cfg.rows, cfg.features, cfg.classes, f"{out}/{TRUTH_NAME}", round(time.monotonic() - started, 3)
+    )
+
+
+def read_truth(spark: SparkSession, data_url: str) -> TrueModel:
+    from sparkml_dist.storage import HadoopFS
+
+    url = f"{data_url.rstrip('/')}/{TRUTH_NAME}"
+    return TrueModel.from_json(HadoopFS(spark, url).read_text(url))

@@ -1,0 +1,42 @@
+"""Shared fixtures: one local[2] SparkSession for the whole run, loopback only."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
+os.environ["PYSPARK_PYTHON"] = sys.executable
+os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    from sparkml_dist.config import SparkConfig
+    from sparkml_dist.session import build_spark_session
+
+    local_dir = tmp_path_factory.mktemp("spark-local")
+    cfg = SparkConfig(
+        master="local[2]",
+        app_name="sparkml-dist-tests",
+        log_level="ERROR",
+        conf={
+            "spark.ui.enabled": "false",
+            "spark.sql.shuffle.partitions": "4",
+            "spark.default.parallelism": "4",
+            "spark.local.dir": str(local_dir),
+            "spark.driver.memory": "2g",
+            "spark.driver.bindAddress": "127.0.0.1",
+            "spark.driver.host": "127.0.0.1",
+        },
+    )
+    session = build_spark_session(cfg)
+    yield session
+    session.stop()
