@@ -10,7 +10,7 @@ export SPARK_LOCAL_IP := 127.0.0.1
 export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean mlflow-ui
 setup: $(VENV)/.stamp-project
 
 # 1. torch and the horovod build tools first: horovod compiles against the installed torch.
@@ -43,3 +43,9 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .cache work
+
+# The MLflow UI on the project's sqlite store, loopback only.
+mlflow-ui: setup
+	mkdir -p work/mlartifacts
+	$(VENV)/bin/mlflow server --host 127.0.0.1 --port 5000 \
+	  --backend-store-uri sqlite:///$(CURDIR)/work/mlflow.db --default-artifact-root $(CURDIR)/work/mlartifacts
