@@ -34,15 +34,22 @@ def parse_config(description: str, argv: list[str] | None) -> JobConfig:
 
 
 def run_job(description: str, argv: list[str] | None, body: Callable[[JobConfig, Any], dict[str, Any]]) -> dict:
-    """Parse the config, build the session, run ``body(cfg, spark)``, stop Spark, print the summary."""
+    """Parse the config, build the session, run ``body(cfg, spark)``, stop Spark, print the summary.
+
+    A session that was already active (a caller's, e.g. the tests') is used and left running.
+    """
+    from pyspark.sql import SparkSession
+
     from sparkml_dist.session import build_spark_session
 
     cfg = parse_config(description, argv)
+    owned = SparkSession.getActiveSession() is None
     spark = build_spark_session(cfg.spark)
     try:
         summary = body(cfg, spark)
     finally:
-        spark.stop()
+        if owned:
+            spark.stop()
     emit(summary)
     return summary
 

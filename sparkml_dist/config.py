@@ -149,7 +149,8 @@ class PartitionConfig:
     min_row_groups: int = 1
     """Refuse a shard with fewer row groups than this (a reader needs at least one per worker)."""
     buckets: int = 0
-    """Shuffle buckets for the permutation; 0 = automatic (about 1M rows each, at least 2*num_shards)."""
+    """Shuffle buckets for the permutation (rounded up to a power of 2); 0 = automatic: about 256 MB of
+    input each, at least 2*num_shards."""
     seed: int = 7
     """Seed of the permutation and samples."""
 

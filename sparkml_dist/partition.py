@@ -2,9 +2,10 @@
 
 Scales the way Spark scales: no collect() of data, no single-partition sort or window. The permutation
 for shuffle-split is "random bucket, then random order inside the bucket": every row gets a seeded
-64-bit hash key; bucket = key mod B. One cheap pass counts rows per bucket (only the row id is read),
-a window partitioned by bucket numbers the rows inside each bucket, and bucket offsets turn that into a
-global position in the permutation. Position -> validation (the first n_val) or shard (t mod K), so
+64-bit hash key; bucket = key mod B. One cheap pass counts rows per bucket (only the row id and label
+are read); the main pass shuffles rows to their bucket's partition, sorts each partition by (bucket,
+key), and the row's index in its sorted partition plus per-bucket offsets gives its global position in
+the permutation. Position -> validation (the first n_val) or shard (t mod K), so
 shard sizes differ by at most one row.
 """
 
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from pyspark import StorageLevel
 from pyspark.errors import AnalysisException
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -100,7 +101,7 @@ def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
     try:
         with atomic_output(spark, out_url) as tmp:
             spark.sparkContext.setJobDescription(f"partition: write {pcfg.num_shards} shards + validation")
-            _write(_layout(assigned, inp.feature_names, None, pcfg), f"{tmp}/train", block_bytes)
+            _write(_layout(assigned, inp.feature_names, None, pcfg), f"{tmp}/train", block_bytes, pcfg.num_shards)
             if fs.exists(f"{tmp}/train/{SHARD_COL}=-1"):
                 fs.rename(f"{tmp}/train/{SHARD_COL}=-1", f"{tmp}/validation")
             else:  # validation_fraction 0 (or tiny data): an empty split, still a directory
@@ -108,7 +109,7 @@ def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
             for g, names in enumerate(groups):
                 spark.sparkContext.setJobDescription(f"partition: write feature group {g}")
                 sub = _layout(assigned, inp.feature_names, names, pcfg).filter(F.col(SHARD_COL) >= 0)
-                _write(sub, f"{tmp}/features/group={g}", block_bytes)
+                _write(sub, f"{tmp}/features/group={g}", block_bytes, pcfg.num_shards)
             manifest = _build_manifest(
                 fs, tmp, out_url, inp, groups, stats["input_rows"], stats["dropped_rows"], settings, cfg
             )
@@ -149,8 +150,18 @@ def _read_input(spark: SparkSession, dcfg: DataConfig) -> _Input:
     features, names = _feature_expr(df, fields, dcfg)
     row_id = F.col(dcfg.row_id_col).cast("long") if dcfg.row_id_col in fields else F.monotonically_increasing_id()
     label = F.col(dcfg.label_col).cast("int")
-    valid = label.isNotNull() & F.forall(features, lambda x: ~F.isnan(x) & (F.abs(x) != F.lit(float("inf"))))
-    valid = valid & (F.size(features) == F.lit(len(names)))
+    # Built-in array functions (code-generated), not a per-element lambda: NaN sorts above every number
+    # in Spark, so a NaN shows as the array's max; array_contains is null, not false, when the array
+    # holds a null and no match (and NaN, the value looked for, is caught by the max).
+    hi, lo = F.array_max(features), F.array_min(features)
+    valid = (
+        label.isNotNull()
+        & (F.size(features) == F.lit(len(names)))
+        & F.array_contains(features, F.lit(float("nan"))).isNotNull()
+        & ~F.isnan(hi)
+        & (hi != F.lit(float("inf")))
+        & (lo != F.lit(float("-inf")))
+    )
     out = df.select(row_id.alias("row_id"), features.alias(FEATURES_COL), label.alias("label"), valid.alias("_valid"))
     body = json.dumps([dcfg.input_url, files])
     return _Input(out, names, hashlib.sha256(body.encode()).hexdigest()[:16], sum(f[1] for f in files))
@@ -199,7 +210,7 @@ def _checked_counts(keyed: DataFrame, dcfg: DataConfig, by_bucket: int) -> tuple
     if dcfg.invalid_values == "drop":
         df = df.filter(F.col("_valid"))
     agg = (
-        df.groupBy((F.pmod(F.col(_KEY), F.lit(by_bucket))).alias(_BUCKET))
+        df.groupBy(_bucket_of(by_bucket).alias(_BUCKET))
         .agg(F.count(F.lit(1)).alias("n"), F.min("label").alias("lo"), F.max("label").alias("hi"))
         .collect()
     )
@@ -222,8 +233,15 @@ def _checked_counts(keyed: DataFrame, dcfg: DataConfig, by_bucket: int) -> tuple
 
 
 def _num_buckets(pcfg: PartitionConfig, input_bytes: int) -> int:
-    """Buckets of about BUCKET_BYTES of input each (the unit one window task sorts), at least 2K."""
-    return pcfg.buckets or max(2 * pcfg.num_shards, math.ceil(input_bytes / BUCKET_BYTES))
+    """Buckets of about BUCKET_BYTES of input each (the unit one task sorts), at least 2K; a power of 2
+    so that the bucket is the top bits of the row's hash key."""
+    wanted = pcfg.buckets or max(2 * pcfg.num_shards, math.ceil(input_bytes / BUCKET_BYTES))
+    return 1 << max(1, math.ceil(math.log2(wanted)))
+
+
+def _bucket_of(b: int) -> Column:
+    """The top log2(b) bits of the hash key: sorting keys as unsigned numbers sorts by bucket first."""
+    return F.shiftrightunsigned(F.col(_KEY), 64 - (b.bit_length() - 1))
 
 
 def _fail_invalid(df: DataFrame, dcfg: DataConfig) -> DataFrame:
@@ -258,11 +276,28 @@ def _shuffle_split(
     for bucket in range(b):
         offsets[bucket] = acc
         acc += counts.get(bucket, 0)
-    offset_map = F.create_map(*[x for k, v in offsets.items() for x in (F.lit(k), F.lit(v))])
-    df = _fail_invalid(keyed, dcfg).withColumn(_BUCKET, F.pmod(F.col(_KEY), F.lit(b)))
-    df = df.repartition(b, _BUCKET)
-    pos = F.row_number().over(Window.partitionBy(_BUCKET).orderBy(_KEY, "row_id")) - 1
-    df = df.withColumn(_POS, offset_map[F.col(_BUCKET)] + pos)
+    # Bucket b goes to partition pmod(hash(b), b_count), as repartition(n, col) places it; inside a
+    # partition rows are sorted by (bucket, key), so a row's index in its partition minus the number of
+    # rows of lower buckets in the same partition is its rank inside its bucket. This avoids a window,
+    # which would buffer (and spill) every bucket.
+    spark = keyed.sparkSession
+    placement = (
+        spark.range(b).select(F.col("id").alias(_BUCKET), F.pmod(F.hash(F.col("id")), F.lit(b)).alias("p")).collect()
+    )
+    before: dict[int, int] = {}
+    shift = {}
+    for row in sorted(placement, key=lambda r: r[_BUCKET]):
+        bucket, part = int(row[_BUCKET]), int(row["p"])
+        shift[bucket] = offsets[bucket] - before.get(part, 0)
+        before[part] = before.get(part, 0) + counts.get(bucket, 0)
+    shift_map = F.create_map(*[x for k, v in shift.items() for x in (F.lit(k), F.lit(v))])
+    df = _fail_invalid(keyed, dcfg).withColumn(_BUCKET, _bucket_of(b))
+    # One 64-bit sort key whose order is (bucket, key): Spark sorts it by prefix alone, where a leading
+    # bucket column would make nearly every comparison a full-row compare. row_id only breaks hash ties.
+    unsigned_key = F.col(_KEY).bitwiseXOR(F.lit(-(2**63)))
+    df = df.repartition(b, _BUCKET).sortWithinPartitions(unsigned_key, "row_id")
+    index_in_partition = F.monotonically_increasing_id().bitwiseAND(F.lit((1 << 33) - 1))
+    df = df.withColumn(_POS, shift_map[F.col(_BUCKET)] + index_in_partition)
     shard = F.when(F.col(_POS) < n_val, F.lit(-1)).otherwise(F.pmod(F.col(_POS) - n_val, F.lit(pcfg.num_shards)))
     return df.withColumn(SHARD_COL, shard.cast("int")), stats
 
@@ -274,9 +309,8 @@ def _random_sample(keyed: DataFrame, dcfg: DataConfig, pcfg: PartitionConfig) ->
     the shard: Bernoulli(fraction) without replacement, Poisson(fraction) with replacement (inverse CDF).
     One pass over the input writes all K shards (rows are exploded into their shards).
     """
-    _, stats = _checked_counts(keyed, dcfg, 1)
+    _, stats = _checked_counts(keyed, dcfg, 2)
     df = _fail_invalid(keyed, dcfg)
-    df = df.withColumn(_POS, F.col(_KEY))
     is_val = _uniform(F.col("row_id"), pcfg.seed, -1) < F.lit(pcfg.validation_fraction)
     reps = []
     for k in range(pcfg.num_shards):
@@ -351,12 +385,28 @@ def _layout(df: DataFrame, names: list[str], subset: list[str] | None, pcfg: Par
         feats = [(F.array(*picked) if subset is not None else F.col(FEATURES_COL)).alias(FEATURES_COL)]
     else:
         feats = [c.alias(names[i]) for c, i in zip(picked, idx, strict=True)]
-    # Sorted inside each task by (shard, position): the writer's own sort is then skipped, and every
-    # feature group's files hold the rows in exactly the same order as the sample shards.
-    return df.select("row_id", *feats, "label", SHARD_COL, _POS).sortWithinPartitions(SHARD_COL, _POS).drop(_POS)
+    return df.select("row_id", *feats, "label", SHARD_COL)
 
 
-def _write(df: DataFrame, url: str, block_bytes: str) -> None:
+def _write(df: DataFrame, url: str, block_bytes: str, shards: int) -> None:
+    """Write partitioned by shard, in the rows' current order: one open writer per shard instead of the
+    sort by shard a partitioned write otherwise adds. That order (by permutation position) is identical
+    for every feature group written from the same data, so group files line up row by row."""
+    spark = df.sparkSession
+    saved = {k: spark.conf.get(k, None) for k in _WRITE_CONF}
+    spark.conf.set("spark.sql.optimizer.plannedWrite.enabled", "false")
+    spark.conf.set("spark.sql.maxConcurrentOutputFileWriters", str(shards + 2))
+    try:
+        _write_parquet(df, url, block_bytes)
+    finally:
+        for k, v in saved.items():
+            spark.conf.unset(k) if v is None else spark.conf.set(k, v)
+
+
+_WRITE_CONF = ("spark.sql.optimizer.plannedWrite.enabled", "spark.sql.maxConcurrentOutputFileWriters")
+
+
+def _write_parquet(df: DataFrame, url: str, block_bytes: str) -> None:
     (
         df.write.mode("errorifexists")
         .option("parquet.block.size", block_bytes)

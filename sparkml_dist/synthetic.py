@@ -127,7 +127,7 @@ def generate(spark: SparkSession, cfg: GenerateConfig) -> tuple[DataFrame, TrueM
             out["label"] = y
             yield pd.DataFrame(out)
 
-    df = ids.mapInPandas(fill, schema=output_schema(cfg))
+    df = ids.mapInPandas(fill, schema=output_schema(cfg))  # type: ignore[arg-type]
     return df, truth
 
 
