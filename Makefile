@@ -33,12 +33,12 @@ run: setup
 	$(PY) -m jobs.main --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 
 test: setup
-	$(VENV)/bin/ruff check sparkml_dist jobs tests bench airflow_dags
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q tests
 
 lint: setup
-	$(VENV)/bin/ruff check sparkml_dist jobs tests bench airflow_dags
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 clean:
@@ -49,3 +49,10 @@ mlflow-ui: setup
 	mkdir -p work/mlartifacts
 	$(VENV)/bin/mlflow server --host 127.0.0.1 --port 5000 \
 	  --backend-store-uri sqlite:///$(CURDIR)/work/mlflow.db --default-artifact-root $(CURDIR)/work/mlartifacts
+
+# Benchmarks print one JSON object each (figures in README).
+bench: setup
+	$(PY) bench/partition.py
+	$(PY) bench/loader.py
+	$(PY) bench/allreduce.py
+	$(PY) bench/compare.py

@@ -83,7 +83,8 @@ def main() -> None:
         [
             "spark.log_level=ERROR",
             "spark.conf={spark.ui.enabled: 'false', spark.driver.memory: 6g, spark.sql.shuffle.partitions: '8', "
-            f"spark.local.dir: '{work}/spark-local', spark.driver.host: 127.0.0.1, spark.driver.bindAddress: 127.0.0.1}}",
+            f"spark.local.dir: '{work}/spark-local', spark.driver.host: 127.0.0.1, "
+            "spark.driver.bindAddress: 127.0.0.1}",
         ],
     )
     spark = build_spark_session(cfg.spark)

@@ -1,7 +1,7 @@
 """Write a synthetic classification data set with a known true model.
 
-    spark-submit jobs/generate.py --config conf/local.yaml --set generate.rows=1000000
-    python -m jobs.generate --config conf/local.yaml
+spark-submit jobs/generate.py --config conf/local.yaml --set generate.rows=1000000
+python -m jobs.generate --config conf/local.yaml
 """
 
 from __future__ import annotations

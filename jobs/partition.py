@@ -1,7 +1,7 @@
 """Cut a Parquet data set into sample shards, a validation split and feature groups, with a manifest.
 
-    spark-submit jobs/partition.py --config conf/local.yaml --set partition.num_shards=4
-    python -m jobs.partition --config conf/local.yaml --set partition.mode=random_sample
+spark-submit jobs/partition.py --config conf/local.yaml --set partition.num_shards=4
+python -m jobs.partition --config conf/local.yaml --set partition.mode=random_sample
 """
 
 from __future__ import annotations

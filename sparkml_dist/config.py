@@ -265,6 +265,69 @@ class TrackingConfig:
     """Log the final model with mlflow.pytorch.log_model."""
 
 
+BASELINE_KINDS = ("gd", "sgd", "averaging", "mllib_lr", "mllib_mlp")
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    kinds: list[str] = field(default_factory=lambda: ["gd", "sgd", "averaging", "mllib_lr", "mllib_mlp"])
+    """Baselines to run, each as its own MLflow run: gd, sgd, averaging, mllib_lr, mllib_mlp."""
+    max_iterations: int = 100
+    """Iterations per baseline (MapReduce rounds for gd/sgd/averaging; L-BFGS maxIter for mllib_*)."""
+    gd_lr: float = 4.0
+    """gd: step size; halved whenever a step raised the objective. 4 = 1/L for standardized features."""
+    sgd_lr: float = 4.0
+    """sgd: initial step size, decayed as sgd_lr / sqrt(iteration) (as spark.mllib's GradientDescent)."""
+    batch_fraction: float = 0.1
+    """sgd: share of each partition's rows sampled per iteration."""
+    local_epochs: int = 1
+    """averaging: passes of local SGD over a partition's rows per round."""
+    local_lr: float = 0.1
+    """averaging: local SGD step size, decayed as local_lr / sqrt(round)."""
+    local_batch_size: int = 32
+    """averaging: rows per local SGD step."""
+    reg_param: float = 0.0
+    """L2 penalty 0.5 * reg_param * ||W||^2 on the weights (not the bias), for every kind."""
+    partitions_per_shard: int = 1
+    """Spark partitions (tasks) per shard and for the validation split: 1 mirrors one Horovod rank per shard;
+    more spreads a shard over more cores (a one-off shuffle when the data are read)."""
+    tree_depth: int = 2
+    """Depth of treeAggregate (and MLlib's aggregationDepth)."""
+    eval_every: int = 1
+    """gd/sgd/averaging: evaluate on the validation split every this many iterations (and at the end)."""
+    target_log_loss: float = 0.0
+    """Stop once the validation log-loss is at or below this and record the time to reach it; 0 = off."""
+    time_cap_s: float = 0.0
+    """gd/sgd/averaging: stop after this many seconds; 0 = no cap."""
+    mlp_hidden_sizes: list[int] = field(default_factory=lambda: [64, 32])
+    """mllib_mlp: hidden layer widths (as train.hidden_sizes)."""
+    mllib_tol: float = 1e-6
+    """mllib_*: L-BFGS convergence tolerance."""
+    seed: int = 0
+    """Seed of the sgd samples, the averaging shuffles and the MLP's initial weights."""
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.kinds if k not in BASELINE_KINDS]
+        if unknown or not self.kinds or len(set(self.kinds)) != len(self.kinds):
+            what = f"unknown kind(s) {unknown}" if unknown else f"got {self.kinds!r}"
+            raise ConfigError(
+                f"baselines.kinds: {what}; give one or more distinct kinds from {', '.join(BASELINE_KINDS)}"
+            )
+        counts = ("max_iterations", "local_epochs", "local_batch_size", "partitions_per_shard", "tree_depth")
+        for key in (*counts, "eval_every"):
+            _check_positive(f"baselines.{key}", getattr(self, key))
+        for key in ("gd_lr", "sgd_lr", "local_lr", "mllib_tol"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"baselines.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("reg_param", "target_log_loss", "time_cap_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"baselines.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 < self.batch_fraction <= 1.0:
+            raise ConfigError(f"baselines.batch_fraction must be in (0, 1], got {self.batch_fraction}")
+        if any(h < 1 for h in self.mlp_hidden_sizes):
+            raise ConfigError(f"baselines.mlp_hidden_sizes must be positive widths, got {self.mlp_hidden_sizes}")
+
+
 @dataclass(frozen=True)
 class JobConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -275,6 +338,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -86,7 +86,9 @@ def build_model(cfg: TrainConfig, num_features: int, num_classes: int) -> nn.Mod
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"train.model={cfg.model!r} cannot be imported ({exc}); is it on the executors' path?") from exc
+        raise ValueError(
+            f"train.model={cfg.model!r} cannot be imported ({exc}); is it on the executors' path?"
+        ) from exc
     model = cls(num_features, num_classes)
     if not isinstance(model, nn.Module):
         raise ValueError(f"train.model={cfg.model!r} is not a torch.nn.Module")

@@ -73,7 +73,9 @@ def start_run(cfg: JobConfig, tags: dict[str, str], kind: str, resume_run_id: st
         try:
             run = client.get_run(resume_run_id)
         except Exception as exc:
-            raise TrackingError(f"train.resume_run_id={resume_run_id!r} is not a run in {cfg.tracking.tracking_uri}") from exc
+            raise TrackingError(
+                f"train.resume_run_id={resume_run_id!r} is not a run in {cfg.tracking.tracking_uri}"
+            ) from exc
         client.update_run(resume_run_id, status="RUNNING")
         return RunHandle(cfg.tracking.tracking_uri, run.info.experiment_id, resume_run_id)
     run = client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags={"kind": kind, **tags})
@@ -162,3 +164,58 @@ def _active(run: RunHandle) -> Iterator[None]:
         return
     with mlflow.start_run(run_id=run.run_id, nested=active is not None):
         yield
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A finished run as the comparison needs it: tags, final metrics and metric histories."""
+
+    run_id: str
+    kind: str
+    status: str
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    histories: dict[str, list[tuple[int, float]]]
+    start_ms: int
+    end_ms: int | None
+
+
+def get_run_record(cfg: TrackingConfig, run_id: str, keys: tuple[str, ...]) -> RunRecord:
+    client = _client(cfg.tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:
+        raise TrackingError(f"run id {run_id!r} does not exist in {cfg.tracking_uri}") from exc
+    hist = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys}
+    return RunRecord(
+        run_id=run_id,
+        kind=run.data.tags.get("kind", "unknown"),
+        status=run.info.status,
+        tags=dict(run.data.tags),
+        metrics=dict(run.data.metrics),
+        histories={k: sorted(v) for k, v in hist.items()},
+        start_ms=int(run.info.start_time),
+        end_ms=int(run.info.end_time) if run.info.end_time else None,
+    )
+
+
+def latest_runs_by_kind(cfg: TrackingConfig, data_fingerprint: str) -> list[str]:
+    """Newest FINISHED run id of each kind (tag) on one data fingerprint, in the configured experiment."""
+    experiment_id = ensure_experiment(cfg)
+    client = _client(cfg.tracking_uri)
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.data_fingerprint = '{data_fingerprint}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=500,
+    )
+    newest: dict[str, str] = {}
+    for run in runs:
+        kind = run.data.tags.get("kind")
+        if kind and kind != "comparison" and kind not in newest:
+            newest[kind] = run.info.run_id
+    return list(newest.values())
+
+
+def log_artifacts(run: RunHandle, local_dir: str) -> None:
+    _client(run.tracking_uri).log_artifacts(run.run_id, local_dir)

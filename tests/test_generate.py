@@ -15,8 +15,10 @@ def _collect(spark, cfg: GenerateConfig) -> tuple[np.ndarray, np.ndarray, np.nda
     df, _ = generate(spark, cfg)
     rows = sorted(df.collect(), key=lambda r: r.row_id)
     ids = np.array([r.row_id for r in rows])
-    x = np.array([r.features for r in rows], dtype=np.float32) if cfg.layout == "array" else np.array(
-        [[r[f"f{i}"] for i in range(cfg.features)] for r in rows], dtype=np.float32
+    x = (
+        np.array([r.features for r in rows], dtype=np.float32)
+        if cfg.layout == "array"
+        else np.array([[r[f"f{i}"] for i in range(cfg.features)] for r in rows], dtype=np.float32)
     )
     return ids, x, np.array([r.label for r in rows])
 
@@ -37,9 +39,7 @@ def test_class_balance_noise_and_truth(spark):
     _, x, y = _collect(spark, cfg)
     assert abs(y.mean() - 0.2) < 0.02
     # the generating model explains the labels better than a perturbed one
-    worse = type(truth)(
-        (np.asarray(truth.weights) * 0.5).tolist(), truth.bias, truth.classes, truth.label_noise
-    )
+    worse = type(truth)((np.asarray(truth.weights) * 0.5).tolist(), truth.bias, truth.classes, truth.label_noise)
     assert truth.log_loss(x, y) < worse.log_loss(x, y)
     noisy_cfg = GenerateConfig(rows=20000, features=6, partitions=2, seed=5, label_noise=0.3)
     _, xn, yn = _collect(spark, noisy_cfg)
