@@ -232,8 +232,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    backend: Literal["barrier", "local"] = "barrier"
-    """barrier: one Spark barrier stage, a Horovod rank per task; local: ranks as local processes (tests)."""
+    backend: Literal["barrier"] = "barrier"
+    """barrier: one Spark barrier stage, a Horovod rank per task (the only backend so far)."""
     start_timeout_s: float = 120.0
     """Seconds every rank may take to reach the rendezvous and finish hvd.init."""
     collective_timeout_s: float = 300.0

@@ -1,0 +1,297 @@
+"""Barrier-mode launch: one Spark barrier stage, one Horovod rank per task, Gloo rendezvous on task 0.
+
+Task 0 starts a Horovod rendezvous HTTP server bound to its own address (not 0.0.0.0), computes the
+host plan from ``BarrierTaskContext.getTaskInfos()``, and shares ``host:port`` through ``allGather``.
+Every task sets the HOROVOD_* variables, calls ``hvd.init()`` under a watchdog, runs the user function
+and calls ``hvd.shutdown()`` so its Python worker can be reused. Rank 0's return value reaches the
+driver. A rank's exception comes back as a RankFailedError naming the rank, its host and its
+traceback; the stage runs in its own job group, which is cancelled on failure, interrupt or timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pyspark.sql import SparkSession
+
+from sparkml_dist.config import LaunchConfig
+
+T = TypeVar("T")
+
+HOROVOD_RANK = "HOROVOD_RANK"
+HOROVOD_SIZE = "HOROVOD_SIZE"
+HOROVOD_LOCAL_RANK = "HOROVOD_LOCAL_RANK"
+HOROVOD_LOCAL_SIZE = "HOROVOD_LOCAL_SIZE"
+HOROVOD_CROSS_RANK = "HOROVOD_CROSS_RANK"
+HOROVOD_CROSS_SIZE = "HOROVOD_CROSS_SIZE"
+HOROVOD_HOSTNAME = "HOROVOD_HOSTNAME"
+HOROVOD_GLOO_RENDEZVOUS_ADDR = "HOROVOD_GLOO_RENDEZVOUS_ADDR"
+HOROVOD_GLOO_RENDEZVOUS_PORT = "HOROVOD_GLOO_RENDEZVOUS_PORT"
+HOROVOD_GLOO_IFACE = "HOROVOD_GLOO_IFACE"
+HOROVOD_GLOO_TIMEOUT_SECONDS = "HOROVOD_GLOO_TIMEOUT_SECONDS"
+HOROVOD_CONTROLLER = "HOROVOD_CONTROLLER"
+HOROVOD_CPU_OPERATIONS = "HOROVOD_CPU_OPERATIONS"
+HOROVOD_GPU_OPERATIONS = "HOROVOD_GPU_OPERATIONS"
+DYNAMIC_ALLOCATION = "spark.dynamicAllocation.enabled"
+TASK_CPUS = "spark.task.cpus"
+_FAILURE_MARK = "sparkml-dist rank failure"
+
+
+class RankFailedError(RuntimeError):
+    """A Horovod rank raised; the message holds its rank, host and traceback."""
+
+
+class LaunchError(RuntimeError):
+    """The cluster cannot run the barrier stage as configured."""
+
+
+@dataclass(frozen=True)
+class RankContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_size: int
+    cross_rank: int
+    cross_size: int
+    hostname: str
+    attempt: int
+    device: str
+    cpus: int
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Matches what horovod's rendezvous server reads from a host plan entry."""
+
+    hostname: str
+    rank: int
+    local_rank: int
+    cross_rank: int
+    size: int
+    local_size: int
+    cross_size: int
+
+
+def host_plan(hosts: list[str]) -> list[_Slot]:
+    """Rank i runs on hosts[i]; local ranks count per host, cross ranks count hosts per local rank."""
+    size = len(hosts)
+    local_rank = [hosts[:i].count(h) for i, h in enumerate(hosts)]
+    plan = []
+    for i, h in enumerate(hosts):
+        peers = [hosts[j] for j in range(size) if local_rank[j] == local_rank[i]]
+        plan.append(_Slot(h, i, local_rank[i], peers.index(h), size, hosts.count(h), len(peers)))
+    return plan
+
+
+def check_cluster(spark: SparkSession, world_size: int) -> None:
+    """Fail fast, before any task starts, when a barrier stage of ``world_size`` tasks cannot run."""
+    if world_size < 1:
+        raise LaunchError(f"world size must be >= 1, got {world_size}")
+    sc = spark.sparkContext
+    if sc.getConf().get(DYNAMIC_ALLOCATION, "false").lower() == "true":
+        raise LaunchError(
+            f"{DYNAMIC_ALLOCATION}=true: barrier stages cannot run with dynamic allocation; "
+            f"submit with --conf {DYNAMIC_ALLOCATION}=false"
+        )
+    slots = available_slots(spark)
+    if slots < world_size:
+        raise LaunchError(
+            f"the barrier stage needs {world_size} task slots at once (one per shard), but the cluster has "
+            f"{slots} ({sc.master}, {TASK_CPUS}={sc.getConf().get(TASK_CPUS, '1')}): add executors/cores "
+            "or partition into fewer shards (partition.num_shards)"
+        )
+
+
+def available_slots(spark: SparkSession) -> int:
+    sc = spark.sparkContext
+    local = re.fullmatch(r"local(?:\[(\d+|\*)(?:,\d+)?\])?", sc.master or "")
+    if local:
+        cores = local.group(1)
+        n = (os.cpu_count() or 1) if cores == "*" else int(cores or 1)
+        return n // int(sc.getConf().get(TASK_CPUS, "1"))
+    jsc = sc._jsc.sc()  # type: ignore[union-attr]
+    return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
+
+
+def run_on_ranks(
+    spark: SparkSession,
+    fn: Callable[[RankContext], T],
+    world_size: int,
+    cfg: LaunchConfig,
+    description: str = "sparkml-dist Horovod ranks",
+) -> T:
+    """Run ``fn`` on ``world_size`` Horovod ranks in one barrier stage; return rank 0's result."""
+    check_cluster(spark, world_size)
+    sc = spark.sparkContext
+    group = f"sparkml-dist-{uuid.uuid4().hex[:12]}"
+    sc.setJobGroup(group, description, interruptOnCancel=True)
+    task = _make_task(fn, world_size, cfg)
+    rdd = sc.parallelize(range(world_size), world_size).barrier().mapPartitions(task)  # type: ignore[arg-type]
+    box: dict[str, Any] = {}
+
+    def collect() -> None:
+        try:
+            sc.setJobGroup(group, description, interruptOnCancel=True)
+            box["out"] = rdd.collect()
+        except BaseException as exc:
+            box["err"] = exc
+
+    worker = threading.Thread(target=collect, name=group, daemon=True)
+    worker.start()
+    try:
+        worker.join(cfg.job_timeout_s if cfg.job_timeout_s > 0 else None)
+        if worker.is_alive():
+            sc.cancelJobGroup(group)
+            worker.join(30)
+            raise TimeoutError(
+                f"training stage ran longer than launch.job_timeout_s={cfg.job_timeout_s}; cancelled. "
+                "Raise launch.job_timeout_s or train on less data."
+            )
+    except BaseException:
+        sc.cancelJobGroup(group)
+        raise
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)  # type: ignore[arg-type]
+        sc.setLocalProperty("spark.job.description", None)  # type: ignore[arg-type]
+    if "err" in box:
+        sc.cancelJobGroup(group)
+        raise _rank_error(box["err"]) from box["err"]
+    results = dict(box["out"])
+    return results[0]
+
+
+def _make_task(
+    fn: Callable[[RankContext], T], world_size: int, cfg: LaunchConfig
+) -> Callable[[Iterator[int]], Iterator]:
+    def task(_: Iterator[int]) -> Iterator[tuple[int, Any]]:
+        from pyspark import BarrierTaskContext
+
+        ctx = BarrierTaskContext.get()
+        rank = ctx.partitionId()
+        hosts = [info.address.rsplit(":", 1)[0] for info in ctx.getTaskInfos()]
+        host = hosts[rank]
+        try:
+            yield rank, _run_rank(fn, ctx, rank, hosts, host, world_size, cfg)
+        except BaseException:
+            raise RuntimeError(f"{_FAILURE_MARK}: rank {rank} on {host}\n{traceback.format_exc()}") from None
+
+    return task
+
+
+def _run_rank(
+    fn: Callable[[RankContext], T], ctx: Any, rank: int, hosts: list[str], host: str, world_size: int, cfg: LaunchConfig
+) -> T | None:
+    plan = host_plan(hosts)
+    server = None
+    try:
+        if rank == 0:
+            server = _start_rendezvous(host, plan)
+            address = f"{host}:{server.server_address[1]}"
+        else:
+            address = ""
+        gathered = ctx.allGather(address)
+        rv_host, rv_port = gathered[0].rsplit(":", 1)
+        slot = plan[rank]
+        cpus = int(ctx.getLocalProperty("spark.task.cpus") or os.environ.get("SPARK_TASK_CPUS", "1") or 1)
+        device = _pick_device(ctx, cfg)
+        env = {
+            HOROVOD_RANK: slot.rank, HOROVOD_SIZE: slot.size, HOROVOD_LOCAL_RANK: slot.local_rank,
+            HOROVOD_LOCAL_SIZE: slot.local_size, HOROVOD_CROSS_RANK: slot.cross_rank,
+            HOROVOD_CROSS_SIZE: slot.cross_size, HOROVOD_HOSTNAME: host,
+            HOROVOD_GLOO_RENDEZVOUS_ADDR: rv_host, HOROVOD_GLOO_RENDEZVOUS_PORT: rv_port,
+            HOROVOD_GLOO_IFACE: cfg.nic or _iface_of(host), HOROVOD_CONTROLLER: "gloo",
+            HOROVOD_CPU_OPERATIONS: "gloo", HOROVOD_GLOO_TIMEOUT_SECONDS: int(cfg.collective_timeout_s),
+        }  # fmt: skip
+        if device.startswith("cuda"):
+            env[HOROVOD_GPU_OPERATIONS] = "NCCL"
+        os.environ.update({k: str(v) for k, v in env.items()})
+        import horovod.torch as hvd
+        import torch
+
+        torch.set_num_threads(max(1, cpus))
+        _init_with_timeout(hvd, cfg.start_timeout_s, rank)
+        try:
+            result = fn(RankContext(rank, world_size, slot.local_rank, slot.local_size, slot.cross_rank,
+                                    slot.cross_size, host, ctx.attemptNumber(), device, cpus))  # fmt: skip
+        finally:
+            hvd.shutdown()
+        ctx.barrier()  # rank 0 keeps the rendezvous up until every rank is done with it
+        return result if rank == 0 else None
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+def _start_rendezvous(host: str, plan: list[_Slot]) -> Any:
+    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
+
+    server = RendezvousHTTPServer((host, 0), RendezvousHandler, 0)
+    server.init(plan)
+    threading.Thread(target=server.serve_forever, daemon=True, name="horovod-rendezvous").start()
+    return server
+
+
+def _init_with_timeout(hvd: Any, timeout_s: float, rank: int) -> None:
+    """hvd.init() blocks until every rank reached the rendezvous; fail the task instead of hanging."""
+    done = threading.Event()
+
+    def watchdog() -> None:
+        if not done.wait(timeout_s):
+            # hvd.init cannot be interrupted from Python; exiting the worker fails the task (and stage).
+            print(f"rank {rank}: hvd.init did not finish within launch.start_timeout_s={timeout_s}", flush=True)
+            os._exit(3)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    hvd.init()
+    done.set()
+
+
+def _pick_device(ctx: Any, cfg: LaunchConfig) -> str:
+    if not cfg.use_gpu:
+        return "cpu"
+    gpus = ctx.resources().get("gpu")
+    if gpus is None or not gpus.addresses:
+        raise LaunchError(
+            "launch.use_gpu=true but the task has no GPU: submit with spark.task.resource.gpu.amount=1 "
+            "and spark.executor.resource.gpu.amount"
+        )
+    import torch
+
+    index = int(gpus.addresses[0])
+    torch.cuda.set_device(index)
+    return f"cuda:{index}"
+
+
+def _iface_of(host: str) -> str:
+    """The network interface that holds ``host``'s address (lo for loopback)."""
+    try:
+        addr = socket.gethostbyname(host)
+    except OSError:
+        return "lo"
+    if addr.startswith("127."):
+        return "lo"
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == addr for a in addrs):
+            return name
+    return "lo"
+
+
+def _rank_error(exc: BaseException) -> BaseException:
+    text = str(exc)
+    at = text.find(_FAILURE_MARK)
+    if at < 0:
+        return exc
+    body = text[at + len(_FAILURE_MARK) + 2 :]
+    end = body.find("\n\tat org.apache.spark")
+    return RankFailedError(body[:end] if end > 0 else body)

@@ -1,0 +1,91 @@
+"""The barrier launcher with real Horovod ranks on local Spark: results, failures, pre-flight, timeouts."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+from pyspark import cloudpickle
+
+from sparkml_dist.config import LaunchConfig
+from sparkml_dist.launch import LaunchError, RankFailedError, check_cluster, host_plan, run_on_ranks
+
+CFG = LaunchConfig(start_timeout_s=60, collective_timeout_s=30)
+# The rank functions below live in a test module the executors cannot import: ship them by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _allreduce(ctx):
+    import horovod.torch as hvd
+    import torch
+
+    total = hvd.allreduce(torch.tensor([float(ctx.rank + 1)]), op=hvd.Sum, name="sum")
+    return float(total[0]), ctx, hvd.size(), hvd.rank()
+
+
+def _fails_on_rank_1(ctx):
+    if ctx.rank == 1:
+        raise ValueError("boom on purpose")
+    import horovod.torch as hvd
+    import torch
+
+    return hvd.allreduce(torch.tensor([1.0]), name="never_completes")
+
+
+def _sleeps(ctx):
+    time.sleep(120)
+
+
+def test_two_ranks_allreduce_and_rank_0_returns(spark):
+    total, ctx, size, rank = run_on_ranks(spark, _allreduce, 2, CFG)
+    assert total == 3.0 and size == 2 and rank == 0
+    assert (ctx.rank, ctx.world_size, ctx.local_size, ctx.cross_size, ctx.device) == (0, 2, 2, 1, "cpu")
+    assert ctx.hostname == "127.0.0.1"
+
+
+def test_a_rank_exception_reaches_the_driver_with_rank_and_traceback_then_workers_are_reused(spark):
+    with pytest.raises(RankFailedError) as err:
+        run_on_ranks(spark, _fails_on_rank_1, 2, CFG)
+    text = str(err.value)
+    assert "rank 1 on 127.0.0.1" in text and "ValueError: boom on purpose" in text and "_fails_on_rank_1" in text
+    assert "org.apache.spark" not in text
+    assert run_on_ranks(spark, _allreduce, 2, CFG)[0] == 3.0
+
+
+def test_preflight_refuses_more_ranks_than_slots_quickly(spark):
+    started = time.monotonic()
+    with pytest.raises(LaunchError, match=r"needs 3 task slots at once .* has 2 .*partition.num_shards"):
+        run_on_ranks(spark, _allreduce, 3, CFG)
+    with pytest.raises(LaunchError, match="world size must be >= 1"):
+        check_cluster(spark, 0)
+    assert time.monotonic() - started < 5
+
+
+def test_preflight_refuses_dynamic_allocation(spark):
+    conf = spark.sparkContext._conf  # the live SparkConf the check reads
+    conf.set("spark.dynamicAllocation.enabled", "true")
+    try:
+        with pytest.raises(LaunchError, match="dynamic allocation"):
+            check_cluster(spark, 2)
+    finally:
+        conf.set("spark.dynamicAllocation.enabled", "false")
+
+
+def test_job_timeout_cancels_the_stage(spark):
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="launch.job_timeout_s=5"):
+        run_on_ranks(spark, _sleeps, 2, LaunchConfig(start_timeout_s=60, job_timeout_s=5))
+    assert time.monotonic() - started < 60
+    assert run_on_ranks(spark, _allreduce, 2, CFG)[0] == 3.0
+
+
+def test_host_plan_groups_local_ranks_by_host():
+    plan = host_plan(["a", "b", "a", "b", "a"])
+    assert [(s.rank, s.local_rank, s.local_size, s.cross_rank, s.cross_size) for s in plan] == [
+        (0, 0, 3, 0, 2),
+        (1, 0, 2, 1, 2),
+        (2, 1, 3, 0, 2),
+        (3, 1, 2, 1, 2),
+        (4, 2, 3, 0, 1),
+    ]

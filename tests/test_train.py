@@ -1,0 +1,220 @@
+"""Real Horovod ranks in a real Spark barrier stage on local Spark, fed by Petastorm, tracked in MLflow."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from sparkml_dist import checkpoint
+from sparkml_dist.config import load_config
+from sparkml_dist.fit import run_training
+from sparkml_dist.loader import build_loader_spec, iterate_batches, read_all
+from sparkml_dist.manifest import ManifestError, read_manifest
+from sparkml_dist.models import build_model, loss_fn
+from sparkml_dist.partition import partition
+from sparkml_dist.synthetic import read_truth, write_dataset
+
+FEATURES = 8
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("train")
+
+
+def _cfg(work, *sets: str):
+    return load_config(
+        None,
+        [
+            f"paths.work_dir={work}",
+            "generate.rows=24000",
+            f"generate.features={FEATURES}",
+            "generate.partitions=2",
+            "generate.layout=array",
+            "partition.num_shards=2",
+            "partition.row_group_mb=0.05",
+            "train.batch_size=128",
+            "train.epochs=2",
+            "launch.start_timeout_s=60",
+            "launch.collective_timeout_s=60",
+            "launch.job_timeout_s=300",
+            *sets,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def data(spark, work):
+    cfg = _cfg(work)
+    write_dataset(spark, cfg.generate)
+    partition(spark, cfg)
+    return cfg
+
+
+def _final_state(cfg, result) -> dict[str, torch.Tensor]:
+    state = checkpoint.load_latest(f"{cfg.train.runs_url}/{result.run_id}/checkpoints")
+    assert state is not None
+    return state["model"]
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_two_ranks_equal_one_process_sgd_on_the_union_of_their_batches(spark, work, data, passes):
+    steps = 6
+    cfg = _cfg(
+        work,
+        "train.optimizer=sgd",
+        "train.lr=0.5",
+        "train.shuffle=false",
+        "train.epochs=1",
+        f"train.max_steps_per_epoch={steps}",
+        f"train.backward_passes_per_step={passes}",
+        "tracking.log_model=false",
+    )
+    result = run_training(spark, cfg)
+    distributed = _final_state(cfg, result)
+
+    manifest = read_manifest(cfg.train.manifest_url)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.train, manifest.num_features, manifest.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
+    batches = []
+    for rank in range(2):
+        spec = dataclasses.replace(build_loader_spec(manifest, rank, 2, cfg.train, split="train"), steps=steps)
+        with iterate_batches(spec, 0) as it:
+            batches.append(list(it))
+    for step in range(0, steps, passes):
+        # one optimizer step = the mean loss over every rank's micro-batches of this step
+        group = [batches[r][step + i] for r in range(2) for i in range(passes)]
+        x = torch.cat([g[0] for g in group])
+        y = torch.cat([g[1] for g in group])
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(distributed[name], value, atol=1e-5, rtol=1e-5)
+
+
+def test_converges_to_the_true_model_and_mlflow_holds_the_run(spark, work, data):
+    import mlflow
+
+    cfg = _cfg(work, "train.optimizer=adam", "train.lr=0.05", "train.epochs=4")
+    result = run_training(spark, cfg)
+    manifest = read_manifest(cfg.train.manifest_url)
+    spec = build_loader_spec(manifest, 0, 1, cfg.train, split="validation")
+    x, y = read_all(spec)
+    truth = read_truth(spark, cfg.data.input_url).log_loss(x, y)
+    assert result.final["val_log_loss"] <= truth * 1.02, (result.final, truth)
+    assert result.epochs == 4 and result.world_size == 2
+
+    client = mlflow.tracking.MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.05" and run.data.params["partition.num_shards"] == "2"
+    assert run.data.tags["world_size"] == "2" and run.data.tags["manifest_fingerprint"] == manifest.fingerprint
+    assert run.data.tags["spark_app_id"] == spark.sparkContext.applicationId
+    history = client.get_metric_history(result.run_id, "val_log_loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert {"train_loss", "val_auc", "val_accuracy", "rows_per_s", "allreduce_s", "data_wait_s"} <= set(
+        run.data.metrics
+    )
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"loss_curve.png", "config.yaml", "history.json"} <= artifacts
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    probs = np.asarray(model.predict(x[:50]))
+    assert probs.shape == (50, 2)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert ((probs[:, 1] > 0.5) == y[:50]).mean() > 0.7
+
+
+def test_fp16_compression_still_converges(spark, work, data):
+    cfg = _cfg(work, "train.fp16_allreduce=true", "train.lr=0.05", "train.epochs=3", "tracking.log_model=false")
+    result = run_training(spark, cfg)
+    manifest = read_manifest(cfg.train.manifest_url)
+    x, y = read_all(build_loader_spec(manifest, 0, 1, cfg.train, split="validation"))
+    truth = read_truth(spark, cfg.data.input_url).log_loss(x, y)
+    assert result.final["val_log_loss"] <= truth * 1.05
+
+
+def test_resume_after_an_interruption_ends_with_the_same_parameters(spark, work, data):
+    sets = ("train.optimizer=adam", "train.lr=0.02", "train.max_steps_per_epoch=20", "tracking.log_model=false")
+    straight = run_training(spark, _cfg(work, *sets, "train.epochs=3"))
+    first = run_training(spark, _cfg(work, *sets, "train.epochs=1"))
+    resumed_cfg = _cfg(work, *sets, "train.epochs=3", f"train.resume_run_id={first.run_id}")
+    resumed = run_training(spark, resumed_cfg)
+    assert resumed.run_id == first.run_id and resumed.resumed_from_epoch == 1 and resumed.epochs == 3
+    a = _final_state(resumed_cfg, straight)
+    b = _final_state(resumed_cfg, resumed)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-6)
+
+
+def test_unequal_shards_run_equal_steps_without_hanging(spark, work, data):
+    cfg = _cfg(
+        work,
+        "partition.mode=random_sample",
+        "partition.sample_fraction=0.3",
+        f"partition.output_url={work}/unequal",
+        f"train.manifest_url={work}/unequal",
+        "train.epochs=1",
+        "tracking.log_model=false",
+    )
+    partition(spark, cfg)
+    manifest = read_manifest(cfg.train.manifest_url)
+    rows = [s.rows for s in manifest.train]
+    assert rows[0] != rows[1]
+    batch = next(b for b in range(16, 200) if rows[0] // b != rows[1] // b)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
+    started = time.monotonic()
+    result = run_training(spark, cfg)
+    assert time.monotonic() - started < 240
+    assert result.final["epoch"] == 1
+    history = checkpoint.load_latest(f"{cfg.train.runs_url}/{result.run_id}/checkpoints")["history"]
+    # every rank ran min(rows)//batch steps: the global row count says so
+    assert history[-1]["rows_per_s"] * history[-1]["epoch_s"] == pytest.approx(2 * batch * (min(rows) // batch))
+
+
+def test_preflight_errors_are_clear_and_quick(spark, work, data):
+    started = time.monotonic()
+    with pytest.raises(ManifestError, match="not a partition output"):
+        run_training(spark, _cfg(work, f"train.manifest_url={work}"))
+    cfg = _cfg(work, "partition.num_shards=3", f"partition.output_url={work}/three", f"train.manifest_url={work}/three")
+    partition(spark, cfg)
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match=r"3") as err:
+        run_training(spark, cfg)
+    assert "slot" in str(err.value).lower() or "concurrent" in str(err.value).lower()
+    assert time.monotonic() - t0 < 30
+    assert time.monotonic() - started < 120
+
+
+def test_main_job_runs_end_to_end_and_prints_json(spark, tmp_path, capsys):
+    import json
+
+    from jobs import main as main_job
+
+    out = main_job.main(
+        [
+            "--config",
+            "conf/local.yaml",
+            "--set",
+            f"paths.work_dir={tmp_path}",
+            "--set",
+            "generate.rows=6000",
+            "--set",
+            "generate.features=4",
+            "--set",
+            "partition.row_group_mb=0.05",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.batch_size=64",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["train"]["run_id"] == out["train"]["run_id"]
+    assert "make mlflow-ui" in captured.err
+    assert out["partition"]["train_rows"] and out["train"]["model_uri"]
