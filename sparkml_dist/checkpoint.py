@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from sparkml_dist import faults
+
 _NAME = re.compile(r"^epoch-(\d{6})\.pt$")
 KEEP = 3
 
@@ -25,6 +27,8 @@ def _fs(url: str) -> tuple[Any, str]:
 
 def save_checkpoint(dir_url: str, epoch: int, payload: dict[str, Any]) -> str:
     """Write ``payload`` as the checkpoint after ``epoch`` (1-based count of finished epochs)."""
+    from pyarrow import fs as pafs
+
     filesystem, root = _fs(dir_url)
     filesystem.create_dir(root, recursive=True)
     buf = io.BytesIO()
@@ -33,9 +37,13 @@ def save_checkpoint(dir_url: str, epoch: int, payload: dict[str, Any]) -> str:
     tmp = f"{root}/.epoch-{epoch:06d}.pt.tmp-{uuid.uuid4().hex[:8]}"
     with filesystem.open_output_stream(tmp) as out:
         out.write(buf.getvalue())
+    faults.crash_point("checkpoint.before_publish")
     filesystem.move(tmp, final)
     for old in _epochs(filesystem, root)[:-KEEP]:
         filesystem.delete_file(f"{root}/epoch-{old:06d}.pt")
+    for info in filesystem.get_file_info(pafs.FileSelector(root)):  # temp files of a crashed save
+        if info.base_name.startswith(".epoch-") and ".pt.tmp-" in info.base_name:
+            filesystem.delete_file(info.path)
     return f"{dir_url.rstrip('/')}/epoch-{epoch:06d}.pt"
 
 

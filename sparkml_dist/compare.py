@@ -11,10 +11,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sparkml_dist import tracking
+from sparkml_dist import faults, tracking
 from sparkml_dist.config import JobConfig
 
 HISTORY_KEYS = ("val_log_loss", "elapsed_s", "rows_per_s")
@@ -104,16 +106,25 @@ def compare(
         finals = [r.metrics.get("val_log_loss") for r in records if r.kind.startswith("mllib")]
         target = finals[0] * 1.01 if finals and finals[0] is not None else None
     summaries = [summarize_run(r, target) for r in records]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")  # published below in one step
+    out.mkdir()
     rows = [{k: v for k, v in asdict(s).items() if k != "curve"} for s in summaries]
-    with open(out / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "table.json").write_text(json.dumps({"target_log_loss": target, "runs": rows}, indent=2))
-    plots = _plots(summaries, out)
-    (out / "report.md").write_text(_markdown(summaries, target, plots))
+    try:
+        with open(out / "table.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        (out / "table.json").write_text(json.dumps({"target_log_loss": target, "runs": rows}, indent=2))
+        plots = _plots(summaries, out)
+        (out / "report.md").write_text(_markdown(summaries, target, plots))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    faults.crash_point("compare.before_publish")
+    _publish_dir(out, final)
+    out = final
     fingerprint = records[0].tags.get("data_fingerprint", "")
     run = tracking.start_run(
         cfg, {"data_fingerprint": fingerprint, "compared_runs": ",".join(run_ids or [])}, "comparison"
@@ -121,6 +132,16 @@ def compare(
     tracking.log_artifacts(run, str(out))
     tracking.finish_run(run)
     return {"comparison_run_id": run.run_id, "out_dir": str(out), "target_log_loss": target, "runs": rows}
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Swap a fully written directory into place: a crash leaves the old report or the new one
+    (and at worst, between the two renames, the old one under ``.old-*``)."""
+    old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _plots(summaries: list[RunSummary], out: Path) -> list[str]:

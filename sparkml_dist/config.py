@@ -12,8 +12,10 @@ another scheme (hdfs://, s3a://, ...) pass through. ``{work_dir}`` inside a stri
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -218,8 +220,14 @@ class TrainConfig:
     """Rank 0 writes a checkpoint after every epoch; a retried or re-run job resumes from it."""
     resume_run_id: str | None = None
     """Resume this MLflow run id from its latest checkpoint."""
+    mode: Literal["data_parallel", "feature_parallel"] = "data_parallel"
+    """data_parallel: one rank per sample shard, full model everywhere, gradients allreduced.
+    feature_parallel: one rank per feature group (partition.feature_groups), each holding only its weight
+    block; partial logits allreduced. Logistic/softmax only."""
 
     def __post_init__(self) -> None:
+        if self.mode == "feature_parallel":
+            _check_feature_parallel(self)
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.epochs", self.epochs)
         _check_positive("train.backward_passes_per_step", self.backward_passes_per_step)
@@ -228,6 +236,24 @@ class TrainConfig:
         _check_fraction("train.dropout", self.dropout, allow_one=False)
         if self.max_steps_per_epoch < 0:
             raise ConfigError(f"train.max_steps_per_epoch must be >= 0, got {self.max_steps_per_epoch}")
+
+
+def _check_feature_parallel(cfg: TrainConfig) -> None:
+    if cfg.model not in ("logistic", "softmax"):
+        raise ConfigError(
+            f"train.mode=feature_parallel splits a linear model's weights by feature: train.model must be "
+            f"logistic or softmax, got {cfg.model!r} (use train.mode=data_parallel for it)"
+        )
+    unsupported = {
+        "fp16_allreduce": cfg.fp16_allreduce,  # logits, not gradients, are reduced; fp16 would bias them
+        "scale_lr_by_world_size": cfg.scale_lr_by_world_size,  # the global batch does not grow with ranks
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ConfigError(
+            f"train.{bad[0]}=true does not apply to train.mode=feature_parallel (every rank sees the same "
+            f"batch): set train.{bad[0]}=false"
+        )
 
 
 @dataclass(frozen=True)
@@ -244,11 +270,29 @@ class LaunchConfig:
     """Use the task's GPU (from Spark task resources) and NCCL instead of Gloo on CPU."""
     nic: str = ""
     """Network interface for Gloo; empty = the one that holds the task's address (lo for 127.0.0.1)."""
+    # --- reliability (issue 6): retries, stall detection, fault injection for drills
+    max_attempts: int = 0
+    """Attempts of the training stage when a rank's process is lost or stalls (each resumes from the latest
+    checkpoint); a Python exception raised by a rank is not retried. 0 = Spark's task retry budget:
+    F of a local[N,F] master, spark.task.maxFailures elsewhere (1 for a plain local[N])."""
+    stall_timeout_s: float = 120.0
+    """Fail (and retry) the stage when a rank sent no heartbeat for this many seconds; 0 = off."""
+    fault_kind: Literal["none", "kill", "stop"] = "none"
+    """Tests and drills only: on attempt 0, rank fault_rank SIGKILLs (kill) or SIGSTOPs (stop) itself."""
+    fault_rank: int = 1
+    """Rank that fault_kind hits."""
+    fault_step: int = 0
+    """Global optimizer step (epoch * steps_per_epoch + step) at which the fault hits."""
 
     def __post_init__(self) -> None:
         for key in ("start_timeout_s", "collective_timeout_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"launch.{key} must be > 0, got {getattr(self, key)}")
+        if self.max_attempts < 0 or self.stall_timeout_s < 0 or self.fault_step < 0 or self.fault_rank < 0:
+            raise ConfigError(
+                "launch.max_attempts, launch.stall_timeout_s, launch.fault_step and launch.fault_rank must be "
+                f">= 0, got {self.max_attempts}, {self.stall_timeout_s}, {self.fault_step}, {self.fault_rank}"
+            )
 
 
 @dataclass(frozen=True)
@@ -263,6 +307,17 @@ class TrackingConfig:
     """Run name; None = generated."""
     log_model: bool = True
     """Log the final model with mlflow.pytorch.log_model."""
+    run_key: str | None = None
+    """Idempotency key, e.g. a schedule's logical date: runs are tagged run_key=<key>, and a new run of a kind
+    replaces (deletes) the experiment's earlier runs of that kind with the same key, so reruns never pile up.
+    Training reuses instead: a FINISHED run on the same manifest is returned as is, an unfinished one resumed."""
+
+    def __post_init__(self) -> None:
+        if self.run_key is not None and not _SAFE_TAG.match(self.run_key):
+            raise ConfigError(
+                f"tracking.run_key={self.run_key!r}: use 1-64 letters, digits and _ . : + - (starting with a "
+                "letter or digit), e.g. tracking.run_key=2024-01-31"
+            )
 
 
 BASELINE_KINDS = ("gd", "sgd", "averaging", "mllib_lr", "mllib_mlp")
@@ -329,6 +384,63 @@ class BaselineConfig:
 
 
 @dataclass(frozen=True)
+class ScoreConfig:
+    model_uri: str | None = None
+    """Model to score with: runs:/<run id>/model, models:/<name>@<alias>, models:/<name>/<version>;
+    None = models:/<promote.registered_model>@<promote.alias> (the current champion)."""
+    input_url: str = "{work_dir}/data/raw"
+    """Parquet to score: a data set (features as data.features_col / data.feature_cols pick them, as the
+    partition job does) or a partition output (its _manifest.json says which files and features)."""
+    split: Literal["all", "train", "validation"] = "all"
+    """Partition output only: score every shard, the train shards or the validation split."""
+    output_url: str = "{work_dir}/data/scores"
+    """Predictions (row key, predicted class, prob_0..prob_{C-1}); replaced atomically on every run."""
+    keep_cols: list[str] = field(default_factory=list)
+    """Input columns copied into the output beside the row key, e.g. [label]."""
+
+    def __post_init__(self) -> None:
+        if self.model_uri is not None and not self.model_uri.startswith(("runs:/", "models:/")):
+            raise ConfigError(
+                f"score.model_uri={self.model_uri!r} must be runs:/<run id>/model, models:/<name>@<alias> "
+                "or models:/<name>/<version>"
+            )
+
+
+PROMOTE_METRICS = ("log_loss", "accuracy", "auc")
+_SAFE_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+\-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    registered_model: str = "sparkml-dist"
+    """Name of the model in the MLflow Model Registry."""
+    alias: str = "champion"
+    """Alias that marks the model in production; moved only by a better candidate."""
+    metric: Literal["log_loss", "accuracy", "auc"] = "log_loss"
+    """Score that decides, on the validation split of train.manifest_url (log_loss: lower is better)."""
+    min_improvement: float = 0.0
+    """The candidate must beat the champion by more than this (absolute, in the metric's units)."""
+    candidate_run_id: str | None = None
+    """Candidate training run; None = the newest FINISHED run of candidate_kind on the manifest's data."""
+    candidate_kind: str = "allreduce"
+    """Run kind (tag) a candidate is looked up by when candidate_run_id is None."""
+    logical_date: str | None = None
+    """The schedule's logical date (Airflow's {{ ds }}): one promotion run and decision per date and model;
+    a rerun for the same date reuses them. Required by jobs/evaluate.py and jobs/promote.py."""
+
+    def __post_init__(self) -> None:
+        if self.min_improvement < 0:
+            raise ConfigError(f"promote.min_improvement must be >= 0, got {self.min_improvement}")
+        for key in ("registered_model", "alias", "logical_date", "candidate_run_id"):
+            value = getattr(self, key)
+            if value is not None and not _SAFE_TAG.match(value):
+                raise ConfigError(
+                    f"promote.{key}={value!r}: use 1-64 letters, digits and _ . : + - (starting with a letter "
+                    "or digit), e.g. promote.logical_date=2024-01-31"
+                )
+
+
+@dataclass(frozen=True)
 class JobConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -339,6 +451,8 @@ class JobConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -378,9 +492,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"config section {section!r} must be a mapping")
-        raw[section][name] = yaml.safe_load(value) if value != "" else ""
+        raw[section][name] = _parse_value(value)
     cfg = _build(JobConfig, raw, "")
     return _resolve_paths(cfg)
+
+
+def _parse_value(value: str) -> Any:
+    """A ``--set`` value as YAML (numbers, lists, booleans); text that is not YAML, e.g. ``{work_dir}/x``, as is."""
+    if value == "":
+        return ""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
 
 
 def _resolve_paths(cfg: JobConfig) -> JobConfig:
@@ -467,6 +591,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, datetime.date):  # YAML reads 2024-01-31 as a date; a logical date is a string
+            return value.isoformat()
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return str(value)

@@ -10,10 +10,14 @@ traceback; the stage runs in its own job group, which is cancelled on failure, i
 
 from __future__ import annotations
 
+import hmac
 import os
 import re
+import secrets
 import socket
+import sys
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,6 +26,7 @@ from typing import Any, TypeVar
 
 from pyspark.sql import SparkSession
 
+from sparkml_dist import heartbeat
 from sparkml_dist.config import LaunchConfig
 
 T = TypeVar("T")
@@ -42,11 +47,21 @@ HOROVOD_CPU_OPERATIONS = "HOROVOD_CPU_OPERATIONS"
 HOROVOD_GPU_OPERATIONS = "HOROVOD_GPU_OPERATIONS"
 DYNAMIC_ALLOCATION = "spark.dynamicAllocation.enabled"
 TASK_CPUS = "spark.task.cpus"
+MAX_FAILURES = "spark.task.maxFailures"
+POLL_S = 1.0
 _FAILURE_MARK = "sparkml-dist rank failure"
 
 
 class RankFailedError(RuntimeError):
-    """A Horovod rank raised; the message holds its rank, host and traceback."""
+    """A Horovod rank raised, was lost or stalled; the message holds its rank, host and traceback.
+
+    ``retryable``: the failure is the infrastructure's (a lost or stalled process, a collective broken by
+    one), not an exception the rank's own code raised, so running the stage again can succeed.
+    """
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class LaunchError(RuntimeError):
@@ -127,13 +142,68 @@ def run_on_ranks(
     world_size: int,
     cfg: LaunchConfig,
     description: str = "sparkml-dist Horovod ranks",
+    on_retry: Callable[[int, BaseException], None] | None = None,
 ) -> T:
-    """Run ``fn`` on ``world_size`` Horovod ranks in one barrier stage; return rank 0's result."""
+    """Run ``fn`` on ``world_size`` Horovod ranks in one barrier stage; return rank 0's result.
+
+    Spark cannot retry a failed barrier *result* stage ("Could not recover from a failed barrier
+    ResultStage"), so the retry is here: when a rank's process is lost or stalls (not when it raises), the
+    stage is run again as attempt 1, 2, ... (``RankContext.attempt``), up to ``max_attempts(spark, cfg)``;
+    ``on_retry(attempt, error)`` is called before each retry. ``fn`` resumes from its own checkpoints.
+    """
     check_cluster(spark, world_size)
+    attempts = max_attempts(spark, cfg)
+    deadline = time.monotonic() + cfg.job_timeout_s if cfg.job_timeout_s > 0 else None
+    with heartbeat.HeartbeatServer(_driver_host(spark)) as beats:
+        for attempt in range(attempts):
+            try:
+                return _run_attempt(spark, fn, world_size, cfg, description, attempt, beats, deadline)
+            except RankFailedError as exc:
+                if not exc.retryable or attempt + 1 >= attempts:
+                    if exc.retryable:
+                        exc.args = (f"{exc.args[0]}\n(gave up after {attempts} attempt(s); raise launch.max_attempts)",)
+                    raise
+                print(
+                    f"training stage attempt {attempt} failed: {str(exc).splitlines()[0]}; "
+                    f"retrying as attempt {attempt + 2} of {attempts}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if on_retry is not None:
+                    on_retry(attempt + 1, exc)
+    raise AssertionError("unreachable")
+
+
+def max_attempts(spark: SparkSession, cfg: LaunchConfig) -> int:
+    """launch.max_attempts, or Spark's task retry budget when it is 0 (local[N,F] -> F, local[N] -> 1)."""
+    if cfg.max_attempts > 0:
+        return cfg.max_attempts
     sc = spark.sparkContext
-    group = f"sparkml-dist-{uuid.uuid4().hex[:12]}"
+    local = re.fullmatch(r"local(?:\[(?:\d+|\*)(?:,(\d+))?\])?", sc.master or "")
+    if local:
+        return int(local.group(1) or 1)
+    return max(1, int(sc.getConf().get(MAX_FAILURES, "4")))
+
+
+def _driver_host(spark: SparkSession) -> str:
+    conf = spark.sparkContext.getConf()
+    return conf.get("spark.driver.bindAddress", None) or conf.get("spark.driver.host", None) or "127.0.0.1"
+
+
+def _run_attempt(
+    spark: SparkSession,
+    fn: Callable[[RankContext], T],
+    world_size: int,
+    cfg: LaunchConfig,
+    description: str,
+    attempt: int,
+    beats: heartbeat.HeartbeatServer,
+    deadline: float | None,
+) -> T:
+    sc = spark.sparkContext
+    group = f"sparkml-dist-{uuid.uuid4().hex[:12]}-a{attempt}"
     sc.setJobGroup(group, description, interruptOnCancel=True)
-    task = _make_task(fn, world_size, cfg)
+    task = _make_task(fn, world_size, cfg, attempt, beats.url)
     rdd = sc.parallelize(range(world_size), world_size).barrier().mapPartitions(task)  # type: ignore[arg-type]
     box: dict[str, Any] = {}
 
@@ -147,14 +217,27 @@ def run_on_ranks(
     worker = threading.Thread(target=collect, name=group, daemon=True)
     worker.start()
     try:
-        worker.join(cfg.job_timeout_s if cfg.job_timeout_s > 0 else None)
-        if worker.is_alive():
-            sc.cancelJobGroup(group)
-            worker.join(30)
-            raise TimeoutError(
-                f"training stage ran longer than launch.job_timeout_s={cfg.job_timeout_s}; cancelled. "
-                "Raise launch.job_timeout_s or train on less data."
-            )
+        while worker.is_alive():
+            worker.join(POLL_S)
+            if not worker.is_alive():
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                sc.cancelJobGroup(group)
+                worker.join(30)
+                raise TimeoutError(
+                    f"training stage ran longer than launch.job_timeout_s={cfg.job_timeout_s}; cancelled. "
+                    "Raise launch.job_timeout_s or train on less data."
+                )
+            stalled = beats.stalled(attempt, cfg.stall_timeout_s) if cfg.stall_timeout_s > 0 else []
+            if stalled:
+                sc.cancelJobGroup(group)
+                worker.join(30)
+                raise RankFailedError(
+                    f"{heartbeat.describe(stalled)}: stalled longer than launch.stall_timeout_s="
+                    f"{cfg.stall_timeout_s:g}; stage attempt {attempt} cancelled. Check that host (load, swap, a "
+                    "stopped process) or raise launch.stall_timeout_s.",
+                    retryable=True,
+                )
     except BaseException:
         sc.cancelJobGroup(group)
         raise
@@ -163,14 +246,16 @@ def run_on_ranks(
         sc.setLocalProperty("spark.job.description", None)  # type: ignore[arg-type]
     if "err" in box:
         sc.cancelJobGroup(group)
-        raise _rank_error(box["err"]) from box["err"]
+        raise _rank_error(box["err"], beats, attempt, cfg) from box["err"]
     results = dict(box["out"])
     return results[0]
 
 
 def _make_task(
-    fn: Callable[[RankContext], T], world_size: int, cfg: LaunchConfig
+    fn: Callable[[RankContext], T], world_size: int, cfg: LaunchConfig, attempt: int, beat_url: str | None
 ) -> Callable[[Iterator[int]], Iterator]:
+    interval = max(0.5, min(5.0, cfg.stall_timeout_s / 5)) if cfg.stall_timeout_s > 0 else 5.0
+
     def task(_: Iterator[int]) -> Iterator[tuple[int, Any]]:
         from pyspark import BarrierTaskContext
 
@@ -179,7 +264,8 @@ def _make_task(
         hosts = [info.address.rsplit(":", 1)[0] for info in ctx.getTaskInfos()]
         host = hosts[rank]
         try:
-            yield rank, _run_rank(fn, ctx, rank, hosts, host, world_size, cfg)
+            with heartbeat.beating(beat_url, attempt, rank, host, interval):
+                yield rank, _run_rank(fn, ctx, rank, hosts, host, world_size, cfg, attempt)
         except BaseException:
             raise RuntimeError(f"{_FAILURE_MARK}: rank {rank} on {host}\n{traceback.format_exc()}") from None
 
@@ -187,18 +273,28 @@ def _make_task(
 
 
 def _run_rank(
-    fn: Callable[[RankContext], T], ctx: Any, rank: int, hosts: list[str], host: str, world_size: int, cfg: LaunchConfig
+    fn: Callable[[RankContext], T],
+    ctx: Any,
+    rank: int,
+    hosts: list[str],
+    host: str,
+    world_size: int,
+    cfg: LaunchConfig,
+    attempt: int,
 ) -> T | None:
     plan = host_plan(hosts)
     server = None
     try:
         if rank == 0:
-            server = _start_rendezvous(host, plan)
-            address = f"{host}:{server.server_address[1]}"
+            server = _start_rendezvous(host, plan, hosts)
+            # Gloo's C++ store client builds "http://" + ADDR + ":" + PORT + "/" + scope + "/" + key and
+            # cannot send headers, so the per-run secret rides inside ADDR: "host:port/secret" makes the
+            # URL http://host:port/secret:port/scope/key, whose first path segment the handler checks.
+            address = f"{host}:{server.server_address[1]}/{server.secret}"
         else:
             address = ""
         gathered = ctx.allGather(address)
-        rv_host, rv_port = gathered[0].rsplit(":", 1)
+        rv_host, rv_port = gathered[0], gathered[0].split("/", 1)[0].rsplit(":", 1)[1]
         slot = plan[rank]
         cpus = int(ctx.getLocalProperty("spark.task.cpus") or os.environ.get("SPARK_TASK_CPUS", "1") or 1)
         device = _pick_device(ctx, cfg)
@@ -220,7 +316,7 @@ def _run_rank(
         _init_with_timeout(hvd, cfg.start_timeout_s, rank)
         try:
             result = fn(RankContext(rank, world_size, slot.local_rank, slot.local_size, slot.cross_rank,
-                                    slot.cross_size, host, ctx.attemptNumber(), device, cpus))  # fmt: skip
+                                    slot.cross_size, host, attempt, device, cpus))  # fmt: skip
         finally:
             hvd.shutdown()
         ctx.barrier()  # rank 0 keeps the rendezvous up until every rank is done with it
@@ -231,10 +327,41 @@ def _run_rank(
             server.server_close()
 
 
-def _start_rendezvous(host: str, plan: list[_Slot]) -> Any:
+def _start_rendezvous(host: str, plan: list[_Slot], hosts: list[str]) -> Any:
+    """Horovod's rendezvous server on this task's address, answering only the run's ranks.
+
+    A request must come from one of the stage's hosts and carry the per-run secret as its first path
+    segment (see ``_run_rank``); anything else gets 403 and never reaches the key-value store.
+    """
     from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
 
-    server = RendezvousHTTPServer((host, 0), RendezvousHandler, 0)
+    class GuardedHandler(RendezvousHandler):
+        def _guard(self) -> bool:
+            prefix = f"/{self.server.secret}:{self.server.server_address[1]}/"  # type: ignore[attr-defined]
+            path: str = self.path  # type: ignore[has-type]
+            head = path[: len(prefix)]
+            peer_ok = self.client_address[0] in self.server.allowed_peers  # type: ignore[attr-defined]
+            if peer_ok and hmac.compare_digest(head.encode(), prefix.encode()):
+                self.path = path[len(prefix) - 1 :]
+                return True
+            self.send_status_code(403)
+            return False
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self._guard():
+                super().do_GET()
+
+        def do_PUT(self) -> None:  # noqa: N802
+            if self._guard():
+                super().do_PUT()
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            if self._guard():
+                super().do_DELETE()
+
+    server = RendezvousHTTPServer((host, 0), GuardedHandler, 0)
+    server.secret = secrets.token_hex(16)  # type: ignore[attr-defined]
+    server.allowed_peers = {_resolve(h) for h in hosts}  # type: ignore[attr-defined]
     server.init(plan)
     threading.Thread(target=server.serve_forever, daemon=True, name="horovod-rendezvous").start()
     return server
@@ -287,11 +414,47 @@ def _iface_of(host: str) -> str:
     return "lo"
 
 
-def _rank_error(exc: BaseException) -> BaseException:
+def _resolve(host: str) -> str:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return host
+
+
+# A peer's death or stop surfaces on the other ranks as one of these (Gloo/Horovod), and in Spark as a
+# crashed Python worker or a lost executor: the infrastructure's failures, worth a retry.
+_LOST_MARKS = ("Python worker exited unexpectedly", "ExecutorLostFailure", "worker lost", "Connection reset by peer")
+_COMM_MARKS = (
+    "HorovodInternalError",
+    "Horovod has been shut down",
+    "gloo",
+    "Gloo",
+    "Connection closed by peer",
+    "Timed out waiting",
+)
+_TASK = re.compile(r"barrier task \w*Task\(\d+, (\d+)\)")
+
+
+def _rank_error(exc: BaseException, beats: heartbeat.HeartbeatServer, attempt: int, cfg: LaunchConfig) -> BaseException:
+    """The stage's failure as a RankFailedError naming the rank and host (and whether a retry may help)."""
     text = str(exc)
+    silent = beats.stalled(attempt, max(2.0, min(cfg.stall_timeout_s or 10.0, 10.0)))
+    stall_note = f"\n(heartbeats: {heartbeat.describe(silent)})" if silent else ""
     at = text.find(_FAILURE_MARK)
-    if at < 0:
-        return exc
-    body = text[at + len(_FAILURE_MARK) + 2 :]
-    end = body.find("\n\tat org.apache.spark")
-    return RankFailedError(body[:end] if end > 0 else body)
+    if at >= 0:
+        body = text[at + len(_FAILURE_MARK) + 2 :]
+        end = body.find("\n\tat org.apache.spark")
+        body = body[:end] if end > 0 else body
+        retryable = bool(silent) or any(m in body for m in _COMM_MARKS)
+        return RankFailedError(body + stall_note, retryable=retryable)
+    if any(m in text for m in _LOST_MARKS):
+        found = _TASK.search(text)
+        rank = int(found.group(1)) if found else -1
+        beat = beats.beats(attempt).get(rank)
+        where = f"{beat.host} (pid {beat.pid}, last heartbeat at step {beat.step})" if beat else "its host"
+        return RankFailedError(
+            f"rank {rank} on {where}: its process was lost (killed, out of memory, or its executor died)"
+            f"{stall_note}\n{text.splitlines()[0] if text else ''}",
+            retryable=True,
+        )
+    return exc

@@ -133,6 +133,7 @@ def _read_input(spark: SparkSession, dcfg: DataConfig) -> _Input:
     files = fs.list_files(dcfg.input_url, suffix=".parquet")
     if not files:
         raise PartitionError(f"data.input_url {dcfg.input_url} holds no .parquet files: the input is empty")
+    _check_input_files(dcfg.input_url, [p for p, _, _ in files])
     try:
         df = spark.read.parquet(dcfg.input_url)
     except AnalysisException as exc:
@@ -165,6 +166,42 @@ def _read_input(spark: SparkSession, dcfg: DataConfig) -> _Input:
     out = df.select(row_id.alias("row_id"), features.alias(FEATURES_COL), label.alias("label"), valid.alias("_valid"))
     body = json.dumps([dcfg.input_url, files])
     return _Input(out, names, hashlib.sha256(body.encode()).hexdigest()[:16], sum(f[1] for f in files))
+
+
+def _check_input_files(input_url: str, paths: list[str]) -> None:
+    """Read every input file's footer (in parallel, no data): a corrupt or truncated file, or one whose
+    columns differ from the first file's (schema drift), is named before any Spark job starts."""
+    import pyarrow.parquet as pq
+    from pyarrow import fs as pafs
+
+    filesystem, root = pafs.FileSystem.from_uri(input_url.rstrip("/"))
+
+    def columns(path: str) -> list[tuple[str, str]] | str:
+        try:
+            with filesystem.open_input_file(f"{root}/{path}") as f:
+                return [(c.name, str(c.type)) for c in pq.ParquetFile(f).schema_arrow]
+        except Exception as exc:  # noqa: BLE001 (pyarrow raises ArrowInvalid, OSError ...: all mean unreadable)
+            return f"{type(exc).__name__}: {exc}"
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        found = list(pool.map(columns, paths))
+    for path, cols in zip(paths, found, strict=True):
+        if isinstance(cols, str):
+            raise PartitionError(
+                f"input file {input_url.rstrip('/')}/{path} is not a readable Parquet file ({cols[:300]}): "
+                "rewrite it or move it out of data.input_url"
+            )
+    first = found[0]
+    for path, cols in zip(paths, found, strict=True):
+        if cols != first:
+            a, b = dict(first), dict(cols)  # type: ignore[arg-type]
+            diff = sorted(
+                f"{n}: {a.get(n, 'missing')} vs {b.get(n, 'missing')}" for n in set(a) | set(b) if a.get(n) != b.get(n)
+            )
+            raise PartitionError(
+                f"schema drift in data.input_url: {path} differs from {paths[0]} ({'; '.join(diff)}): rewrite "
+                "it with the same columns and types, or move it out of data.input_url"
+            )
 
 
 def _feature_expr(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfig) -> tuple[Column, list[str]]:

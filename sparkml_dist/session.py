@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 import sys
 
 from pyspark import SparkConf
@@ -26,6 +28,37 @@ def under_spark_submit() -> bool:
     return PYSPARK_GATEWAY_PORT in os.environ
 
 
+MASTER_TIMEOUT_S = 10.0
+_MASTER = re.compile(r"local(\[(\d+|\*)(,\d+)?\])?|local-cluster\[\d+,\d+,\d+\]|spark://.+|yarn|k8s://.+|mesos://.+")
+
+
+def check_master(master: str, timeout_s: float = MASTER_TIMEOUT_S) -> None:
+    """Fail in seconds on a malformed master URL or a standalone master nobody answers at.
+
+    Spark's standalone client otherwise retries its registration for about a minute and then leaves a
+    SparkContext whose jobs never get executors.
+    """
+    if not _MASTER.fullmatch(master):
+        raise ValueError(
+            f"spark.master={master!r} is not a Spark master URL: use local[N], local[N,F], spark://HOST:PORT, "
+            "yarn or k8s://https://HOST:PORT"
+        )
+    if not master.startswith("spark://"):
+        return
+    errors = []
+    for hostport in master[len("spark://") :].split(","):
+        host, _, port = hostport.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout_s).close()
+            return
+        except (OSError, ValueError) as exc:
+            errors.append(f"{hostport}: {exc}")
+    raise ConnectionError(
+        f"spark.master={master!r}: no standalone master answered within {timeout_s:g} s ({'; '.join(errors)}); "
+        "start it (sbin/start-master.sh) or fix spark.master"
+    )
+
+
 def build_spark_session(cfg: SparkConfig) -> SparkSession:
     """Return the SparkSession for a job.
 
@@ -39,6 +72,7 @@ def build_spark_session(cfg: SparkConfig) -> SparkSession:
         existing = SparkConf()
         wanted = {k: v for k, v in wanted.items() if not existing.contains(k)}
     else:
+        check_master(cfg.master)
         builder = builder.master(cfg.master)
         if cfg.master.startswith("local"):
             # Loopback only for the embedded default: nothing listens on a public interface.
@@ -50,3 +84,17 @@ def build_spark_session(cfg: SparkConfig) -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(cfg.log_level)
     return spark
+
+
+def stop_spark_session(spark: SparkSession) -> None:
+    """Stop ``spark``; under spark-submit also release what would keep its JVM from exiting.
+
+    Spark 3.5's BarrierTaskContext holds one JVM-wide, non-daemon ``java.util.Timer``. With a local master
+    the barrier tasks run inside the driver JVM, so after a training stage that thread keeps spark-submit
+    alive forever once the job has returned. Cancelling it after Spark is stopped lets the JVM exit.
+    """
+    jvm = spark.sparkContext._jvm
+    spark.stop()
+    if under_spark_submit() and jvm is not None:
+        module = getattr(getattr(jvm.org.apache.spark, "BarrierTaskContext$"), "MODULE$")
+        getattr(module, "org$apache$spark$BarrierTaskContext$$timer")().cancel()

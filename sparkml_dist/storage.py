@@ -13,6 +13,8 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
+from sparkml_dist import faults
+
 
 class HadoopFS:
     """Thin wrapper over org.apache.hadoop.fs.FileSystem for any scheme Spark can reach."""
@@ -66,6 +68,10 @@ class HadoopFS:
             self.delete(url)
         self.rename(tmp, url)
 
+    def list_dir(self, url: str) -> list[str]:
+        """Names of the entries directly under ``url``."""
+        return sorted(str(st.getPath().getName()) for st in self._fs.listStatus(self._path(url)))
+
     def list_files(self, url: str, suffix: str = "") -> list[tuple[str, int, int]]:
         """(path relative to url, size, mtime) of every file below url, sorted."""
         root = self._fs.makeQualified(self._path(url)).toString().rstrip("/")
@@ -92,6 +98,7 @@ def atomic_output(spark: SparkSession, url: str) -> Iterator[str]:
     url = url.rstrip("/")
     if fs.exists(url) and fs.is_file(url):
         raise FileExistsError(f"output {url} is a file, not a directory: remove it or choose another path")
+    recover(fs, url)
     tag = uuid.uuid4().hex[:8]
     tmp = f"{url}.tmp-{tag}"
     try:
@@ -100,6 +107,7 @@ def atomic_output(spark: SparkSession, url: str) -> Iterator[str]:
         with contextlib.suppress(Exception):
             fs.delete(tmp)
         raise
+    faults.crash_point("storage.before_publish")
     publish(fs, tmp, url, tag)
 
 
@@ -108,6 +116,23 @@ def publish(fs: HadoopFS, tmp: str, url: str, tag: str) -> None:
     had_old = fs.exists(url)
     if had_old:
         fs.rename(url, old)
+    faults.crash_point("storage.between_renames")
     fs.rename(tmp, url)
     if had_old:
         fs.delete(old)
+
+
+def recover(fs: HadoopFS, url: str) -> None:
+    """Undo what a crash left next to ``url``: a moved-aside old output comes back if nothing replaced
+    it, and unpublished ``.tmp-*`` / superseded ``.old-*`` siblings are deleted."""
+    parent = url.rsplit("/", 1)[0]
+    name = url.rsplit("/", 1)[1]
+    if not fs.exists(parent):
+        return
+    siblings = fs.list_dir(parent)
+    olds = sorted(s for s in siblings if s.startswith(f"{name}.old-"))
+    if olds and not fs.exists(url):
+        fs.rename(f"{parent}/{olds[-1]}", url)
+        olds = olds[:-1]
+    for stale in olds + [s for s in siblings if s.startswith(f"{name}.tmp-")]:
+        fs.delete(f"{parent}/{stale}")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparkml_dist import checkpoint, tracking
+from sparkml_dist import checkpoint, faults, heartbeat, tracking
 from sparkml_dist.config import LaunchConfig, TrainConfig
 from sparkml_dist.loader import build_loader_spec, iterate_batches, read_all
 from sparkml_dist.manifest import Manifest
@@ -42,6 +42,18 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def whole_optimizer_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Batches per epoch rounded down to whole optimizer steps of ``backward_passes_per_step`` batches each."""
+    k = cfg.backward_passes_per_step
+    steps = (steps_per_epoch // k) * k
+    if steps == 0:
+        raise ValueError(
+            f"train.backward_passes_per_step={k} exceeds the {steps_per_epoch} steps per epoch: lower it "
+            "or train.batch_size"
+        )
+    return steps
 
 
 def lr_at(cfg: TrainConfig, world_size: int, step: int, steps_per_epoch: int) -> float:
@@ -71,12 +83,7 @@ def train_rank(ctx: Any, job: TrainJob) -> dict[str, Any] | None:
     model = build_model(cfg, m.num_features, m.num_classes).to(device)
     base_opt = make_optimizer(cfg, model)
     k = cfg.backward_passes_per_step
-    steps = (job.steps_per_epoch // k) * k
-    if steps == 0:
-        raise ValueError(
-            f"train.backward_passes_per_step={k} exceeds the {job.steps_per_epoch} steps per epoch: lower it "
-            "or train.batch_size"
-        )
+    steps = whole_optimizer_steps(cfg, job.steps_per_epoch)
 
     compression = hvd.Compression.fp16 if cfg.fp16_allreduce else hvd.Compression.none
     # DistributedOptimizer builds a new optimizer over base_opt's param groups (not its state), so
@@ -95,6 +102,8 @@ def train_rank(ctx: Any, job: TrainJob) -> dict[str, Any] | None:
         opt.load_state_dict(state["optimizer"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
     start_epoch, history = hvd.broadcast_object((start_epoch, history), root_rank=0, name="resume_point")
+    if master and start_epoch > 0:
+        _note_resume(job.run, history, start_epoch, getattr(ctx, "attempt", 0))
     hvd.broadcast_optimizer_state(opt, root_rank=0)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
@@ -113,6 +122,8 @@ def train_rank(ctx: Any, job: TrainJob) -> dict[str, Any] | None:
         with iterate_batches(train_spec, epoch) as batches:
             it = iter(batches)
             for step in range(steps):
+                heartbeat.progress(epoch * steps + step)  # reliability: the driver's stall watch sees it
+                faults.maybe_inject(job.launch, rank, getattr(ctx, "attempt", 0), epoch * steps + step)
                 t0 = time.perf_counter()
                 x, y = next(it)
                 x, y = x.to(device), y.to(device)
@@ -160,7 +171,8 @@ def train_rank(ctx: Any, job: TrainJob) -> dict[str, Any] | None:
         }
         history.append(metrics)
         if master:
-            tracking.log_metrics(job.run, {k_: v for k_, v in metrics.items() if k_ != "epoch"}, step=epoch + 1)
+            # Checkpoint first, then log: a crash in between leaves the epoch unlogged, and the resumed
+            # attempt logs it from the checkpoint's history (_note_resume) - never the same step twice.
             if cfg.checkpoint:
                 checkpoint.save_checkpoint(
                     job.checkpoint_url,
@@ -175,6 +187,7 @@ def train_rank(ctx: Any, job: TrainJob) -> dict[str, Any] | None:
                         "data_position": {"epoch": epoch + 1, "step": 0},
                     },
                 )
+            tracking.log_metrics(job.run, {k_: v for k_, v in metrics.items() if k_ != "epoch"}, step=epoch + 1)
     if not master:
         return None
     return {
@@ -183,6 +196,17 @@ def train_rank(ctx: Any, job: TrainJob) -> dict[str, Any] | None:
         "start_epoch": start_epoch,
         "steps_per_epoch": steps,
     }
+
+
+def _note_resume(run: tracking.RunHandle, history: list[dict[str, Any]], start_epoch: int, attempt: int) -> None:
+    """One continuous metric history across restarts: log the checkpoint's epochs MLflow lacks, then mark
+    the restart with ``resumed_from_epoch`` at the step it resumed from."""
+    logged = {step for step, _ in tracking.metric_history(run, "train_loss")}
+    for h in history:
+        if int(h["epoch"]) not in logged:
+            tracking.log_metrics(run, {k: v for k, v in h.items() if k != "epoch"}, step=int(h["epoch"]))
+    note = {"resumed_from_epoch": float(start_epoch), "restart_attempt": float(attempt)}
+    tracking.log_metrics(run, note, step=start_epoch)
 
 
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, num_classes: int, batch: int = 65536) -> np.ndarray:

@@ -1,0 +1,48 @@
+"""Fault injection for tests and drills: a rank kills or stops its own process at a given step.
+
+Off by default (``launch.fault_kind=none``) and only ever on attempt 0, so the retry that follows runs
+clean. ``kill`` is a SIGKILL (the process is lost: no Python cleanup, no finally blocks), ``stop`` a
+SIGSTOP (the process hangs, holding its sockets, until someone SIGCONTs or SIGKILLs it). Runs inside a
+rank; pure standard library.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from sparkml_dist.config import LaunchConfig
+
+_SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+
+
+def maybe_inject(cfg: LaunchConfig, rank: int, attempt: int, global_step: int) -> None:
+    """SIGKILL/SIGSTOP this process if ``cfg`` asks for a fault here (rank, step, attempt 0)."""
+    if cfg.fault_kind == "none" or attempt != 0 or rank != cfg.fault_rank or global_step != cfg.fault_step:
+        return
+    print(
+        f"sparkml-dist fault injection: rank {rank} (pid {os.getpid()}) {cfg.fault_kind} at step {global_step}",
+        file=sys.stderr,
+        flush=True,
+    )
+    os.kill(os.getpid(), _SIGNALS[cfg.fault_kind])
+
+
+CRASH_AT = "SPARKML_DIST_CRASH_AT"
+"""Tests only: ``name`` SIGKILLs the process at the crash point of that name, ``name:raise`` raises there."""
+
+
+class InjectedCrash(RuntimeError):
+    """Raised at a crash point named in SPARKML_DIST_CRASH_AT with ':raise'."""
+
+
+def crash_point(name: str) -> None:
+    """A place where a writer has written but not yet published (see tests/test_atomic.py)."""
+    wanted = os.environ.get(CRASH_AT, "")
+    if not wanted or wanted.split(":", 1)[0] != name:
+        return
+    if wanted.endswith(":raise"):
+        raise InjectedCrash(f"injected crash at {name}")
+    print(f"sparkml-dist crash injection: SIGKILL at {name}", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)

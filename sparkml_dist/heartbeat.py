@@ -1,0 +1,201 @@
+"""Per-rank heartbeats to the driver, so a stalled rank fails the stage instead of hanging it.
+
+A rank blocked in a collective cannot tell a slow peer from a stopped one, and Gloo's own timeout fires
+on the *waiting* ranks with a message that names none of them. So every rank's daemon thread PUTs a tiny
+JSON record (rank, host, pid, step) to a server on the driver every few seconds; a process that is
+SIGSTOPped, swapped out or lost stops beating (its peers, blocked in the allreduce, keep beating). The
+driver (``launch.run_on_ranks``) polls ``stalled()`` and cancels the stage with a message naming the
+rank, its host and pid.
+
+The server binds the driver's own address (127.0.0.1 locally), answers only requests whose path starts
+with a per-run random secret (403 otherwise), and is a context manager that stops it on every exit.
+Pure standard library; no pyspark, no torch.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+FORBIDDEN = 403
+MAX_BODY = 4096
+
+_progress = {"step": -1}
+
+
+def progress(step: int) -> None:
+    """Record this process's latest training step; the next heartbeat carries it."""
+    _progress["step"] = step
+
+
+@dataclass(frozen=True)
+class Beat:
+    rank: int
+    host: str
+    pid: int
+    step: int
+    age_s: float
+    done: bool
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HeartbeatHTTPServer
+
+    def _authorized_path(self) -> list[str] | None:
+        parts = self.path.strip("/").split("/")
+        if not parts or not hmac.compare_digest(parts[0].encode(), self.server.secret.encode()):
+            self.send_response(FORBIDDEN)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        return parts[1:]
+
+    def do_PUT(self) -> None:  # noqa: N802 (http.server's naming)
+        parts = self._authorized_path()
+        if parts is None:
+            return
+        length = min(int(self.headers.get("Content-Length") or 0), MAX_BODY)
+        try:
+            attempt, rank = int(parts[0]), int(parts[1])
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except (IndexError, ValueError):
+            self.send_response(400)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        with self.server.lock:
+            self.server.beats[(attempt, rank)] = (time.monotonic(), body)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:  # noqa: N802
+        parts = self._authorized_path()
+        if parts is None:
+            return
+        with self.server.lock:
+            data = json.dumps({f"{a}/{r}": b for (a, r), (_, b) in self.server.beats.items()}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (keep stderr quiet)
+        pass
+
+
+class _HeartbeatHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, host: str, secret: str) -> None:
+        super().__init__((host, 0), _Handler)
+        self.secret = secret
+        self.lock = threading.Lock()
+        self.beats: dict[tuple[int, int], tuple[float, dict[str, Any]]] = {}
+
+
+class HeartbeatServer:
+    """Driver side: ``with HeartbeatServer("127.0.0.1") as hb: ... hb.url ... hb.stalled(attempt, 60)``."""
+
+    def __init__(self, host: str) -> None:
+        self._server = _HeartbeatHTTPServer(host, secrets.token_hex(16))
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="heartbeats")
+
+    @property
+    def url(self) -> str:
+        """Base URL including the per-run secret (shipped to the ranks inside the task closure)."""
+        host, port = self.address
+        return f"http://{host}:{port}/{self._server.secret}"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return host if isinstance(host, str) else host.decode(), int(port)
+
+    def __enter__(self) -> HeartbeatServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    def beats(self, attempt: int) -> dict[int, Beat]:
+        now = time.monotonic()
+        with self._server.lock:
+            items = [(r, t, b) for (a, r), (t, b) in self._server.beats.items() if a == attempt]
+        return {
+            r: Beat(r, str(b.get("host", "?")), int(b.get("pid", -1)), int(b.get("step", -1)), now - t,
+                    bool(b.get("done", False)))
+            for r, t, b in items
+        }  # fmt: skip
+
+    def stalled(self, attempt: int, timeout_s: float) -> list[Beat]:
+        """Ranks of ``attempt`` that beat at least once, are not done, and were silent for > timeout_s."""
+        return sorted(
+            (b for b in self.beats(attempt).values() if not b.done and b.age_s > timeout_s), key=lambda b: b.rank
+        )
+
+
+def describe(beats: list[Beat]) -> str:
+    return "; ".join(
+        f"rank {b.rank} on {b.host} (pid {b.pid}) sent no heartbeat for {b.age_s:.0f} s (last at step {b.step})"
+        for b in beats
+    )
+
+
+def _put(url: str, body: dict[str, Any], timeout_s: float) -> None:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT")
+    req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=timeout_s):
+        pass
+
+
+@contextmanager
+def beating(url: str | None, attempt: int, rank: int, host: str, interval_s: float) -> Iterator[None]:
+    """Rank side: beat every ``interval_s`` while the block runs, then send a final 'done' beat.
+
+    Failures to reach the driver are ignored (the driver then never sees this rank, and never calls it
+    stalled): heartbeats must not be what breaks a run.
+    """
+    if not url:
+        yield
+        return
+    import os
+
+    target = f"{url}/{attempt}/{rank}"
+    stop = threading.Event()
+
+    def body(done: bool = False) -> dict[str, Any]:
+        return {"rank": rank, "host": host, "pid": os.getpid(), "step": _progress["step"], "done": done}
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                _put(target, body(), timeout_s=max(1.0, interval_s))
+            except Exception:  # noqa: BLE001 (best effort, see above)
+                pass
+            stop.wait(interval_s)
+
+    _progress["step"] = -1
+    thread = threading.Thread(target=loop, daemon=True, name=f"heartbeat-rank-{rank}")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(interval_s + 2)
+        try:
+            _put(target, body(done=True), timeout_s=2.0)
+        except Exception:  # noqa: BLE001
+            pass
