@@ -7,6 +7,7 @@ Spark task starts; the run is created only then, and it is marked FAILED if the 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import sys
 import threading
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from pyspark.sql import SparkSession
 
-from sparkml_dist import tracking
+from sparkml_dist import feature_parallel, tracking
 from sparkml_dist.config import JobConfig
 from sparkml_dist.launch import run_on_ranks
 from sparkml_dist.loader import steps_per_epoch
@@ -27,6 +28,7 @@ from sparkml_dist.models import ProbabilityModel, build_model
 from sparkml_dist.train import TrainJob, train_rank
 
 PROGRESS_POLL_S = 2.0
+TRAIN_FINGERPRINT_TAG = "train_fingerprint"
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class TrainResult:
     final: dict[str, float]
     seconds: float
     tracking_uri: str
+    reused: bool = False
+    """tracking.run_key already had a FINISHED run with the same training config and data: nothing was trained."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -49,8 +53,13 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     """Train cfg.train.model on the manifest's shards with one Horovod rank per shard."""
     started = time.monotonic()
     manifest = read_manifest(cfg.train.manifest_url)
-    world = manifest.num_shards
-    steps = steps_per_epoch(manifest, cfg.train.batch_size, world, cfg.train.max_steps_per_epoch)
+    by_feature = cfg.train.mode == "feature_parallel"  # one rank per feature group, not per sample shard
+    if by_feature:
+        world = feature_parallel.check_manifest(manifest, cfg.train)
+        steps = feature_parallel.steps_per_epoch(manifest, cfg.train)
+    else:
+        world = manifest.num_shards
+        steps = steps_per_epoch(manifest, cfg.train.batch_size, world, cfg.train.max_steps_per_epoch)
     tracking.ensure_experiment(cfg.tracking)  # unreachable tracking fails here, before any task
     sc = spark.sparkContext
     tags = {
@@ -60,8 +69,18 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
         "world_size": str(world),
         "launcher": f"spark-barrier+horovod-gloo ({cfg.launch.backend})",
         "model": cfg.train.model,
+        "mode": cfg.train.mode,
     }
-    run = tracking.start_run(cfg, tags, kind="allreduce", resume_run_id=cfg.train.resume_run_id)
+    kind = "feature_parallel" if by_feature else "allreduce"
+    tags[TRAIN_FINGERPRINT_TAG] = train_fingerprint(cfg, manifest.fingerprint)
+    resume_run_id = cfg.train.resume_run_id
+    if not resume_run_id and cfg.tracking.run_key:  # a rerun or retry for the same key (e.g. logical date)
+        previous = _previous_keyed_run(cfg, kind, tags[TRAIN_FINGERPRINT_TAG])
+        if previous is not None and previous.status == "FINISHED":
+            print(f"run {previous.run_id} already trained this for {cfg.tracking.run_key}; reusing it", file=sys.stderr)
+            return _reused_result(cfg, previous, world, started)
+        resume_run_id = previous.run_id if previous is not None else None  # resume a failed attempt
+    run = tracking.start_run(cfg, tags, kind=kind, resume_run_id=resume_run_id)
     checkpoint_url = f"{cfg.train.runs_url.rstrip('/')}/{run.run_id}/checkpoints"
     tracking.set_tags(run, {"checkpoint_url": checkpoint_url})
     job = TrainJob(cfg.train, cfg.launch, manifest, run, checkpoint_url, steps)
@@ -76,10 +95,11 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     try:
         out = run_on_ranks(
             spark,
-            functools.partial(train_rank, job=job),
+            functools.partial(feature_parallel.train_feature_block if by_feature else train_rank, job=job),
             world,
             cfg.launch,
             description=f"train {cfg.train.model} on {world} Horovod ranks (run {run.run_id})",
+            on_retry=functools.partial(_note_restart, run),
         )
     except BaseException:
         tracking.finish_run(run, "FAILED")
@@ -87,10 +107,15 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     finally:
         stop.set()
         progress.join(timeout=5)
-    if out is None:  # rank 0 always returns its state; None means the launcher lost it
+    try:
+        if out is None:  # rank 0 always returns its state; None means the launcher lost it
+            raise RuntimeError(f"rank 0 returned no result for run {run.run_id}")
+        if by_feature and cfg.tracking.log_model:  # the ranks' weight blocks -> one ordinary model
+            out = {**out, "state_dict": feature_parallel.assemble_state_dict(manifest, out["block_urls"])}
+        model_uri = _log_outcome(run, cfg, manifest, out)
+    except BaseException:  # the driver's half failed: the run must not stay RUNNING
         tracking.finish_run(run, "FAILED")
-        raise RuntimeError(f"rank 0 returned no result for run {run.run_id}")
-    model_uri = _log_outcome(run, cfg, manifest, out)
+        raise
     tracking.finish_run(run)
     history = out["history"]
     return TrainResult(
@@ -103,6 +128,37 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
         final={k: v for k, v in history[-1].items()} if history else {},
         seconds=round(time.monotonic() - started, 3),
         tracking_uri=run.tracking_uri,
+    )
+
+
+def train_fingerprint(cfg: JobConfig, manifest_fingerprint: str) -> str:
+    """Hash of what decides a training result: the train section (less resume_run_id) and the manifest."""
+    spec = {**asdict(cfg.train), "resume_run_id": None, "manifest_fingerprint": manifest_fingerprint}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _previous_keyed_run(cfg: JobConfig, kind: str, fingerprint: str) -> tracking.RunRecord | None:
+    """The newest run for tracking.run_key if it trained the same thing; None (it will be replaced) otherwise."""
+    found = tracking.keyed_runs(cfg.tracking, kind)
+    if not found:
+        return None
+    record = tracking.get_run_record(cfg.tracking, found[0], ("val_log_loss",))
+    return record if record.tags.get(TRAIN_FINGERPRINT_TAG) == fingerprint else None
+
+
+def _reused_result(cfg: JobConfig, record: tracking.RunRecord, world: int, started: float) -> TrainResult:
+    epochs = len(record.histories["val_log_loss"])
+    return TrainResult(
+        run_id=record.run_id,
+        experiment_id=tracking.ensure_experiment(cfg.tracking),
+        model_uri=tracking.run_model_uri(record.run_id) if cfg.tracking.log_model else None,
+        world_size=world,
+        epochs=epochs,
+        resumed_from_epoch=epochs,
+        final=dict(record.metrics),
+        seconds=round(time.monotonic() - started, 3),
+        tracking_uri=cfg.tracking.tracking_uri,
+        reused=True,
     )
 
 
@@ -124,6 +180,13 @@ def _log_outcome(run: tracking.RunHandle, cfg: JobConfig, manifest: Manifest, ou
     model = ProbabilityModel(assemble_model(cfg, manifest, out["state_dict"])).eval()
     example = np.random.default_rng(0).standard_normal((5, manifest.num_features)).astype(np.float32)
     return tracking.log_torch_model(run, model, example)
+
+
+def _note_restart(run: tracking.RunHandle, attempt: int, error: BaseException) -> None:
+    """The stage is about to run again (a rank was lost or stalled): say so in the run, which goes on."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    tracking.set_tags(run, {"restarts": str(attempt), f"restart_{attempt}_reason": first[:4000]})
+    print(f"  restart {attempt}: {first}", file=sys.stderr, flush=True)
 
 
 def _show_progress(run: tracking.RunHandle, epochs: int, stop: threading.Event) -> None:

@@ -72,6 +72,8 @@ class LoaderSpec:
     """Petastorm reader threads; > 1 reads faster but makes the row order timing-dependent."""
     row_range: tuple[int, int] | None = None
     """Only rows [start, stop) of the files' concatenation (validation shares); needs shuffle off."""
+    row_id_col: str | None = None
+    """Also read this row-key column; ``iterate_aligned_batches`` needs it and yields it with each batch."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.steps < 0 or self.workers_count < 1:
@@ -194,7 +196,7 @@ def _open_reader(spec: LoaderSpec, order_seed: int | None) -> Any:
     reader = make_batch_reader(
         list(spec.urls),
         # Anchored: schema_fields are regexes and an unanchored 'f1' would also match f10 (and warn).
-        schema_fields=[re.escape(c) + "$" for c in [*columns, spec.label_col]],
+        schema_fields=[re.escape(c) + "$" for c in [*columns, spec.label_col, *filter(None, [spec.row_id_col])]],
         reader_pool_type="thread",
         workers_count=spec.workers_count,
         results_queue_size=RESULTS_QUEUE_SIZE,
@@ -298,6 +300,22 @@ def _silence_readonly_warning() -> None:
         torch.from_numpy(a)
 
 
+def _exactly_steps(stream: Iterator[Any], spec: LoaderSpec) -> Iterator[Any]:
+    """The first ``spec.steps`` items of ``stream`` (islice pulls no row group past the last step); a clear
+    error when it runs dry first, since ranks with fewer steps would leave the others waiting in a collective."""
+    done = 0
+    for item in itertools.islice(stream, spec.steps):
+        done += 1
+        yield item
+    if done < spec.steps:
+        raise LoaderError(f"{spec.shard} ran out of rows after {done} of {spec.steps} batches of {spec.batch_size}")
+
+
+def _close(reader: Any) -> None:
+    reader.stop()
+    reader.join()
+
+
 @contextmanager
 def iterate_batches(spec: LoaderSpec, epoch: int) -> Iterator[Iterator[Batch]]:
     """Yield an iterator of exactly ``spec.steps`` (features float32 [B, F], labels int64 [B]) batches.
@@ -317,18 +335,13 @@ def iterate_batches(spec: LoaderSpec, epoch: int) -> Iterator[Iterator[Batch]]:
             stream = _in_order(chunks, spec.batch_size, spec.num_features)
         else:
             stream = _shuffled(chunks, spec.batch_size, spec.shuffle_buffer_rows, rng)
-        done = 0
-        for x, y in itertools.islice(stream, spec.steps):  # islice pulls no row group past the last step
-            done += 1
+        for x, y in _exactly_steps(stream, spec):
             yield torch.from_numpy(x), torch.from_numpy(y)
-        if done < spec.steps:
-            raise LoaderError(f"{spec.shard} ran out of rows after {done} of {spec.steps} batches of {spec.batch_size}")
 
     try:
         yield batches()
     finally:
-        reader.stop()
-        reader.join()
+        _close(reader)
 
 
 def read_all(spec: LoaderSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -341,6 +354,66 @@ def read_all(spec: LoaderSpec) -> tuple[np.ndarray, np.ndarray]:
                 xs.append(x)
                 ys.append(y)
         finally:
-            reader.stop()
-            reader.join()
+            _close(reader)
     return np.concatenate(xs), np.concatenate(ys)
+
+
+# ------------------------------------------------------------------ feature-parallel: same rows, other columns
+
+AlignedBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+_LABEL_AND_ID = np.dtype([("label", np.int64), ("row_id", np.int64)])
+
+
+def _with_row_ids(item: Any, spec: LoaderSpec) -> Chunk:
+    """``_to_numpy`` with the row ids riding along the labels in one structured array, so the unchanged
+    batching and shuffle-buffer code moves label and row id of a row together."""
+    x, y = _to_numpy(item, spec)
+    col = spec.row_id_col or ""
+    ids = item.column(col).to_numpy() if isinstance(item, pa.Table) else np.asarray(item._asdict()[col])
+    both = np.empty(len(y), _LABEL_AND_ID)
+    both["label"], both["row_id"] = y, ids
+    return x, both
+
+
+@contextmanager
+def iterate_aligned_batches(spec: LoaderSpec, epoch: int) -> Iterator[Iterator[AlignedBatch]]:
+    """``iterate_batches`` for ranks that read different columns of the same rows (feature-parallel training):
+    yields exactly ``spec.steps`` (features [B, F_r], labels [B], row ids [B]) batches.
+
+    The order is a function of the rows and (seed, epoch) only, never of the rank or of where the files'
+    row groups end (they differ between column groups): row groups in file order, cut into batch-size
+    blocks, then (shuffle on) the shuffle buffer seeded by (seed, epoch) - the same on every rank.
+    """
+    if spec.row_id_col is None:
+        raise ValueError(f"{spec.shard}: iterate_aligned_batches needs LoaderSpec.row_id_col")
+    _silence_readonly_warning()
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed % 2**63, epoch])) if spec.shuffle else None
+    reader = _open_reader(spec, None)
+
+    def batches() -> Iterator[AlignedBatch]:
+        chunks = _window((_with_row_ids(t, spec) for t in reader), spec.row_range)
+        stream = _in_order(chunks, spec.batch_size, spec.num_features)
+        if rng is not None:  # inputs are whole batch-size blocks, so the buffer's cuts match on every rank
+            stream = _shuffled(stream, spec.batch_size, spec.shuffle_buffer_rows, rng)
+        for x, both in _exactly_steps(stream, spec):
+            labels, ids = np.ascontiguousarray(both["label"]), np.ascontiguousarray(both["row_id"])
+            yield torch.from_numpy(x), torch.from_numpy(labels), torch.from_numpy(ids)
+
+    try:
+        yield batches()
+    finally:
+        _close(reader)
+
+
+@contextmanager
+def iterate_chunks(spec: LoaderSpec) -> Iterator[Iterator[Chunk]]:
+    """Every row of the spec (its ``row_range``) in file order, one row group at a time (``read_all``
+    without holding the whole split); the reader is stopped and joined on exit."""
+    if not spec.urls:
+        yield iter(())
+        return
+    reader = _open_reader(spec, None)
+    try:
+        yield _window((_to_numpy(t, spec) for t in reader), spec.row_range)
+    finally:
+        _close(reader)
