@@ -10,13 +10,13 @@ export SPARK_LOCAL_IP := 127.0.0.1
 export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup run test lint bench clean mlflow-ui
+.PHONY: setup run test lint bench clean mlflow-ui airflow-venv airflow-setup airflow-run cluster-up cluster-down
 setup: $(VENV)/.stamp-project
 
 # 1. torch and the horovod build tools first: horovod compiles against the installed torch.
 $(VENV)/.stamp-base:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "torch==2.13.0" "setuptools>=77,<81" wheel "cmake>=3.27" packaging
+	$(PY) -m pip install --quiet "torch==2.13.0" "setuptools>=77,<81" wheel "cmake>=3.27" packaging "cffi>=1.4.0"
 	touch $@
 
 # 2. horovod from source, patched (see the script's header), cached as a wheel in .cache/wheels.
@@ -32,7 +32,7 @@ $(VENV)/.stamp-project: $(VENV)/.stamp-horovod pyproject.toml
 run: setup
 	$(PY) -m jobs.main --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 
-test: setup
+test: setup airflow-venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q tests
@@ -42,13 +42,39 @@ lint: setup
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .cache work
+	rm -rf $(VENV) $(AIRFLOW_VENV) .cache work
 
-# The MLflow UI on the project's sqlite store, loopback only.
+# Airflow in its own venv (its dependencies clash with the pinned stack; see scripts/setup_airflow.sh),
+# AIRFLOW_HOME under work/ (sqlite), a connection spark_local whose master is SPARK_MASTER.
+AIRFLOW_VENV := .venv-airflow
+export AIRFLOW_HOME ?= $(CURDIR)/work/airflow
+SPARK_MASTER ?= local[2]
+DATE ?= $(shell date -u +%F)
+airflow-venv: $(AIRFLOW_VENV)/.stamp
+$(AIRFLOW_VENV)/.stamp: scripts/setup_airflow.sh scripts/airflow-constraints.txt
+	PYTHON=$(PYTHON) scripts/setup_airflow.sh venv $(AIRFLOW_VENV)
+	touch $@
+
+airflow-setup: setup airflow-venv
+	SPARK_MASTER='$(SPARK_MASTER)' scripts/setup_airflow.sh home
+
+# One run of the retrain DAG for DATE (`airflow dags test`), on synthetic input written for that date.
+airflow-run: airflow-setup
+	$(PY) -m jobs.generate --config $(CONFIG) --set 'generate.output_url={work_dir}/input/ds=$(DATE)'
+	SPARKML_DIST_CONFIG=$(CURDIR)/$(CONFIG) $(AIRFLOW_VENV)/bin/airflow dags test retrain $(DATE)
+
+# A Spark standalone cluster on 127.0.0.1: a master and N one-core workers (PIDs and logs in work/cluster).
+N ?= 2
+CLUSTER_PORT ?= 7077
+cluster-up: setup
+	$(PY) -m sparkml_dist.cluster start --workers $(N) --port $(CLUSTER_PORT) --run-dir work/cluster
+cluster-down:
+	$(PY) -m sparkml_dist.cluster stop --run-dir work/cluster
+
+# The MLflow UI on the store and artifact root of CONFIG (tracking.*), loopback only.
+UI_PORT ?= 5000
 mlflow-ui: setup
-	mkdir -p work/mlartifacts
-	$(VENV)/bin/mlflow server --host 127.0.0.1 --port 5000 \
-	  --backend-store-uri sqlite:///$(CURDIR)/work/mlflow.db --default-artifact-root $(CURDIR)/work/mlartifacts
+	$(PY) -m sparkml_dist.ui --config $(CONFIG) $(foreach s,$(SET),--set $(s)) --port $(UI_PORT)
 
 # Benchmarks print one JSON object each (figures in README).
 bench: setup

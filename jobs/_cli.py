@@ -40,7 +40,7 @@ def run_job(description: str, argv: list[str] | None, body: Callable[[JobConfig,
     """
     from pyspark.sql import SparkSession
 
-    from sparkml_dist.session import build_spark_session
+    from sparkml_dist.session import build_spark_session, stop_spark_session
 
     cfg = parse_config(description, argv)
     owned = SparkSession.getActiveSession() is None
@@ -49,7 +49,7 @@ def run_job(description: str, argv: list[str] | None, body: Callable[[JobConfig,
         summary = body(cfg, spark)
     finally:
         if owned:
-            spark.stop()
+            stop_spark_session(spark)
     emit(summary)
     return summary
 

@@ -19,6 +19,7 @@ import numpy as np
 from sparkml_dist.config import JobConfig, TrackingConfig
 
 MODEL_NAME = "model"
+RUN_KEY_TAG = "run_key"
 
 
 class TrackingError(RuntimeError):
@@ -49,9 +50,32 @@ def _ensure_local_dirs(cfg: TrackingConfig) -> None:
         os.makedirs(cfg.artifact_url[len("file://") :], exist_ok=True)
 
 
+PREFLIGHT_TIMEOUT_S = 5.0
+
+
+def preflight(uri: str, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:
+    """An http(s) tracking server must accept a connection within ``timeout_s``: MLflow's own client
+    retries with back-off for minutes, which would only surface after the Spark job was set up."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname or "", port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise TrackingError(
+            f"MLflow tracking server tracking.tracking_uri={uri!r} is unreachable ({exc}); start it "
+            "(make mlflow-ui) or fix tracking.tracking_uri"
+        ) from exc
+
+
 def ensure_experiment(cfg: TrackingConfig) -> str:
     """Experiment id for cfg.experiment, created if needed. Fails fast if the store is unreachable."""
     _ensure_local_dirs(cfg)
+    preflight(cfg.tracking_uri)
     client = _client(cfg.tracking_uri)
     try:
         exp = client.get_experiment_by_name(cfg.experiment)
@@ -78,6 +102,11 @@ def start_run(cfg: JobConfig, tags: dict[str, str], kind: str, resume_run_id: st
             ) from exc
         client.update_run(resume_run_id, status="RUNNING")
         return RunHandle(cfg.tracking.tracking_uri, run.info.experiment_id, resume_run_id)
+    key = cfg.tracking.run_key
+    if key:  # a rerun for the same key replaces the earlier runs of this kind: one run per kind and key
+        for old in keyed_runs(cfg.tracking, kind):
+            client.delete_run(old)
+        tags = {**tags, RUN_KEY_TAG: key}
     run = client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags={"kind": kind, **tags})
     params = [(k, v[:6000]) for k, v in cfg.flat().items()]
     from mlflow.entities import Param
@@ -86,6 +115,20 @@ def start_run(cfg: JobConfig, tags: dict[str, str], kind: str, resume_run_id: st
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params[i : i + 100]])
     client.log_text(run.info.run_id, cfg.dump(), "config.yaml")
     return RunHandle(cfg.tracking.tracking_uri, experiment_id, run.info.run_id)
+
+
+def keyed_runs(cfg: TrackingConfig, kind: str) -> list[str]:
+    """Ids of the experiment's live runs of ``kind`` tagged with ``cfg.run_key``, newest first ([] if no key)."""
+    if not cfg.run_key:
+        return []
+    experiment_id = ensure_experiment(cfg)
+    found = _client(cfg.tracking_uri).search_runs(
+        [experiment_id],
+        filter_string=f"tags.kind = '{kind}' and tags.{RUN_KEY_TAG} = '{cfg.run_key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    )
+    return [r.info.run_id for r in found]
 
 
 def set_tags(run: RunHandle, tags: dict[str, str]) -> None:
@@ -219,3 +262,188 @@ def latest_runs_by_kind(cfg: TrackingConfig, data_fingerprint: str) -> list[str]
 
 def log_artifacts(run: RunHandle, local_dir: str) -> None:
     _client(run.tracking_uri).log_artifacts(run.run_id, local_dir)
+
+
+# ------------------------------------------------------------------------ models: scoring and the registry
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a logged classifier takes and returns, read from its signature."""
+
+    model_uri: str
+    num_features: int
+    """Width of the float32 input tensor [rows, num_features]."""
+    num_classes: int
+    """Width of the output: one probability per class."""
+    run_id: str | None
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One version of a registered model."""
+
+    name: str
+    version: str
+    run_id: str | None
+    source: str
+    tags: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def run_model_uri(run_id: str) -> str:
+    """URI of the model a training run logged."""
+    return f"runs:/{run_id}/{MODEL_NAME}"
+
+
+def model_spec(tracking_uri: str, model_uri: str) -> ModelSpec:
+    """Resolve ``model_uri`` and read its signature; an unknown run, model, alias or version fails with the fix."""
+    import mlflow
+
+    client = _client(tracking_uri)
+    _check_model_uri(client, tracking_uri, model_uri)
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+    except Exception as exc:
+        raise TrackingError(
+            f"model {model_uri!r} cannot be found in {tracking_uri} ({_first_line(exc)}); a training run logs "
+            f"its model as {run_model_uri('<run id>')} unless tracking.log_model=false"
+        ) from exc
+    sig = info.signature
+    inputs = sig.inputs.inputs if sig is not None and sig.inputs is not None else []
+    outputs = sig.outputs.inputs if sig is not None and sig.outputs is not None else []
+    shapes = [tuple(getattr(s, "shape", None) or ()) for s in (*inputs, *outputs)]
+    if len(inputs) != 1 or len(outputs) != 1 or any(len(s) != 2 for s in shapes):
+        raise TrackingError(
+            f"model {model_uri!r} has signature {sig}; scoring needs one float tensor [rows, features] in and "
+            "class probabilities [rows, classes] out (what tracking.log_torch_model logs)"
+        )
+    return ModelSpec(model_uri, int(shapes[0][1]), int(shapes[1][1]), info.run_id)
+
+
+def _check_model_uri(client: Any, tracking_uri: str, model_uri: str) -> None:
+    """Name what is missing for registry and run URIs before mlflow's own, vaguer, error."""
+    if model_uri.startswith("runs:/"):
+        run_id = model_uri[len("runs:/") :].split("/", 1)[0]
+        try:
+            client.get_run(run_id)
+        except Exception as exc:
+            raise TrackingError(f"model {model_uri!r}: run {run_id!r} does not exist in {tracking_uri}") from exc
+        return
+    name, alias, version = _parse_registry_uri(model_uri)
+    if name is None:
+        return  # models:/<logged model id>: mlflow's error names it
+    try:
+        client.get_registered_model(name)
+    except Exception as exc:
+        known = [m.name for m in client.search_registered_models(max_results=50)]
+        raise TrackingError(
+            f"model {model_uri!r}: no registered model {name!r} in {tracking_uri} (registered: {known}); "
+            "run jobs/evaluate.py and jobs/promote.py first, or score a run's model with runs:/<run id>/model"
+        ) from exc
+    if alias is not None and get_alias(tracking_uri, name, alias) is None:
+        aliases = sorted(client.get_registered_model(name).aliases)
+        raise TrackingError(
+            f"model {model_uri!r}: registered model {name!r} has no alias {alias!r} (aliases: {aliases}); "
+            "jobs/promote.py sets the champion alias"
+        )
+    if version is not None:
+        try:
+            client.get_model_version(name, version)
+        except Exception as exc:
+            versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+            raise TrackingError(
+                f"model {model_uri!r}: registered model {name!r} has no version {version!r} (versions: {versions})"
+            ) from exc
+
+
+def _parse_registry_uri(model_uri: str) -> tuple[str | None, str | None, str | None]:
+    """(name, alias, version) of models:/name@alias or models:/name/version; (None, ...) for a model id."""
+    body = model_uri[len("models:/") :].strip("/") if model_uri.startswith("models:/") else ""
+    if "@" in body:
+        name, _, alias = body.partition("@")
+        return name, alias, None
+    if "/" in body:
+        name, _, version = body.partition("/")
+        return name, None, version
+    return None, None, None
+
+
+def model_udf(spark: Any, model_uri: str) -> Any:
+    """A vectorised Spark UDF: array<float> features column -> array<float> class probabilities.
+
+    The model is fetched once on the driver and shipped to the executors, which run it in their own Python
+    (the project's pinned stack), not in a per-model environment.
+    """
+    import mlflow
+
+    return mlflow.pyfunc.spark_udf(spark, model_uri, result_type="array<float>", env_manager="local")
+
+
+def load_model(tracking_uri: str, model_uri: str) -> Any:
+    """The model as an mlflow.pyfunc model (predict: float32 [rows, features] -> probabilities)."""
+    import mlflow
+
+    _client(tracking_uri)
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+def _version(mv: Any) -> ModelVersion:
+    return ModelVersion(mv.name, str(mv.version), mv.run_id or None, str(mv.source), dict(mv.tags or {}))
+
+
+def get_alias(tracking_uri: str, name: str, alias: str) -> ModelVersion | None:
+    """The version ``alias`` points at, or None when the model or the alias does not exist."""
+    client = _client(tracking_uri)
+    try:
+        return _version(client.get_model_version_by_alias(name, alias))
+    except Exception:  # RESOURCE_DOES_NOT_EXIST for the model or the alias
+        return None
+
+
+def find_model_version(tracking_uri: str, name: str, run_id: str) -> ModelVersion | None:
+    """The oldest version of ``name`` registered from ``run_id``, or None."""
+    client = _client(tracking_uri)
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return _version(min(found, key=lambda v: int(v.version))) if found else None
+
+
+def register_model(tracking_uri: str, name: str, run_id: str, tags: dict[str, str]) -> ModelVersion:
+    """Register the model of ``run_id`` as a new version of ``name`` (created if needed)."""
+    import mlflow
+
+    _client(tracking_uri)
+    # The run's model is an MLflow 3 logged model (models:/<model id>); registering that URI directly keeps the
+    # run id on the version without mlflow's "no artifacts at 'model'" fallback warning.
+    source = mlflow.models.get_model_info(run_model_uri(run_id)).model_uri
+    mv = mlflow.register_model(source, name, await_registration_for=300, tags=tags)
+    return _version(mv)
+
+
+def set_alias(tracking_uri: str, name: str, alias: str, version: str) -> None:
+    _client(tracking_uri).set_registered_model_alias(name, alias, version)
+
+
+def set_version_tags(tracking_uri: str, mv: ModelVersion, tags: dict[str, str]) -> None:
+    client = _client(tracking_uri)
+    for k, v in tags.items():
+        client.set_model_version_tag(mv.name, mv.version, k, v)
+
+
+def find_runs(cfg: TrackingConfig, tags: dict[str, str], finished_only: bool = False) -> list[str]:
+    """Ids of the configured experiment's runs with all of ``tags``, newest first."""
+    experiment_id = ensure_experiment(cfg)
+    clauses = [f"tags.{k} = '{v}'" for k, v in tags.items()]
+    if finished_only:
+        clauses.append("attributes.status = 'FINISHED'")
+    runs = _client(cfg.tracking_uri).search_runs(
+        [experiment_id], filter_string=" and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=100
+    )
+    return [r.info.run_id for r in runs]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

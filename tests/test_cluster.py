@@ -1,0 +1,115 @@
+"""A real Spark standalone cluster (a master and two single-core workers on 127.0.0.1) running the real
+generate, partition and training jobs through spark-submit, with the library shipped as --py-files.
+
+Cost: about 2-3 minutes on the 2-core CI machine (the cluster, then three spark-submit applications; the
+training one starts torch + Horovod in two executors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sparkml_dist.cluster import ClusterError, alive_workers, package_library, read_state, running_cluster, spark_home
+from sparkml_dist.config import load_config
+from sparkml_dist.manifest import read_manifest
+from sparkml_dist.tracking import get_run_record
+
+REPO = Path(__file__).resolve().parents[1]
+SUBMIT_TIMEOUT_S = 600
+
+
+def _overrides(work: Path) -> list[str]:
+    return [
+        f"paths.work_dir={work}",
+        "generate.rows=4000",
+        "generate.features=8",
+        "generate.partitions=2",
+        "partition.num_shards=2",
+        "partition.row_group_mb=0.02",
+        "train.batch_size=128",
+        "train.epochs=2",
+        "launch.start_timeout_s=120",
+        "launch.collective_timeout_s=120",
+        "launch.job_timeout_s=400",
+    ]
+
+
+def _submit(master_url: str, py_files: Path, job: str, work: Path) -> dict:
+    """spark-submit one job to the cluster in client mode; return the JSON summary (its last stdout line)."""
+    python = sys.executable
+    cmd = [
+        str(spark_home() / "bin" / "spark-submit"),
+        "--master", master_url,
+        "--deploy-mode", "client",
+        "--py-files", str(py_files),
+        "--driver-memory", "1g",
+        "--executor-memory", "512m",
+        "--executor-cores", "1",
+        "--total-executor-cores", "2",
+        "--conf", f"spark.pyspark.python={python}",
+        "--conf", f"spark.pyspark.driver.python={python}",
+        "--conf", "spark.driver.host=127.0.0.1",
+        "--conf", "spark.driver.bindAddress=127.0.0.1",
+        "--conf", "spark.dynamicAllocation.enabled=false",
+        # Wait until both executors registered, so the barrier stage sees its 2 slots.
+        "--conf", "spark.scheduler.minRegisteredResourcesRatio=1.0",
+        "--conf", "spark.scheduler.maxRegisteredResourcesWaitingTime=120s",
+        "--conf", "spark.ui.enabled=false",
+        "--conf", f"spark.local.dir={work / 'spark-local'}",
+        str(REPO / "jobs" / f"{job}.py"),
+        "--config", str(REPO / "conf" / "local.yaml"),
+    ]  # fmt: skip
+    for item in _overrides(work):
+        cmd += ["--set", item]
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": python, "PYSPARK_DRIVER_PYTHON": python}
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT_S)
+    assert proc.returncode == 0, f"spark-submit {job} failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.slow
+def test_jobs_run_on_a_standalone_cluster(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    py_files = package_library(tmp_path / "dist")
+    run_dir = tmp_path / "cluster"
+    with running_cluster(run_dir, workers=2, cores=1, memory="1g", timeout_s=180) as info:
+        assert info.master_url.startswith("spark://127.0.0.1:")
+        assert alive_workers(info.webui_url) == 2
+        _submit(info.master_url, py_files, "generate", work)
+        parts = _submit(info.master_url, py_files, "partition", work)
+        trained = _submit(info.master_url, py_files, "train", work)
+        with urllib.request.urlopen(f"{info.webui_url}/json/", timeout=10) as resp:
+            master = json.loads(resp.read())
+    pids = info.pids
+    assert not (run_dir / "cluster.json").exists()
+    assert all(not Path(f"/proc/{pid}").exists() for pid in pids), "stop left a daemon running"
+
+    cfg = load_config(REPO / "conf" / "local.yaml", _overrides(work))
+    manifest = read_manifest(cfg.train.manifest_url)
+    assert manifest.num_shards == 2
+    assert parts["manifest_url"] == f"{cfg.train.manifest_url}/_manifest.json"
+
+    record = get_run_record(cfg.tracking, trained["run_id"], ("val_log_loss",))
+    assert record.status == "FINISHED"
+    assert record.tags["world_size"] == "2"
+    assert len(record.histories["val_log_loss"]) == 2
+    app_id = record.tags["spark_app_id"]
+    assert app_id.startswith("app-"), f"training did not run on the standalone master: {app_id}"
+    apps = {a["id"]: a for a in master["completedapps"] + master.get("activeapps", [])}
+    assert apps[app_id]["cores"] == 2  # two single-core executors: one Horovod rank each
+
+
+def test_stop_is_a_no_op_without_a_cluster_and_status_names_the_fix(tmp_path: Path) -> None:
+    from sparkml_dist.cluster import stop_cluster
+
+    assert stop_cluster(tmp_path) == []
+    with pytest.raises(ClusterError, match="sparkml_dist.cluster start"):
+        read_state(tmp_path)
