@@ -104,8 +104,13 @@ def main() -> None:
         out["kinds"] = kinds
         keep = Path(__file__).resolve().parents[1] / "docs" / "bench"
         keep.mkdir(parents=True, exist_ok=True)
-        for name in ("loss_vs_wall_time.png", "report.md"):
+        pngs = sorted(p.name for p in (work / "report").glob("*.png"))
+        for name in pngs:
             shutil.copy(work / "report" / name, keep / f"compare_{name}")
+        report_md = (work / "report" / "report.md").read_text()
+        for name in pngs:  # the copies are prefixed; keep the report's image links working
+            report_md = report_md.replace(f"]({name})", f"](compare_{name})")
+        (keep / "compare_report.md").write_text(report_md)
     finally:
         spark.stop()
     print(json.dumps(out, default=str))

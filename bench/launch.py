@@ -27,6 +27,8 @@ def first_step(_ctx=None) -> float:
     import horovod.torch as hvd
     import torch
 
+    if not hvd.is_initialized():  # horovod.spark.run leaves hvd.init to the function; our launcher has done it
+        hvd.init()
     hvd.allreduce(torch.zeros(1), name="first_step")  # the first collective = the first training step
     return time.time()
 
