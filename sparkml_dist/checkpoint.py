@@ -39,9 +39,10 @@ def save_checkpoint(dir_url: str, epoch: int, payload: dict[str, Any]) -> str:
         out.write(buf.getvalue())
     faults.crash_point("checkpoint.before_publish")
     filesystem.move(tmp, final)
-    for old in _epochs(filesystem, root)[:-KEEP]:
+    infos = filesystem.get_file_info(pafs.FileSelector(root))  # one listing serves both clean-ups
+    for old in _epochs_in(infos)[:-KEEP]:
         filesystem.delete_file(f"{root}/epoch-{old:06d}.pt")
-    for info in filesystem.get_file_info(pafs.FileSelector(root)):  # temp files of a crashed save
+    for info in infos:  # temp files of a crashed save
         if info.base_name.startswith(".epoch-") and ".pt.tmp-" in info.base_name:
             filesystem.delete_file(info.path)
     return f"{dir_url.rstrip('/')}/epoch-{epoch:06d}.pt"
@@ -61,6 +62,11 @@ def load_latest(dir_url: str) -> dict[str, Any] | None:
 def _epochs(filesystem: Any, root: str) -> list[int]:
     from pyarrow import fs as pafs
 
-    infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return _epochs_in(filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True)))
+
+
+def _epochs_in(infos: list[Any]) -> list[int]:
+    from pyarrow import fs as pafs
+
     found = (_NAME.match(i.base_name) for i in infos if i.type == pafs.FileType.File)
     return sorted(int(m.group(1)) for m in found if m)

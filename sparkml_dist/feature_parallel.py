@@ -44,7 +44,7 @@ from sparkml_dist.loader import LoaderError, LoaderSpec, build_loader_spec, iter
 from sparkml_dist.manifest import FeatureGroup, Manifest
 from sparkml_dist.metrics import eval_sums, summarize
 from sparkml_dist.models import loss_fn, probabilities
-from sparkml_dist.train import TrainJob, make_optimizer, whole_optimizer_steps
+from sparkml_dist.train import TrainJob, epoch_metrics, make_optimizer, whole_optimizer_steps
 
 MODE = "feature_parallel"
 DIGEST_BYTES = 4
@@ -300,26 +300,20 @@ def train_feature_block(ctx: Any, job: TrainJob) -> dict[str, Any] | None:
             block_urls = list(hvd.allgather_object(saved, name=f"fp.blocks.{epoch}"))
         if not master:
             continue
-        scores = summarize(val, m.num_classes)
-        rows = steps * cfg.batch_size
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / rows,
-            "val_log_loss": scores["log_loss"],
-            "val_accuracy": scores["accuracy"],
-            "val_auc": scores["auc"],
-            "rows_per_s": rows / seconds,
-            "epoch_s": seconds,
-            "data_wait_s": float(timing[0]),
-            "compute_s": float(timing[1]),
-            "allreduce_s": float(timing[2]),
-            "lr": float(opt.param_groups[0]["lr"]),
-            "attempt": float(getattr(ctx, "attempt", 0)),
-            "elapsed_s": sum(h["epoch_s"] for h in history) + seconds,
-            # What one step sends into the allreduce (partial logits + digest) and what the ring moves per rank.
-            "allreduce_bytes_per_step": float(reduced_floats * 4),
-            "ring_bytes_per_rank_per_step": float(reduced_floats * 4 * 2 * (world - 1) / world),
-        }
+        # One step allreduces the partial logits and the row-id digest.
+        metrics = epoch_metrics(
+            epoch,
+            loss_sum,
+            steps * cfg.batch_size,
+            seconds,
+            summarize(val, m.num_classes),
+            timing,
+            opt,
+            ctx,
+            history,
+            reduced_floats * 4,
+            world,
+        )
         history.append(metrics)
         tracking.log_metrics(job.run, {k_: v for k_, v in metrics.items() if k_ != "epoch"}, step=epoch + 1)
         if cfg.checkpoint:

@@ -60,7 +60,7 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     else:
         world = manifest.num_shards
         steps = steps_per_epoch(manifest, cfg.train.batch_size, world, cfg.train.max_steps_per_epoch)
-    tracking.ensure_experiment(cfg.tracking)  # unreachable tracking fails here, before any task
+    experiment_id = tracking.ensure_experiment(cfg.tracking)  # unreachable tracking fails here, before any task
     sc = spark.sparkContext
     tags = {
         "spark_app_id": sc.applicationId,
@@ -78,7 +78,7 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
         previous = _previous_keyed_run(cfg, kind, tags[TRAIN_FINGERPRINT_TAG])
         if previous is not None and previous.status == "FINISHED":
             print(f"run {previous.run_id} already trained this for {cfg.tracking.run_key}; reusing it", file=sys.stderr)
-            return _reused_result(cfg, previous, world, started)
+            return _reused_result(cfg, previous, experiment_id, world, started)
         resume_run_id = previous.run_id if previous is not None else None  # resume a failed attempt
     run = tracking.start_run(cfg, tags, kind=kind, resume_run_id=resume_run_id)
     checkpoint_url = f"{cfg.train.runs_url.rstrip('/')}/{run.run_id}/checkpoints"
@@ -146,11 +146,13 @@ def _previous_keyed_run(cfg: JobConfig, kind: str, fingerprint: str) -> tracking
     return record if record.tags.get(TRAIN_FINGERPRINT_TAG) == fingerprint else None
 
 
-def _reused_result(cfg: JobConfig, record: tracking.RunRecord, world: int, started: float) -> TrainResult:
+def _reused_result(
+    cfg: JobConfig, record: tracking.RunRecord, experiment_id: str, world: int, started: float
+) -> TrainResult:
     epochs = len(record.histories["val_log_loss"])
     return TrainResult(
         run_id=record.run_id,
-        experiment_id=tracking.ensure_experiment(cfg.tracking),
+        experiment_id=experiment_id,
         model_uri=tracking.run_model_uri(record.run_id) if cfg.tracking.log_model else None,
         world_size=world,
         epochs=epochs,

@@ -67,6 +67,41 @@ def lr_at(cfg: TrainConfig, world_size: int, step: int, steps_per_epoch: int) ->
     return cfg.lr + (target - cfg.lr) * step / warmup
 
 
+def epoch_metrics(
+    epoch: int,
+    loss_sum: float,
+    rows: float,
+    seconds: float,
+    scores: dict[str, float],
+    timing: Any,
+    opt: torch.optim.Optimizer,
+    ctx: Any,
+    history: list[dict[str, Any]],
+    bytes_per_step: float,
+    world: int,
+) -> dict[str, Any]:
+    """One epoch's tracked metrics, the same keys for every trainer. ``timing``: (data wait, compute,
+    allreduce) seconds averaged over ranks; ``bytes_per_step``: what one step sends into the allreduce."""
+    return {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / rows,
+        "val_log_loss": scores["log_loss"],
+        "val_accuracy": scores["accuracy"],
+        "val_auc": scores["auc"],
+        "rows_per_s": rows / seconds,
+        "epoch_s": seconds,
+        "data_wait_s": float(timing[0]),
+        "compute_s": float(timing[1]),
+        "allreduce_s": float(timing[2]),
+        "lr": float(opt.param_groups[0]["lr"]),
+        "attempt": float(getattr(ctx, "attempt", 0)),
+        "elapsed_s": sum(h["epoch_s"] for h in history) + seconds,
+        # ... and what the ring moves per rank for it
+        "allreduce_bytes_per_step": float(bytes_per_step),
+        "ring_bytes_per_rank_per_step": float(bytes_per_step * 2 * (world - 1) / world),
+    }
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + rank) % (2**31)
 
@@ -150,25 +185,20 @@ def train_rank(ctx: Any, job: TrainJob) -> dict[str, Any] | None:
         val = hvd.allreduce(torch.from_numpy(val), op=hvd.Sum, name=f"val.{epoch}").numpy()
         seconds = time.perf_counter() - started
         timing = hvd.allreduce(torch.tensor([t_data, t_compute, t_reduce]), op=hvd.Average, name=f"t.{epoch}")
-        scores = summarize(val, m.num_classes)
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": float(train[0] / train[1]),
-            "val_log_loss": scores["log_loss"],
-            "val_accuracy": scores["accuracy"],
-            "val_auc": scores["auc"],
-            "rows_per_s": float(train[1]) / seconds,
-            "epoch_s": seconds,
-            "data_wait_s": float(timing[0]),
-            "compute_s": float(timing[1]),
-            "allreduce_s": float(timing[2]),
-            "lr": float(opt.param_groups[0]["lr"]),
-            "attempt": float(getattr(ctx, "attempt", 0)),
-            "elapsed_s": sum(h["epoch_s"] for h in history) + seconds,
-            # What one optimizer step sends into the allreduce, and what the ring moves per rank.
-            "allreduce_bytes_per_step": float(grad_bytes),
-            "ring_bytes_per_rank_per_step": float(grad_bytes * 2 * (world - 1) / world),
-        }
+        # grad_bytes: what one optimizer step sends into the allreduce
+        metrics = epoch_metrics(
+            epoch,
+            float(train[0]),
+            float(train[1]),
+            seconds,
+            summarize(val, m.num_classes),
+            timing,
+            opt,
+            ctx,
+            history,
+            grad_bytes,
+            world,
+        )
         history.append(metrics)
         if master:
             # Checkpoint first, then log: a crash in between leaves the epoch unlogged, and the resumed
