@@ -62,10 +62,7 @@ def _sets(args: argparse.Namespace, mode: str) -> list[str]:
         "launch.collective_timeout_s=300",
         "launch.job_timeout_s=1200",
         "spark.log_level=ERROR",
-        # Interpreted projections: partition.py builds each feature group as array(features[i], ...) with
-        # 10k elements, whose generated code exhausts the heap (Janino OOM at 20k features, 2 groups).
         'spark.conf={"spark.ui.enabled": "false", "spark.driver.memory": "3g", '
-        '"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN", '
         '"spark.driver.bindAddress": "127.0.0.1", "spark.driver.host": "127.0.0.1"}',
     ]
 

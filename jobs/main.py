@@ -22,9 +22,9 @@ def _body(cfg: JobConfig, spark: Any) -> dict[str, Any]:
     parts = partition(spark, cfg)
     print(f"partitioned into {len(parts.train_rows)} shards: {parts.manifest_url}", file=sys.stderr)
     trained = run_training(spark, cfg)
-    loss = trained.final.get("val_log_loss", float("nan"))
+    key = "val_mse" if cfg.data.task == "regression" else "val_log_loss"
     print(
-        f"\nMLflow run {trained.run_id}: final validation log-loss {loss:.4f}"
+        f"\nMLflow run {trained.run_id}: final {key} {trained.final.get(key, float('nan')):.4f}"
         f"\nOpen the MLflow UI with `make mlflow-ui` (http://127.0.0.1:5000), experiment {cfg.tracking.experiment!r}.",
         file=sys.stderr,
     )

@@ -34,7 +34,7 @@ from pyspark.sql import functions as F
 from sparkml_dist import tracking
 from sparkml_dist.config import BASELINE_KINDS, BaselineConfig, ConfigError, JobConfig
 from sparkml_dist.manifest import Manifest, ManifestError, ShardEntry, read_manifest
-from sparkml_dist.metrics import eval_sums, summarize
+from sparkml_dist.metrics import REGRESSION, eval_sums, summarize
 
 Block = tuple[np.ndarray, np.ndarray]
 """One Spark partition's rows as numpy: features [n, d] float64 and labels [n] int64."""
@@ -268,6 +268,11 @@ def tree_aggregate_levels(partitions: int, depth: int) -> list[int]:
 def run_baselines(spark: SparkSession, cfg: JobConfig) -> list[BaselineResult]:
     """Run every kind in cfg.baselines.kinds on cfg.train.manifest_url's partition output, one MLflow run each."""
     manifest = read_manifest(cfg.train.manifest_url)  # a bad URL fails here, before any run or Spark job
+    if manifest.num_classes == REGRESSION:
+        raise ValueError(
+            f"{manifest.root_url} holds regression data (real-valued labels); the baselines compare classifiers "
+            "(log-loss to a target): run them on classification data, and train regression with train.model=linear"
+        )
     tracking.ensure_experiment(cfg.tracking)
     mllib = any(k.startswith("mllib") for k in cfg.baselines.kinds)
     data = load_data(spark, manifest, cfg.baselines.partitions_per_shard, with_vectors=mllib)

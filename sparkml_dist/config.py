@@ -74,12 +74,17 @@ class GenerateConfig:
     """Number of rows."""
     features: int = 16
     """Number of dense numeric features."""
+    task: Literal["classification", "regression"] = "classification"
+    """classification: class labels from a logistic/softmax model; regression: a float label
+    x.w + b + Gaussian noise (noise_std), for train.model=linear."""
     classes: int = 2
-    """2 for binary logistic data, >2 for softmax (multi-class) data."""
+    """classification only: 2 for binary logistic data, >2 for softmax (multi-class) data."""
     positive_fraction: float = 0.5
     """Binary only: target share of label 1 (class balance), reached by shifting the intercept."""
     label_noise: float = 0.0
-    """Share of labels replaced by a uniformly random class after sampling."""
+    """classification only: share of labels replaced by a uniformly random class after sampling."""
+    noise_std: float = 0.5
+    """regression only: standard deviation of the Gaussian label noise (the best reachable MSE is its square)."""
     weight_scale: float = 1.0
     """Standard deviation of the true weights (larger = more separable)."""
     seed: int = 42
@@ -97,6 +102,8 @@ class GenerateConfig:
             raise ConfigError(f"generate.classes must be >= 2, got {self.classes}")
         _check_fraction("generate.positive_fraction", self.positive_fraction, open_interval=True)
         _check_fraction("generate.label_noise", self.label_noise)
+        if self.noise_std < 0:
+            raise ConfigError(f"generate.noise_std must be >= 0, got {self.noise_std}")
 
 
 @dataclass(frozen=True)
@@ -104,14 +111,17 @@ class DataConfig:
     input_url: str = "{work_dir}/data/raw"
     """Parquet input of the partition job (with scheme, or a plain path)."""
     label_col: str = "label"
-    """Integer class label column (0..num_classes-1)."""
+    """Label column: integer class ids 0..num_classes-1, or any numeric value with task=regression."""
+    task: Literal["classification", "regression"] = "classification"
+    """classification: class labels (num_classes of them); regression: real-valued labels, written as
+    double; the manifest then records num_classes=0 and the models are linear or mlp."""
     features_col: str | None = None
     """Name of a fixed-length numeric array column holding the features; set this OR feature_cols."""
     feature_cols: list[str] | None = None
     """Scalar numeric feature columns; None with features_col None means every numeric column except
     the label and row_id."""
     num_classes: int = 2
-    """Declared number of classes; labels outside 0..num_classes-1 are rejected."""
+    """classification only: declared number of classes; labels outside 0..num_classes-1 are rejected."""
     row_id_col: str = "row_id"
     """Stable row key. Used when present in the input, else assigned by the partition job."""
     invalid_values: Literal["fail", "drop"] = "fail"
@@ -177,7 +187,8 @@ class TrainConfig:
     manifest_url: str = "{work_dir}/data/partitioned"
     """Partition output (with _manifest.json) to train on."""
     model: str = "logistic"
-    """logistic | softmax | mlp | a user nn.Module given as 'package.module:ClassName'."""
+    """logistic | softmax | linear (least squares, regression data) | mlp | a user nn.Module given as
+    'package.module:ClassName'."""
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 32])
     """mlp only: hidden layer widths."""
     activation: Literal["relu", "tanh", "gelu"] = "relu"
@@ -223,7 +234,7 @@ class TrainConfig:
     mode: Literal["data_parallel", "feature_parallel"] = "data_parallel"
     """data_parallel: one rank per sample shard, full model everywhere, gradients allreduced.
     feature_parallel: one rank per feature group (partition.feature_groups), each holding only its weight
-    block; partial logits allreduced. Logistic/softmax only."""
+    block; partial outputs allreduced. Generalized linear models only: logistic, softmax, linear."""
 
     def __post_init__(self) -> None:
         if self.mode == "feature_parallel":
@@ -239,10 +250,10 @@ class TrainConfig:
 
 
 def _check_feature_parallel(cfg: TrainConfig) -> None:
-    if cfg.model not in ("logistic", "softmax"):
+    if cfg.model not in ("logistic", "softmax", "linear"):
         raise ConfigError(
             f"train.mode=feature_parallel splits a linear model's weights by feature: train.model must be "
-            f"logistic or softmax, got {cfg.model!r} (use train.mode=data_parallel for it)"
+            f"logistic, softmax or linear, got {cfg.model!r} (use train.mode=data_parallel for it)"
         )
     unsupported = {
         "fp16_allreduce": cfg.fp16_allreduce,  # logits, not gradients, are reduced; fp16 would bias them
@@ -406,7 +417,7 @@ class ScoreConfig:
             )
 
 
-PROMOTE_METRICS = ("log_loss", "accuracy", "auc")
+PROMOTE_METRICS = ("log_loss", "accuracy", "auc", "mse", "rmse", "mae", "r2")
 _SAFE_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+\-]{0,63}$")
 
 
@@ -416,8 +427,9 @@ class PromoteConfig:
     """Name of the model in the MLflow Model Registry."""
     alias: str = "champion"
     """Alias that marks the model in production; moved only by a better candidate."""
-    metric: Literal["log_loss", "accuracy", "auc"] = "log_loss"
-    """Score that decides, on the validation split of train.manifest_url (log_loss: lower is better)."""
+    metric: Literal["log_loss", "accuracy", "auc", "mse", "rmse", "mae", "r2"] = "log_loss"
+    """Score that decides, on the validation split of train.manifest_url: log_loss, accuracy or auc for
+    classification, mse, rmse, mae or r2 for regression (log_loss, mse, rmse, mae: lower is better)."""
     min_improvement: float = 0.0
     """The candidate must beat the champion by more than this (absolute, in the metric's units)."""
     candidate_run_id: str | None = None

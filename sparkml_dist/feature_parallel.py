@@ -1,8 +1,10 @@
-"""Feature-parallel training of a wide linear model: rank r holds only feature group r and weight block r.
+"""Feature-parallel training of a wide generalized linear model (logistic, softmax or least-squares linear
+regression): rank r holds only feature group r and weight block r.
 
 The partition job can write the features as M column groups that hold the same rows in the same order
 (``partition.feature_groups=M``). With ``train.mode=feature_parallel`` there is one Horovod rank per
-group. For logits ``z = x @ W.T + b`` split by feature, ``z = sum_r x_r @ W_r.T (+ b)``, so every step:
+group. The model's outputs ``z = x @ W.T + b`` (logits, or the regression's value; "logits" below) split
+by feature: ``z = sum_r x_r @ W_r.T (+ b)``, so every step:
 
 1. rank r reads the next batch of group r (``loader.iterate_aligned_batches``: same rows, same order and
    same batch boundaries on every rank; the shuffle, if on, is seeded by (seed, epoch), not by rank);
@@ -21,7 +23,8 @@ Checkpoints: after each epoch rank r writes its block (weights + optimizer state
 ``<checkpoint_url>/block=<r>/``, then rank 0 writes the epoch's commit record (history + the block
 files) under ``<checkpoint_url>/``. A resume starts from the newest commit, so a crash between block
 writes never mixes epochs. The final blocks are always written; the driver assembles them into one
-ordinary ``models.LogisticRegression``/``SoftmaxRegression`` state dict (``assemble_state_dict``).
+ordinary ``models.LogisticRegression``/``SoftmaxRegression``/``LinearRegression`` state dict
+(``assemble_state_dict``).
 
 Runs inside Horovod ranks and on the driver; never imports pyspark.
 """
@@ -40,10 +43,17 @@ from torch import nn
 
 from sparkml_dist import checkpoint, tracking
 from sparkml_dist.config import TrainConfig
-from sparkml_dist.loader import LoaderError, LoaderSpec, build_loader_spec, iterate_aligned_batches, iterate_chunks
+from sparkml_dist.loader import (
+    LoaderError,
+    LoaderSpec,
+    build_loader_spec,
+    iterate_aligned_batches,
+    iterate_chunks,
+    label_dtype_of,
+)
 from sparkml_dist.manifest import FeatureGroup, Manifest
-from sparkml_dist.metrics import eval_sums, summarize
-from sparkml_dist.models import loss_fn, probabilities
+from sparkml_dist.metrics import batch_sums, empty_sums, summarize
+from sparkml_dist.models import check_model_for_data, loss_fn, output_width, predictions
 from sparkml_dist.train import TrainJob, epoch_metrics, make_optimizer, whole_optimizer_steps
 
 MODE = "feature_parallel"
@@ -83,8 +93,7 @@ def check_manifest(manifest: Manifest, cfg: TrainConfig) -> int:
                 f"{manifest.root_url}: feature group {g.group} has {rows} rows per shard, the sample shards have "
                 f"{expected}: the output is inconsistent, re-run jobs/partition.py into a new partition.output_url"
             )
-    if cfg.model == "logistic" and manifest.num_classes != 2:
-        raise ValueError(f"train.model=logistic is binary; the data has {manifest.num_classes} classes: use softmax")
+    check_model_for_data(cfg.model, manifest.num_classes)
     return m
 
 
@@ -110,7 +119,8 @@ def block_columns(manifest: Manifest, group: FeatureGroup) -> list[int]:
 
 
 def assemble_state_dict(manifest: Manifest, block_urls: list[str]) -> dict[str, np.ndarray]:
-    """The blocks written by the ranks -> one ``LogisticRegression``/``SoftmaxRegression`` state dict."""
+    """The blocks written by the ranks -> one ``LogisticRegression``/``SoftmaxRegression``/``LinearRegression``
+    state dict."""
     if len(block_urls) != len(manifest.feature_groups):
         raise ValueError(f"{len(block_urls)} block files for {len(manifest.feature_groups)} feature groups")
     outputs = output_width(manifest.num_classes)
@@ -142,11 +152,6 @@ def read_url(url: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------- rank side
 
 
-def output_width(num_classes: int) -> int:
-    """Logits per row: one for binary data (models.py's convention), one per class otherwise."""
-    return 1 if num_classes == 2 else num_classes
-
-
 class LinearBlock(nn.Module):
     """Weight block ``[outputs, features of the group]``, plus the bias on the rank that holds it."""
 
@@ -176,11 +181,12 @@ def build_block_spec(manifest: Manifest, rank: int, cfg: TrainConfig, steps: int
         seed=cfg.seed,  # the same on every rank: the batches must be the same rows
         rank=rank,
         row_id_col=manifest.row_id_col,
+        label_dtype=label_dtype_of(manifest),
     )
 
 
 def read_validation_block(manifest: Manifest, rank: int, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Every validation row, only group ``rank``'s columns: (float32 [n, F_r], int64 [n]), in file order.
+    """Every validation row, only group ``rank``'s columns: (float32 [n, F_r], labels [n]), in file order.
 
     The partition job writes no feature groups for the validation split: the 'columns' layout reads just
     the group's columns; the 'array' layout streams one row group at a time and keeps the group's slice.
@@ -191,7 +197,7 @@ def read_validation_block(manifest: Manifest, rank: int, cfg: TrainConfig) -> tu
     if spec.features_col is None:
         spec, cols = dataclasses.replace(spec, feature_cols=tuple(group.features)), None
     xs = [np.empty((0, len(group.features)), np.float32)]
-    ys = [np.empty(0, np.int64)]
+    ys = [np.empty(0, spec.label_dtype)]
     with iterate_chunks(spec) as chunks:
         for x, y in chunks:
             xs.append(np.ascontiguousarray(x[:, cols]) if cols is not None else x)
@@ -331,12 +337,13 @@ def evaluate_blocks(
     column block of: one allreduce of partial logits per EVAL_ROWS rows. Every rank must call it."""
     block.eval()
     device = block.weight.device
-    total = eval_sums(np.zeros((0, num_classes)), np.zeros(0, dtype=np.int64))
+    total = empty_sums(num_classes)
     with torch.no_grad():
         for i in range(0, len(y), EVAL_ROWS):
             partial = block(torch.from_numpy(x[i : i + EVAL_ROWS]).to(device))
-            logits = hvd.allreduce(partial, op=hvd.Sum, name=f"{name}.{i}")
-            total = total + eval_sums(probabilities(logits).double().cpu().numpy(), y[i : i + EVAL_ROWS])
+            outputs = hvd.allreduce(partial, op=hvd.Sum, name=f"{name}.{i}")
+            preds = predictions(outputs, num_classes).double().cpu().numpy()
+            total = total + batch_sums(preds, y[i : i + EVAL_ROWS], num_classes)
     block.train()
     return total
 

@@ -24,7 +24,8 @@ from sparkml_dist.config import JobConfig
 from sparkml_dist.launch import run_on_ranks
 from sparkml_dist.loader import steps_per_epoch
 from sparkml_dist.manifest import Manifest, read_manifest
-from sparkml_dist.models import ProbabilityModel, build_model
+from sparkml_dist.metrics import primary_metric
+from sparkml_dist.models import build_model, check_model_for_data, prediction_model
 from sparkml_dist.train import TrainJob, train_rank
 
 PROGRESS_POLL_S = 2.0
@@ -54,6 +55,7 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     started = time.monotonic()
     manifest = read_manifest(cfg.train.manifest_url)
     by_feature = cfg.train.mode == "feature_parallel"  # one rank per feature group, not per sample shard
+    check_model_for_data(cfg.train.model, manifest.num_classes)
     if by_feature:
         world = feature_parallel.check_manifest(manifest, cfg.train)
         steps = feature_parallel.steps_per_epoch(manifest, cfg.train)
@@ -75,10 +77,10 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     tags[TRAIN_FINGERPRINT_TAG] = train_fingerprint(cfg, manifest.fingerprint)
     resume_run_id = cfg.train.resume_run_id
     if not resume_run_id and cfg.tracking.run_key:  # a rerun or retry for the same key (e.g. logical date)
-        previous = _previous_keyed_run(cfg, kind, tags[TRAIN_FINGERPRINT_TAG])
+        previous = _previous_keyed_run(cfg, kind, tags[TRAIN_FINGERPRINT_TAG], manifest.num_classes)
         if previous is not None and previous.status == "FINISHED":
             print(f"run {previous.run_id} already trained this for {cfg.tracking.run_key}; reusing it", file=sys.stderr)
-            return _reused_result(cfg, previous, experiment_id, world, started)
+            return _reused_result(cfg, previous, experiment_id, world, started, manifest.num_classes)
         resume_run_id = previous.run_id if previous is not None else None  # resume a failed attempt
     run = tracking.start_run(cfg, tags, kind=kind, resume_run_id=resume_run_id)
     checkpoint_url = f"{cfg.train.runs_url.rstrip('/')}/{run.run_id}/checkpoints"
@@ -90,7 +92,8 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
         file=sys.stderr,
     )
     stop = threading.Event()
-    progress = threading.Thread(target=_show_progress, args=(run, cfg.train.epochs, stop), daemon=True)
+    val_key = f"val_{primary_metric(manifest.num_classes)}"
+    progress = threading.Thread(target=_show_progress, args=(run, cfg.train.epochs, val_key, stop), daemon=True)
     progress.start()
     try:
         out = run_on_ranks(
@@ -137,19 +140,19 @@ def train_fingerprint(cfg: JobConfig, manifest_fingerprint: str) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _previous_keyed_run(cfg: JobConfig, kind: str, fingerprint: str) -> tracking.RunRecord | None:
+def _previous_keyed_run(cfg: JobConfig, kind: str, fingerprint: str, num_classes: int) -> tracking.RunRecord | None:
     """The newest run for tracking.run_key if it trained the same thing; None (it will be replaced) otherwise."""
     found = tracking.keyed_runs(cfg.tracking, kind)
     if not found:
         return None
-    record = tracking.get_run_record(cfg.tracking, found[0], ("val_log_loss",))
+    record = tracking.get_run_record(cfg.tracking, found[0], (f"val_{primary_metric(num_classes)}",))
     return record if record.tags.get(TRAIN_FINGERPRINT_TAG) == fingerprint else None
 
 
 def _reused_result(
-    cfg: JobConfig, record: tracking.RunRecord, experiment_id: str, world: int, started: float
+    cfg: JobConfig, record: tracking.RunRecord, experiment_id: str, world: int, started: float, num_classes: int
 ) -> TrainResult:
-    epochs = len(record.histories["val_log_loss"])
+    epochs = len(record.histories[f"val_{primary_metric(num_classes)}"])
     return TrainResult(
         run_id=record.run_id,
         experiment_id=experiment_id,
@@ -176,10 +179,11 @@ def _log_outcome(run: tracking.RunHandle, cfg: JobConfig, manifest: Manifest, ou
     if out["start_epoch"]:
         tracking.set_tags(run, {"resumed_from_epoch": str(out["start_epoch"])})
     if history:
-        tracking.log_plot(run, history, ("train_loss", "val_log_loss"), "loss_curve.png")
+        keys = ("train_loss", f"val_{primary_metric(manifest.num_classes)}")
+        tracking.log_plot(run, history, keys, "loss_curve.png")
     if not cfg.tracking.log_model:
         return None
-    model = ProbabilityModel(assemble_model(cfg, manifest, out["state_dict"])).eval()
+    model = prediction_model(assemble_model(cfg, manifest, out["state_dict"]), manifest.num_classes)
     example = np.random.default_rng(0).standard_normal((5, manifest.num_features)).astype(np.float32)
     return tracking.log_torch_model(run, model, example)
 
@@ -191,12 +195,12 @@ def _note_restart(run: tracking.RunHandle, attempt: int, error: BaseException) -
     print(f"  restart {attempt}: {first}", file=sys.stderr, flush=True)
 
 
-def _show_progress(run: tracking.RunHandle, epochs: int, stop: threading.Event) -> None:
-    """Print each finished epoch (loss, rows/s, time left) as rank 0 logs it to MLflow."""
+def _show_progress(run: tracking.RunHandle, epochs: int, val_key: str, stop: threading.Event) -> None:
+    """Print each finished epoch (validation loss, rows/s, time left) as rank 0 logs it to MLflow."""
     shown = 0
     while not stop.wait(PROGRESS_POLL_S):
         try:
-            losses = tracking.metric_history(run, "val_log_loss")
+            losses = tracking.metric_history(run, val_key)
             rates = dict(tracking.metric_history(run, "rows_per_s"))
             times = dict(tracking.metric_history(run, "epoch_s"))
         except Exception:  # progress is best effort; the stage's own errors are what matter
@@ -208,7 +212,7 @@ def _show_progress(run: tracking.RunHandle, epochs: int, stop: threading.Event) 
             per_epoch = float(np.mean(list(times.values()))) if times else 0.0
             eta = per_epoch * (epochs - step)
             print(
-                f"  epoch {step}/{epochs}  val_log_loss {loss:.4f}  {rates.get(step, 0):,.0f} rows/s  ~{eta:.0f}s left",
+                f"  epoch {step}/{epochs}  {val_key} {loss:.4f}  {rates.get(step, 0):,.0f} rows/s  ~{eta:.0f}s left",
                 file=sys.stderr,
                 flush=True,
             )

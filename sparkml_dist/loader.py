@@ -36,6 +36,7 @@ import torch
 
 from sparkml_dist.config import TrainConfig
 from sparkml_dist.manifest import Manifest, ShardEntry
+from sparkml_dist.metrics import REGRESSION
 
 RESULTS_QUEUE_SIZE = 4
 """Petastorm queue entries; each row group puts its table and a 'processed' marker, so <= 2 tables wait."""
@@ -74,6 +75,8 @@ class LoaderSpec:
     """Only rows [start, stop) of the files' concatenation (validation shares); needs shuffle off."""
     row_id_col: str | None = None
     """Also read this row-key column; ``iterate_aligned_batches`` needs it and yields it with each batch."""
+    label_dtype: str = "int64"
+    """int64 class ids, or float32 values for regression (``label_dtype_of``)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.steps < 0 or self.workers_count < 1:
@@ -84,6 +87,11 @@ class LoaderSpec:
     @property
     def num_features(self) -> int:
         return len(self.feature_cols)
+
+
+def label_dtype_of(manifest: Manifest) -> str:
+    """How labels reach the model: int64 class ids, float32 for regression (``num_classes == REGRESSION``)."""
+    return "float32" if manifest.num_classes == REGRESSION else "int64"
 
 
 def _rank_shards(manifest: Manifest, rank: int, world_size: int) -> list[ShardEntry]:
@@ -138,6 +146,7 @@ def build_loader_spec(
         seed=cfg.seed,
         rank=rank,
         workers_count=workers_count,
+        label_dtype=label_dtype_of(manifest),
     )
     if split == "train":
         shards = _rank_shards(manifest, rank, world_size)
@@ -212,13 +221,13 @@ def _open_reader(spec: LoaderSpec, order_seed: int | None) -> Any:
 
 
 def _to_numpy(item: Any, spec: LoaderSpec) -> Chunk:
-    """One row group -> (float32 [rows, features] C-contiguous, int64 [rows])."""
+    """One row group -> (float32 [rows, features] C-contiguous, labels [rows] of ``spec.label_dtype``)."""
     if not isinstance(item, pa.Table):  # Petastorm's namedtuple of numpy columns
         cols = item._asdict()
         names = [spec.features_col] if spec.features_col else list(spec.feature_cols)
         x = np.column_stack([cols[n] for n in names]).astype(np.float32, copy=False)
-        return x, np.asarray(cols[spec.label_col], dtype=np.int64)
-    y = item.column(spec.label_col).to_numpy().astype(np.int64)
+        return x, np.asarray(cols[spec.label_col], dtype=spec.label_dtype)
+    y = item.column(spec.label_col).to_numpy().astype(spec.label_dtype)
     if spec.features_col is None:
         x = np.stack([item.column(c).to_numpy() for c in spec.feature_cols], axis=1)
         return x.astype(np.float32, copy=False), y
@@ -318,7 +327,7 @@ def _close(reader: Any) -> None:
 
 @contextmanager
 def iterate_batches(spec: LoaderSpec, epoch: int) -> Iterator[Iterator[Batch]]:
-    """Yield an iterator of exactly ``spec.steps`` (features float32 [B, F], labels int64 [B]) batches.
+    """Yield an iterator of exactly ``spec.steps`` (features float32 [B, F], labels [B]) batches.
 
     The reader is stopped and joined on every exit: normal end, early break, exception.
     """
@@ -345,8 +354,8 @@ def iterate_batches(spec: LoaderSpec, epoch: int) -> Iterator[Iterator[Batch]]:
 
 
 def read_all(spec: LoaderSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Every row of the spec (its ``row_range``), in file order: (float32 [n, F], int64 [n]). Small splits only."""
-    xs, ys = [np.empty((0, spec.num_features), np.float32)], [np.empty(0, np.int64)]
+    """Every row of the spec (its ``row_range``), in file order: (float32 [n, F], labels [n]). Small splits only."""
+    xs, ys = [np.empty((0, spec.num_features), np.float32)], [np.empty(0, spec.label_dtype)]
     if spec.urls:
         reader = _open_reader(spec, None)
         try:
@@ -361,7 +370,6 @@ def read_all(spec: LoaderSpec) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------ feature-parallel: same rows, other columns
 
 AlignedBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-_LABEL_AND_ID = np.dtype([("label", np.int64), ("row_id", np.int64)])
 
 
 def _with_row_ids(item: Any, spec: LoaderSpec) -> Chunk:
@@ -370,7 +378,7 @@ def _with_row_ids(item: Any, spec: LoaderSpec) -> Chunk:
     x, y = _to_numpy(item, spec)
     col = spec.row_id_col or ""
     ids = item.column(col).to_numpy() if isinstance(item, pa.Table) else np.asarray(item._asdict()[col])
-    both = np.empty(len(y), _LABEL_AND_ID)
+    both = np.empty(len(y), np.dtype([("label", y.dtype), ("row_id", np.int64)]))
     both["label"], both["row_id"] = y, ids
     return x, both
 

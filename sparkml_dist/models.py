@@ -1,7 +1,8 @@
 """nn.Modules for tabular data, and the loss/probability conventions every trainer shares.
 
-Convention: a model maps features [batch, n_features] to logits [batch, k] where k = 1 for binary
-classification (the logit of class 1) and k = num_classes otherwise.
+Convention: a model maps features [batch, n_features] to outputs [batch, k]: for classification the logits,
+k = 1 for binary data (the logit of class 1) and k = num_classes otherwise; for regression (a manifest with
+``num_classes == REGRESSION``, written by ``data.task=regression``) the predicted value, k = 1.
 """
 
 from __future__ import annotations
@@ -13,6 +14,32 @@ from torch import nn
 from torch.nn import functional as F
 
 from sparkml_dist.config import TrainConfig
+from sparkml_dist.metrics import REGRESSION  # num_classes of regression data: one real-valued output
+
+CLASSIFIERS = ("logistic", "softmax")
+"""Built-in models that need class labels; ``linear`` needs real-valued ones, ``mlp`` and user models take both."""
+
+
+def output_width(num_classes: int) -> int:
+    """Outputs per row: one for regression and for binary data (the logit of class 1), else one per class."""
+    return 1 if num_classes in (REGRESSION, 2) else num_classes
+
+
+def check_model_for_data(model: str, num_classes: int) -> None:
+    """Fail before training when ``train.model`` cannot fit the data's labels; the message names the fix."""
+    if num_classes == REGRESSION and model in CLASSIFIERS:
+        raise ValueError(
+            f"train.model={model} is a classifier, but the data has real-valued labels (data.task=regression): "
+            "use train.model=linear (or mlp)"
+        )
+    if num_classes != REGRESSION and model == "linear":
+        raise ValueError(
+            f"train.model=linear is least-squares regression, but the data has {num_classes} classes: use "
+            f"train.model={'logistic' if num_classes == 2 else 'softmax'}, or re-partition with "
+            "data.task=regression for real-valued labels"
+        )
+    if model == "logistic" and num_classes > 2:
+        raise ValueError(f"train.model=logistic is binary; the data has {num_classes} classes: use softmax")
 
 
 class LogisticRegression(nn.Module):
@@ -22,6 +49,19 @@ class LogisticRegression(nn.Module):
         super().__init__()
         if num_classes != 2:
             raise ValueError(f"logistic regression is binary; data has {num_classes} classes: use model=softmax")
+        self.linear = nn.Linear(num_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class LinearRegression(nn.Module):
+    """Least-squares linear regression: one real-valued output."""
+
+    def __init__(self, num_features: int, num_classes: int = REGRESSION) -> None:
+        super().__init__()
+        if num_classes != REGRESSION:
+            raise ValueError(f"linear regression needs real-valued labels; data has {num_classes} classes")
         self.linear = nn.Linear(num_features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +83,7 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "g
 
 
 class MLP(nn.Module):
-    """Feed-forward network; one output logit for binary data, num_classes otherwise."""
+    """Feed-forward network; ``output_width(num_classes)`` outputs."""
 
     def __init__(
         self,
@@ -61,7 +101,7 @@ class MLP(nn.Module):
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = h
-        layers.append(nn.Linear(width, 1 if num_classes == 2 else num_classes))
+        layers.append(nn.Linear(width, output_width(num_classes)))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +109,7 @@ class MLP(nn.Module):
 
 
 def build_model(cfg: TrainConfig, num_features: int, num_classes: int) -> nn.Module:
-    """The model named by ``cfg.model``: logistic, softmax, mlp, or 'package.module:ClassName'.
+    """The model named by ``cfg.model``: logistic, softmax, linear, mlp, or 'package.module:ClassName'.
 
     A user class is constructed as ``Class(num_features, num_classes)`` and must follow the logits
     convention in this module's docstring.
@@ -78,11 +118,13 @@ def build_model(cfg: TrainConfig, num_features: int, num_classes: int) -> nn.Mod
         return LogisticRegression(num_features, num_classes)
     if cfg.model == "softmax":
         return SoftmaxRegression(num_features, num_classes)
+    if cfg.model == "linear":
+        return LinearRegression(num_features, num_classes)
     if cfg.model == "mlp":
         return MLP(num_features, num_classes, cfg.hidden_sizes, cfg.activation, cfg.dropout)
     module_name, sep, class_name = cfg.model.partition(":")
     if not sep:
-        raise ValueError(f"train.model={cfg.model!r}: use logistic, softmax, mlp or 'package.module:ClassName'")
+        raise ValueError(f"train.model={cfg.model!r}: use logistic, softmax, linear, mlp or 'package.module:ClassName'")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:
@@ -95,11 +137,14 @@ def build_model(cfg: TrainConfig, num_features: int, num_classes: int) -> nn.Mod
     return model
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Log-loss: binary cross-entropy on one logit, cross-entropy on several."""
-    if logits.shape[1] == 1:
-        return F.binary_cross_entropy_with_logits(logits[:, 0], labels.to(logits.dtype), reduction=reduction)
-    return F.cross_entropy(logits, labels, reduction=reduction)
+def loss_fn(outputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Log-loss for class labels (binary cross-entropy on one logit, cross-entropy on several); squared
+    error for real-valued labels (regression: the labels come as floating point, class ids as integers)."""
+    if labels.is_floating_point():
+        return F.mse_loss(outputs[:, 0], labels.to(outputs.dtype), reduction=reduction)
+    if outputs.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(outputs[:, 0], labels.to(outputs.dtype), reduction=reduction)
+    return F.cross_entropy(outputs, labels, reduction=reduction)
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -110,8 +155,13 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
+def predictions(outputs: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """What a model predicts: class probabilities [batch, num_classes], or for regression the value [batch, 1]."""
+    return outputs if num_classes == REGRESSION else probabilities(outputs)
+
+
 class ProbabilityModel(nn.Module):
-    """Wraps a logits model so that it returns class probabilities (what a logged model predicts)."""
+    """Wraps a classifier's logits model so that it returns class probabilities (what a logged classifier predicts)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -119,3 +169,19 @@ class ProbabilityModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return probabilities(self.model(x.to(torch.float32)))
+
+
+class ValueModel(nn.Module):
+    """Wraps a regression model: float32 in, the predicted value [rows, 1] out (what a logged regressor predicts)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(torch.float32))
+
+
+def prediction_model(model: nn.Module, num_classes: int) -> nn.Module:
+    """The module to log: ``predictions`` of ``model`` for data with ``num_classes`` (REGRESSION: values)."""
+    return (ValueModel(model) if num_classes == REGRESSION else ProbabilityModel(model)).eval()

@@ -33,6 +33,7 @@ from sparkml_dist.manifest import (
     ManifestError,
     ShardEntry,
 )
+from sparkml_dist.metrics import REGRESSION
 from sparkml_dist.storage import HadoopFS, atomic_output
 
 SHARD_COL = "shard"
@@ -66,7 +67,7 @@ class PartitionResult:
 @dataclass(frozen=True)
 class _Input:
     df: DataFrame
-    """row_id, features (array<float>), label (int), valid flag."""
+    """row_id, features (array<float>), label (int; double for regression), valid flag."""
     feature_names: list[str]
     fingerprint: str
     input_bytes: int
@@ -143,20 +144,30 @@ def _read_input(spark: SparkSession, dcfg: DataConfig) -> _Input:
         raise PartitionError(
             f"label column data.label_col={dcfg.label_col!r} is not in the input; columns: {sorted(fields)}"
         )
-    if not isinstance(fields[dcfg.label_col], _INTEGRAL):
+    label_type = fields[dcfg.label_col]
+    regression = dcfg.task == "regression"
+    if regression and not isinstance(label_type, _NUMERIC):
         raise PartitionError(
-            f"label column {dcfg.label_col!r} has type {fields[dcfg.label_col].simpleString()}; "
-            "it must hold integer class ids 0..num_classes-1"
+            f"label column {dcfg.label_col!r} has type {label_type.simpleString()}; data.task=regression needs "
+            "a numeric label"
+        )
+    if not regression and not isinstance(label_type, _INTEGRAL):
+        hint = " (real-valued labels: set data.task=regression)" if isinstance(label_type, _NUMERIC) else ""
+        raise PartitionError(
+            f"label column {dcfg.label_col!r} has type {label_type.simpleString()}; "
+            f"it must hold integer class ids 0..num_classes-1{hint}"
         )
     features, names = _feature_expr(df, fields, dcfg)
     row_id = F.col(dcfg.row_id_col).cast("long") if dcfg.row_id_col in fields else F.monotonically_increasing_id()
-    label = F.col(dcfg.label_col).cast("int")
+    label = F.col(dcfg.label_col).cast("double" if regression else "int")
     # Built-in array functions (code-generated), not a per-element lambda: NaN sorts above every number
     # in Spark, so a NaN shows as the array's max; array_contains is null, not false, when the array
     # holds a null and no match (and NaN, the value looked for, is caught by the max).
     hi, lo = F.array_max(features), F.array_min(features)
+    finite_label = (~F.isnan(label) & (F.abs(label) != F.lit(float("inf")))) if regression else F.lit(True)
     valid = (
         label.isNotNull()
+        & finite_label
         & (F.size(features) == F.lit(len(names)))
         & F.array_contains(features, F.lit(float("nan"))).isNotNull()
         & ~F.isnan(hi)
@@ -254,7 +265,7 @@ def _checked_counts(keyed: DataFrame, dcfg: DataConfig, by_bucket: int) -> tuple
     counts = {int(r[_BUCKET]): int(r["n"]) for r in agg}
     total = sum(counts.values())
     labels = [(r["lo"], r["hi"]) for r in agg if r["lo"] is not None]
-    if labels:
+    if labels and dcfg.task == "classification":
         lo, hi = min(x[0] for x in labels), max(x[1] for x in labels)
         if lo < 0 or hi >= dcfg.num_classes:
             raise PartitionError(
@@ -289,7 +300,8 @@ def _fail_invalid(df: DataFrame, dcfg: DataConfig) -> DataFrame:
         F.lit("row_id "),
         F.col("row_id").cast("string"),
         F.lit(
-            " has a NaN/infinite feature, a features array of the wrong length or a null label; "
+            " has a NaN/infinite feature, a features array of the wrong length or a null (or, for regression, "
+            "NaN/infinite) label; "
             "clean the input or set data.invalid_values=drop to drop and count such rows"
         ),
     )
@@ -417,12 +429,21 @@ def _feature_groups(names: list[str], pcfg: PartitionConfig) -> list[list[str]]:
 def _layout(df: DataFrame, names: list[str], subset: list[str] | None, pcfg: PartitionConfig) -> DataFrame:
     """Select row_id, the (subset of) features in the configured layout, label and shard."""
     idx = [names.index(n) for n in (subset if subset is not None else names)]
-    picked = [F.col(FEATURES_COL)[i] for i in idx]
     if pcfg.feature_layout == "array":
-        feats = [(F.array(*picked) if subset is not None else F.col(FEATURES_COL)).alias(FEATURES_COL)]
+        feats = [(_pick(idx) if subset is not None else F.col(FEATURES_COL)).alias(FEATURES_COL)]
     else:
-        feats = [c.alias(names[i]) for c, i in zip(picked, idx, strict=True)]
+        feats = [F.col(FEATURES_COL)[i].alias(names[i]) for i in idx]
     return df.select("row_id", *feats, "label", SHARD_COL)
+
+
+def _pick(idx: list[int]) -> Column:
+    """features[idx] as one array expression. ``array(features[i] for i in idx)`` would generate code that
+    grows with the group (Spark's codegen runs out of heap near 10k elements); a slice, or a ``transform``
+    over a constant index array, stays one small expression whatever the width."""
+    features = F.col(FEATURES_COL)
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return F.slice(features, idx[0] + 1, len(idx))
+    return F.transform(F.lit(idx), lambda i: features[i])
 
 
 def _write(df: DataFrame, url: str, block_bytes: str, shards: int) -> None:
@@ -492,7 +513,8 @@ def _build_manifest(
         FeatureGroup(g, names, [shard(f"features/group={g}/{SHARD_COL}={k}") for k in range(pcfg.num_shards)])
         for g, names in enumerate(groups)
     ]
-    schema = {"row_id": "long", "label": "int"}
+    regression = cfg.data.task == "regression"
+    schema = {"row_id": "long", "label": "double" if regression else "int"}
     if pcfg.feature_layout == "array":
         schema[FEATURES_COL] = f"array<float>[{len(inp.feature_names)}]"
     else:
@@ -505,7 +527,7 @@ def _build_manifest(
         input_fingerprint=inp.fingerprint,
         input_rows=input_rows,
         dropped_rows=dropped,
-        num_classes=cfg.data.num_classes,
+        num_classes=REGRESSION if regression else cfg.data.num_classes,
         label_col="label",
         row_id_col="row_id",
         features_col=FEATURES_COL if pcfg.feature_layout == "array" else None,

@@ -5,8 +5,9 @@ Two steps, two jobs, run in this order by the schedule for one ``promote.logical
 evaluate  The candidate (``promote.candidate_run_id``, or the newest FINISHED run of
           ``promote.candidate_kind`` on the data of ``train.manifest_url``) and the champion
           (``models:/<promote.registered_model>@<promote.alias>``) are scored on the manifest's validation
-          split by the same Spark UDF batch scoring uses; log-loss, accuracy and AUC (metrics.py) of both
-          are logged to the date's promotion run (kind ``promotion``, tag ``logical_date``).
+          split by the same Spark UDF batch scoring uses; log-loss, accuracy and AUC (metrics.py; MSE,
+          RMSE, MAE and R^2 for regression data) of both are logged to the date's promotion run (kind
+          ``promotion``, tag ``logical_date``).
 promote   Registers the candidate's model (once per training run: an existing version from that run is
           reused) and moves the alias to it when there is no champion yet, or when it beats the champion
           by more than ``promote.min_improvement`` on ``promote.metric``. The decision, its reason and the
@@ -32,13 +33,12 @@ from pyspark.sql import SparkSession
 from sparkml_dist import tracking
 from sparkml_dist.config import JobConfig
 from sparkml_dist.manifest import Manifest, read_manifest
-from sparkml_dist.metrics import eval_sums, summarize
+from sparkml_dist.metrics import LOWER_IS_BETTER, REGRESSION, SCORES, batch_sums, scores_of, summarize
 from sparkml_dist.score import PROBS, ScoreError, ScoreInput, manifest_input, predict
 
 KIND = "promotion"
 STAGE_TAG = "promotion_stage"
 NO_CHAMPION = "none"
-SCORES = ("log_loss", "accuracy", "auc")
 
 
 class PromotionError(RuntimeError):
@@ -86,6 +86,12 @@ def evaluate(spark: SparkSession, cfg: JobConfig) -> Evaluation:
     """Score the candidate and the champion on the validation split; record both in the date's run."""
     date, name = _logical_date(cfg), cfg.promote.registered_model
     manifest = read_manifest(cfg.train.manifest_url)
+    if cfg.promote.metric not in scores_of(manifest.num_classes):
+        kind = "real-valued (regression)" if manifest.num_classes == REGRESSION else "class"
+        raise PromotionError(
+            f"promote.metric={cfg.promote.metric} does not score {manifest.root_url}, whose labels are {kind}: "
+            f"set promote.metric to one of {', '.join(scores_of(manifest.num_classes))}"
+        )
     candidate = find_candidate(cfg, manifest)
     existing = _promotion_run(cfg)
     if existing is not None:
@@ -119,8 +125,9 @@ def evaluate(spark: SparkSession, cfg: JobConfig) -> Evaluation:
     run_cfg = dataclasses.replace(cfg.tracking, run_name=f"promotion {name} {date}")
     run = tracking.start_run(dataclasses.replace(cfg, tracking=run_cfg), tags, kind=KIND, resume_run_id=existing)
     tracking.set_tags(run, tags)
-    metrics = {f"candidate_{k}": cand_scores[k] for k in SCORES}
-    metrics |= {f"champion_{k}": champ_scores[k] for k in SCORES} if champ_scores else {}
+    scores = scores_of(manifest.num_classes)
+    metrics = {f"candidate_{k}": cand_scores[k] for k in scores}
+    metrics |= {f"champion_{k}": champ_scores[k] for k in scores} if champ_scores else {}
     tracking.log_metrics(run, {**metrics, "eval_rows": cand_scores["rows"]}, step=0)
     result = Evaluation(
         logical_date=date,
@@ -157,12 +164,13 @@ def find_candidate(cfg: JobConfig, manifest: Manifest) -> str:
 def evaluate_model(
     spark: SparkSession, cfg: JobConfig, manifest: Manifest, inp: ScoreInput, model_uri: str
 ) -> dict[str, float]:
-    """log_loss, accuracy, auc and rows of one model on ``inp``; metrics summed per Spark partition."""
+    """metrics.summarize of one model on ``inp`` (log_loss, accuracy, auc; mse, rmse, mae, r2 for regression)
+    and rows; metrics summed per Spark partition."""
     spec = tracking.model_spec(cfg.tracking.tracking_uri, model_uri)
-    if spec.num_classes != manifest.num_classes:
-        raise ScoreError(
-            f"model {model_uri} predicts {spec.num_classes} classes, {manifest.root_url} has {manifest.num_classes}"
-        )
+    if spec.num_classes != (1 if manifest.num_classes == REGRESSION else manifest.num_classes):
+        what = "a value (regression)" if spec.regression else f"{spec.num_classes} classes"
+        has = "real-valued labels" if manifest.num_classes == REGRESSION else f"{manifest.num_classes} classes"
+        raise ScoreError(f"model {model_uri} predicts {what}, {manifest.root_url} has {has}")
     assert inp.label_col is not None
     spark.sparkContext.setJobDescription(f"evaluate {model_uri} on {inp.description}")
     scored = predict(spark, inp, spec).select(PROBS, inp.label_col)
@@ -177,7 +185,7 @@ def _partition_sums(batches: Iterator[pd.DataFrame], label_col: str, num_classes
     for batch in batches:
         if len(batch) == 0:
             continue
-        sums = eval_sums(np.stack(batch[PROBS].to_numpy()), batch[label_col].to_numpy())
+        sums = batch_sums(np.stack(batch[PROBS].to_numpy()), batch[label_col].to_numpy(), num_classes)
         total = sums if total is None else total + sums
     if total is not None:
         yield pd.DataFrame({"sums": [total.tolist()]})
@@ -260,10 +268,10 @@ def promote(cfg: JobConfig) -> Decision:
 
 
 def decide(metric: str, min_improvement: float, candidate: float, champion: float | None) -> tuple[bool, str]:
-    """Whether the candidate wins, and why. log_loss: lower is better; accuracy and auc: higher is better."""
+    """Whether the candidate wins, and why. log_loss, mse, rmse, mae: lower is better; accuracy, auc, r2: higher."""
     if champion is None:
         return True, "first model: there is no champion yet"
-    gain = champion - candidate if metric == "log_loss" else candidate - champion
+    gain = champion - candidate if metric in LOWER_IS_BETTER else candidate - champion
     verdict = "beats" if gain > min_improvement else "does not beat"
     return gain > min_improvement, (
         f"candidate {metric} {candidate:.6f} {verdict} champion's {champion:.6f} by more than "
@@ -294,7 +302,8 @@ def _evaluation_from(record: tracking.RunRecord, reused: bool) -> Evaluation:
     champion = t.get("champion_version", NO_CHAMPION)
 
     def scores(prefix: str) -> dict[str, float]:
-        return {k: m[f"{prefix}_{k}"] for k in SCORES if f"{prefix}_{k}" in m} | {"rows": m.get("eval_rows", 0.0)}
+        known = [k for names in SCORES.values() for k in names]
+        return {k: m[f"{prefix}_{k}"] for k in known if f"{prefix}_{k}" in m} | {"rows": m.get("eval_rows", 0.0)}
 
     return Evaluation(
         logical_date=t["logical_date"],

@@ -1,14 +1,15 @@
 """Batch scoring: Parquet rows -> predictions, with a logged or registered model given by URI.
 
 The model runs inside Spark as a vectorised MLflow pyfunc UDF (``tracking.model_udf``): each task feeds
-it Arrow batches of the features column and gets class probabilities back, so the data never passes
+it Arrow batches of the features column and gets class probabilities (or a regression's values) back, so
+the data never passes
 through the driver. Input is either a data set (features picked by ``data.features_col`` /
 ``data.feature_cols`` exactly as the partition job picks them, so the model sees the order it was
 trained on) or a partition output (its ``_manifest.json`` names the files and the features).
 
-Output: the row key, ``prediction`` (the most probable class), ``prob_0 .. prob_{C-1}`` and any
-``score.keep_cols``, published atomically with ``_score.json`` (model URI and run, rows) beside the
-Parquet files; a rerun replaces the whole output.
+Output: the row key, ``prediction`` (the most probable class, and ``prob_0 .. prob_{C-1}``; for a regression
+model the predicted value, double) and any ``score.keep_cols``, published atomically with ``_score.json``
+(model URI and run, rows) beside the Parquet files; a rerun replaces the whole output.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def manifest_input(spark: SparkSession, manifest: Manifest, split: str) -> Score
 
 
 def predict(spark: SparkSession, inp: ScoreInput, spec: tracking.ModelSpec) -> DataFrame:
-    """The input with ``PROBS`` (array<float>) and ``PREDICTION`` (int) added by the model's UDF."""
+    """The input with ``PROBS`` (array<float>: the model's output) and ``PREDICTION`` added by the model's UDF:
+    the most probable class (int), or for a regression model its one output (double)."""
     if spec.num_features != inp.num_features:
         raise ScoreError(
             f"model {spec.model_uri} takes {spec.num_features} features, but {inp.description} has "
@@ -131,6 +133,8 @@ def predict(spark: SparkSession, inp: ScoreInput, spec: tracking.ModelSpec) -> D
         )
     udf = tracking.model_udf(spark, spec.model_uri)
     scored = inp.df.withColumn(PROBS, udf(F.col(FEATURES)))
+    if spec.regression:
+        return scored.withColumn(PREDICTION, F.col(PROBS)[0].cast("double"))
     # Argmax with built-ins (first index of the maximum), so the UDF's output is not sent back to Python.
     argmax = F.expr(f"array_position({PROBS}, array_max({PROBS})) - 1")  # F.array_position wants a literal
     return scored.withColumn(PREDICTION, argmax.cast("int"))
@@ -142,7 +146,8 @@ def output_columns(inp: ScoreInput, num_classes: int, keep_cols: list[str]) -> l
     if missing:
         raise ScoreError(f"score.keep_cols {missing} are not in {inp.description}; columns: {sorted(have)}")
     keep = [c for c in keep_cols if c != inp.row_id_col]
-    probs = [F.col(PROBS)[i].alias(f"{PROB_PREFIX}{i}") for i in range(num_classes)]
+    # num_classes 1: a regression model, whose one output is the prediction itself
+    probs = [F.col(PROBS)[i].alias(f"{PROB_PREFIX}{i}") for i in range(num_classes)] if num_classes > 1 else []
     return [F.col(inp.row_id_col), *map(F.col, keep), F.col(PREDICTION), *probs]
 
 

@@ -1,4 +1,4 @@
-"""Synthetic classification data with a known ground-truth model, generated on the executors.
+"""Synthetic classification or regression data with a known ground-truth model, generated on the executors.
 
 Rows are generated in fixed blocks of BLOCK_ROWS by row_id, each block from its own RNG seeded with
 (seed, block), so the data set is the same for a seed whatever the number of partitions or executors, and
@@ -17,6 +17,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from sparkml_dist.config import GenerateConfig
+from sparkml_dist.metrics import REGRESSION
 
 BLOCK_ROWS = 4096
 TRUTH_NAME = "_truth.json"
@@ -24,13 +25,26 @@ TRUTH_NAME = "_truth.json"
 
 @dataclass(frozen=True)
 class TrueModel:
-    """The generating model: logits = x @ weights.T + bias; then label noise."""
+    """The generating model: logits = x @ weights.T + bias, then label noise; for regression
+    (classes == 0) label = x @ weights.T + bias + N(0, noise_std^2)."""
 
     weights: list[list[float]]
-    """classes x features for multi-class; 1 x features for binary (the logit of class 1)."""
+    """classes x features for multi-class; 1 x features for binary (the logit of class 1) and regression."""
     bias: list[float]
     classes: int
+    """0 for regression (metrics.REGRESSION)."""
     label_noise: float
+    noise_std: float = 0.0
+    """regression only: standard deviation of the label noise."""
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Regression: the noise-free label x @ w + b, float64 [rows]."""
+        w = np.asarray(self.weights, dtype=np.float64)
+        return (x.astype(np.float64) @ w.T + np.asarray(self.bias))[:, 0]
+
+    def best_mse(self) -> float:
+        """Regression: the expected squared error of the true model (the noise variance), the best any model does."""
+        return float(self.noise_std**2)
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """P(label = c | x) of the generating process, noise included: rows x classes."""
@@ -60,6 +74,9 @@ class TrueModel:
 
 def make_true_model(cfg: GenerateConfig) -> TrueModel:
     rng = np.random.default_rng([cfg.seed, 0xC0FFEE])
+    if cfg.task == "regression":
+        weights = rng.normal(0.0, cfg.weight_scale, size=(1, cfg.features))
+        return TrueModel(weights.tolist(), [float(rng.normal(0.0, 1.0))], REGRESSION, 0.0, cfg.noise_std)
     k = 1 if cfg.classes == 2 else cfg.classes
     weights = rng.normal(0.0, cfg.weight_scale, size=(k, cfg.features))
     if cfg.classes == 2:
@@ -83,9 +100,11 @@ def _intercept_for_balance(w: np.ndarray, positive_fraction: float, rng: np.rand
 
 
 def generate_block(cfg: GenerateConfig, truth: TrueModel, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Features (float32) and labels (int32) of rows [block*BLOCK_ROWS, (block+1)*BLOCK_ROWS)."""
+    """Features (float32) and labels (int32; float64 for regression) of rows [block, block + 1) * BLOCK_ROWS."""
     rng = np.random.default_rng([cfg.seed, block])
     x = rng.standard_normal(size=(BLOCK_ROWS, cfg.features), dtype=np.float32)
+    if truth.classes == REGRESSION:
+        return x, truth.predict(x) + truth.noise_std * rng.standard_normal(BLOCK_ROWS)
     # Labels from the clean model, then noise: P(y) = (1-noise)*p + noise/classes, as TrueModel says.
     clean = TrueModel(truth.weights, truth.bias, truth.classes, 0.0).probabilities(x)
     u = rng.random(BLOCK_ROWS)
@@ -101,7 +120,8 @@ def output_schema(cfg: GenerateConfig) -> T.StructType:
         fields.append(T.StructField("features", T.ArrayType(T.FloatType(), False), False))
     else:
         fields += [T.StructField(f"f{i}", T.FloatType(), False) for i in range(cfg.features)]
-    fields.append(T.StructField("label", T.IntegerType(), False))
+    label_type = T.DoubleType() if cfg.task == "regression" else T.IntegerType()
+    fields.append(T.StructField("label", label_type, False))
     return T.StructType(fields)
 
 
@@ -158,7 +178,7 @@ def write_dataset(spark: SparkSession, cfg: GenerateConfig) -> GenerateResult:
         df.write.mode("errorifexists").parquet(tmp)
         HadoopFS(spark, tmp).write_text(f"{tmp}/{TRUTH_NAME}", truth.to_json())
     return GenerateResult(
-        out, cfg.rows, cfg.features, cfg.classes, f"{out}/{TRUTH_NAME}", round(time.monotonic() - started, 3)
+        out, cfg.rows, cfg.features, truth.classes, f"{out}/{TRUTH_NAME}", round(time.monotonic() - started, 3)
     )
 
 

@@ -161,7 +161,8 @@ def finish_run(run: RunHandle, status: str = "FINISHED") -> None:
 
 
 def log_torch_model(run: RunHandle, model: Any, example: np.ndarray) -> str:
-    """Log ``model`` (mapping features -> class probabilities) so mlflow.pyfunc can load it. Returns its URI."""
+    """Log ``model`` (features -> class probabilities, or [rows, 1] predicted values for regression) so
+    mlflow.pyfunc can load it. Returns its URI."""
     import mlflow
     import torch
     from mlflow.models import infer_signature
@@ -186,7 +187,7 @@ def log_plot(run: RunHandle, history: list[dict[str, float]], keys: tuple[str, .
     for key in keys:
         ax.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("log-loss")
+    ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
     with tempfile.TemporaryDirectory() as d:
@@ -269,14 +270,18 @@ def log_artifacts(run: RunHandle, local_dir: str) -> None:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a logged classifier takes and returns, read from its signature."""
+    """What a logged model takes and returns, read from its signature."""
 
     model_uri: str
     num_features: int
     """Width of the float32 input tensor [rows, num_features]."""
     num_classes: int
-    """Width of the output: one probability per class."""
+    """Width of the output: one probability per class (>= 2), or 1: a regression model's predicted value."""
     run_id: str | None
+
+    @property
+    def regression(self) -> bool:
+        return self.num_classes == 1
 
 
 @dataclass(frozen=True)
@@ -319,7 +324,7 @@ def model_spec(tracking_uri: str, model_uri: str) -> ModelSpec:
     if len(inputs) != 1 or len(outputs) != 1 or any(len(s) != 2 for s in shapes):
         raise TrackingError(
             f"model {model_uri!r} has signature {sig}; scoring needs one float tensor [rows, features] in and "
-            "class probabilities [rows, classes] out (what tracking.log_torch_model logs)"
+            "class probabilities [rows, classes] or values [rows, 1] out (what tracking.log_torch_model logs)"
         )
     return ModelSpec(model_uri, int(shapes[0][1]), int(shapes[1][1]), info.run_id)
 

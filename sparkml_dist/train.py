@@ -20,8 +20,8 @@ from sparkml_dist import checkpoint, faults, heartbeat, tracking
 from sparkml_dist.config import LaunchConfig, TrainConfig
 from sparkml_dist.loader import build_loader_spec, iterate_batches, read_all
 from sparkml_dist.manifest import Manifest
-from sparkml_dist.metrics import eval_sums, summarize
-from sparkml_dist.models import build_model, loss_fn, probabilities
+from sparkml_dist.metrics import batch_sums, empty_sums, summarize
+from sparkml_dist.models import build_model, loss_fn, predictions
 
 
 @dataclass(frozen=True)
@@ -80,14 +80,14 @@ def epoch_metrics(
     bytes_per_step: float,
     world: int,
 ) -> dict[str, Any]:
-    """One epoch's tracked metrics, the same keys for every trainer. ``timing``: (data wait, compute,
-    allreduce) seconds averaged over ranks; ``bytes_per_step``: what one step sends into the allreduce."""
+    """One epoch's tracked metrics, the same keys for every trainer. ``scores``: metrics.summarize of the
+    validation split (val_log_loss, val_accuracy, val_auc; for regression val_mse, val_rmse, val_mae,
+    val_r2). ``timing``: (data wait, compute, allreduce) seconds averaged over ranks; ``bytes_per_step``:
+    what one step sends into the allreduce."""
     return {
         "epoch": epoch + 1,
         "train_loss": loss_sum / rows,
-        "val_log_loss": scores["log_loss"],
-        "val_accuracy": scores["accuracy"],
-        "val_auc": scores["auc"],
+        **{f"val_{k}": v for k, v in scores.items() if k != "rows"},
         "rows_per_s": rows / seconds,
         "epoch_s": seconds,
         "data_wait_s": float(timing[0]),
@@ -240,13 +240,13 @@ def _note_resume(run: tracking.RunHandle, history: list[dict[str, Any]], start_e
 
 
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, num_classes: int, batch: int = 65536) -> np.ndarray:
-    """Additive metric sums (see metrics.eval_sums) of ``model`` on (x, y)."""
+    """Additive metric sums (see metrics.batch_sums) of ``model`` on (x, y)."""
     model.eval()
-    total = eval_sums(np.zeros((0, num_classes)), np.zeros(0, dtype=np.int64))
+    total = empty_sums(num_classes)
     with torch.no_grad():
         for i in range(0, len(y), batch):
-            probs = probabilities(model(torch.from_numpy(x[i : i + batch]))).double().numpy()
-            total = total + eval_sums(probs, y[i : i + batch])
+            preds = predictions(model(torch.from_numpy(x[i : i + batch])), num_classes).double().numpy()
+            total = total + batch_sums(preds, y[i : i + batch], num_classes)
     model.train()
     return total
 

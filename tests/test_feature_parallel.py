@@ -1,7 +1,8 @@
 """Feature-parallel training: real Horovod ranks in a real barrier stage, one per feature group.
 
 Cost on the shared, loaded 2-core machine: ~2 min in all - data + reference ~50 s, train + pyfunc + the
-scoring job ~55 s, resume (two short stages) ~12 s, misaligned rows ~3 s, config/manifest checks < 1 s.
+scoring job ~55 s, resume (two short stages) ~12 s, misaligned rows ~3 s, config/manifest checks < 1 s;
+linear regression (its own data, both modes, scoring) ~1 min.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sparkml_dist.loader import build_loader_spec, iterate_aligned_batches, read
 from sparkml_dist.manifest import MANIFEST_NAME, read_manifest
 from sparkml_dist.models import build_model, loss_fn, probabilities
 from sparkml_dist.partition import partition
+from sparkml_dist.promote import PromotionError, evaluate, promote
 from sparkml_dist.score import score
 from sparkml_dist.synthetic import write_dataset
 from sparkml_dist.train import make_optimizer
@@ -185,7 +187,7 @@ def test_a_group_shard_in_another_row_order_fails_naming_rank_step_and_fix(spark
 
 
 def test_bad_settings_fail_before_any_task(data):
-    with pytest.raises(ConfigError, match="train.model must be logistic or softmax, got 'mlp'"):
+    with pytest.raises(ConfigError, match="train.model must be logistic, softmax or linear, got 'mlp'"):
         _cfg(Path("."), "train.model=mlp")
     with pytest.raises(ConfigError, match="train.fp16_allreduce=true does not apply"):
         _cfg(Path("."), "train.fp16_allreduce=true")
@@ -194,4 +196,93 @@ def test_bad_settings_fail_before_any_task(data):
         feature_parallel.check_manifest(dataclasses.replace(manifest, feature_groups=[]), data.train)
     with pytest.raises(ValueError, match="logistic is binary; the data has 3 classes"):
         feature_parallel.check_manifest(manifest, dataclasses.replace(data.train, model="logistic"))
+    with pytest.raises(ValueError, match="train.model=linear is least-squares regression, but the data has 3"):
+        feature_parallel.check_manifest(manifest, dataclasses.replace(data.train, model="linear"))
     assert feature_parallel.check_manifest(manifest, data.train) == 2
+
+
+# ------------------------------------------------------------------------- linear regression (the third GLM)
+
+
+def _regression_cfg(work, *sets: str):
+    return _cfg(
+        work / "regression",
+        "generate.task=regression",
+        "generate.noise_std=0.3",
+        "data.task=regression",
+        "partition.feature_grouping=contiguous",  # groups as slices of the features array (hashed: above)
+        "train.model=linear",
+        "train.lr=0.1",
+        *sets,
+    )
+
+
+def test_linear_regression_by_feature_blocks_equals_one_process_and_scores_values(spark, work):
+    import mlflow
+
+    cfg = _regression_cfg(work)
+    truth = write_dataset(spark, cfg.generate)
+    assert truth.classes == 0
+    partition(spark, cfg)
+    manifest = read_manifest(cfg.train.manifest_url)
+    assert manifest.num_classes == 0 and manifest.schema["label"] == "double"
+    with pytest.raises(ValueError, match="classifier, but the data has real-valued labels.*train.model=linear"):
+        feature_parallel.check_manifest(manifest, dataclasses.replace(cfg.train, model="logistic"))
+
+    # the single-process reference: the whole LinearRegression on all features, same batches, zero start
+    model = build_model(cfg.train, manifest.num_features, manifest.num_classes)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    opt = make_optimizer(cfg.train, model)
+    spec = build_loader_spec(manifest, 0, 1, cfg.train, split="train")
+    spec = dataclasses.replace(spec, steps=feature_parallel.steps_per_epoch(manifest, cfg.train), row_id_col="row_id")
+    for epoch in range(EPOCHS):
+        with iterate_aligned_batches(spec, epoch) as batches:
+            for x, y, _ in batches:
+                assert y.dtype == torch.float32
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+    model.eval()
+
+    result = run_training(spark, cfg)
+    _assert_same_model(_assembled(cfg, result), model)
+    x, y = read_all(build_loader_spec(manifest, 0, 1, cfg.train, split="validation"))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()[:, 0]
+    mse = float(np.mean((expected - y) ** 2))
+    assert result.final["val_mse"] == pytest.approx(mse, rel=1e-4)
+    assert result.final["val_r2"] > 0.5 and "val_log_loss" not in result.final
+    served = np.asarray(mlflow.pyfunc.load_model(result.model_uri).predict(x))
+    assert served.shape == (len(y), 1)
+    np.testing.assert_allclose(served[:, 0], expected, atol=1e-5)
+
+    scfg = _regression_cfg(
+        work,
+        f"score.model_uri=runs:/{result.run_id}/model",
+        f"score.input_url={cfg.train.manifest_url}",
+        "score.split=validation",
+        f"score.output_url={work}/regression-scores",
+    )
+    scored = score(spark, scfg)
+    out = pq.read_table(url_to_path(scored.output_url)).to_pandas()
+    assert list(out.columns) == ["row_id", "prediction"] and out["prediction"].dtype == np.float64
+    ids = pq.read_table([url_to_path(u) for u in manifest.file_urls(manifest.validation)], columns=["row_id"])
+    position = {int(r): i for i, r in enumerate(ids.column("row_id").to_numpy())}
+    np.testing.assert_allclose(out["prediction"], expected[[position[int(r)] for r in out["row_id"]]], atol=1e-5)
+
+    # champion/challenger promotion scores regression models by mse (rmse, mae, r2), not log-loss
+    dated = ("promote.registered_model=reg", "promote.logical_date=2024-01-01")
+    pcfg = _regression_cfg(work, *dated, f"promote.candidate_run_id={result.run_id}")
+    with pytest.raises(PromotionError, match="promote.metric=log_loss does not score .* mse, rmse, mae, r2"):
+        evaluate(spark, pcfg)
+    pcfg = _regression_cfg(work, *dated, f"promote.candidate_run_id={result.run_id}", "promote.metric=mse")
+    evaluation = evaluate(spark, pcfg)
+    assert evaluation.candidate["mse"] == pytest.approx(mse, rel=1e-4)
+    assert evaluation.candidate["r2"] == pytest.approx(result.final["val_r2"], rel=1e-4)
+    assert promote(pcfg).promoted
+
+    # the same model, data-parallel (one rank per sample shard, gradients allreduced), learns the data too
+    dp = run_training(spark, _regression_cfg(work, "train.mode=data_parallel", "tracking.log_model=false"))
+    assert dp.world_size == 2 and dp.final["val_r2"] > 0.5

@@ -69,3 +69,15 @@ def test_generate_job_writes_data_and_truth_and_prints_json(spark, tmp_path, cap
     truth = read_truth(spark, out["output_url"])
     assert len(truth.weights[0]) == 32
     assert spark.read.parquet(out["output_url"]).count() == 5000
+
+
+def test_regression_labels_are_the_true_linear_model_plus_gaussian_noise(spark):
+    cfg = GenerateConfig(rows=8192, features=5, partitions=2, seed=2, task="regression", noise_std=0.4)
+    df, truth = generate(spark, cfg)
+    assert dict(df.dtypes)["label"] == "double" and truth.classes == 0
+    ids, x, y = _collect(spark, cfg)
+    residual = y - truth.predict(x)
+    assert abs(residual.mean()) < 0.03 and abs(residual.std() - 0.4) < 0.02
+    assert truth.best_mse() == 0.4**2
+    # deterministic for the seed, like classification data
+    np.testing.assert_array_equal(y, _collect(spark, cfg)[2])

@@ -206,6 +206,23 @@ def test_nan_features_fail_or_are_dropped_and_counted(spark, tmp_path):
     assert sum(result.train_rows) + result.validation_rows == 39
 
 
+def test_real_valued_labels_need_task_regression_and_must_be_finite(spark, tmp_path):
+    rows = [(i, float(i % 5), 0.5 * i if i != 11 else float("nan")) for i in range(40)]
+    spark.createDataFrame(rows, "row_id long, a double, label double").write.parquet(str(tmp_path / "in"))
+    url, two = f"file://{tmp_path}/in", "partition.num_shards=2"
+    with pytest.raises(PartitionError, match=r"has type double.*integer class ids.*set data.task=regression"):
+        partition(spark, _cfg(tmp_path, url, two))
+    with pytest.raises(PartitionError, match=r"row_id 11 has .*NaN/infinite\) label.*data.invalid_values=drop"):
+        partition(spark, _cfg(tmp_path, url, two, "data.task=regression"))
+    assert not list(tmp_path.glob("out*"))
+    result = partition(spark, _cfg(tmp_path, url, two, "data.task=regression", "data.invalid_values=drop"))
+    assert result.dropped_rows == 1 and sum(result.train_rows) + result.validation_rows == 39
+    manifest = read_manifest(f"file://{tmp_path}/out")
+    assert manifest.num_classes == 0 and manifest.schema["label"] == "double"
+    labels = pq.read_table(str(tmp_path / "out"), columns=["label"]).column("label").to_pylist()
+    assert sorted(labels) == sorted(0.5 * i for i in range(40) if i != 11)  # values kept, not cast to classes
+
+
 def test_unknown_config_key_lists_valid_ones():
     with pytest.raises(
         ConfigError, match=r"unknown key\(s\) \['shards'\] in section 'partition'; valid keys: output_url"
