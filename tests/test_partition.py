@@ -223,6 +223,25 @@ def test_real_valued_labels_need_task_regression_and_must_be_finite(spark, tmp_p
     assert sorted(labels) == sorted(0.5 * i for i in range(40) if i != 11)  # values kept, not cast to classes
 
 
+def test_wide_feature_groups_do_not_grow_the_generated_code(spark, tmp_path):
+    """24k features in 2 hashed groups: a group built as array(features[i], ...) ran Spark's codegen out of
+    heap (a contiguous group is a slice; the feature-parallel regression test partitions that way)."""
+    wide = GenerateConfig(
+        output_url=f"file://{tmp_path}/wide", rows=200, features=24_000, partitions=1, weight_scale=0.01
+    )
+    write_dataset(spark, wide)
+    sets = ("data.features_col=features", "partition.feature_groups=2", "partition.feature_grouping=hashed")
+    manifest = read_manifest(
+        partition(spark, _cfg(tmp_path, wide.output_url, *sets)).manifest_url[: -len(MANIFEST_NAME)]
+    )
+    group = manifest.feature_groups[1]
+    names = {n: i for i, n in enumerate(manifest.feature_names)}
+    sample = pq.read_table(str(tmp_path / "out" / group.shards[0].files[0].path)).slice(0, 1).to_pylist()[0]
+    full = spark.read.parquet(wide.output_url).filter(F.col("row_id") == sample["row_id"]).first()
+    assert len(sample["features"]) == len(group.features)
+    assert sample["features"] == [full.features[names[n]] for n in group.features]
+
+
 def test_unknown_config_key_lists_valid_ones():
     with pytest.raises(
         ConfigError, match=r"unknown key\(s\) \['shards'\] in section 'partition'; valid keys: output_url"
