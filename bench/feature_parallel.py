@@ -1,16 +1,21 @@
-"""Feature-parallel vs data-parallel training of one wide logistic regression on the same data; prints JSON.
+"""Feature-parallel vs data-parallel training of one wide linear model on the same data; prints JSON.
 
-.venv/bin/python bench/feature_parallel.py                     # 20k features, 4k rows, 2 ranks each way
+.venv/bin/python bench/feature_parallel.py                     # 20k features, 4k rows, logistic, 2 ranks each way
+.venv/bin/python bench/feature_parallel.py --classes 100        # softmax: a 20k x 100 weight matrix
+.venv/bin/python bench/feature_parallel.py --regression         # linear regression (least squares)
 .venv/bin/python bench/feature_parallel.py --features 5000 --rows 20000
 
-The data (a known logistic model, written with pyarrow) is partitioned once into 2 sample shards and 2
-feature groups. Then each mode trains in its own child process with a fresh local[2] Spark (fresh Python
-workers, so one mode's memory does not show up in the other's): ``train.mode=feature_parallel`` (rank r:
-feature group r of every row, weight block r, partial logits allreduced) and ``data_parallel`` (rank r:
-all features of shard r, the whole model, gradients allreduced). Each rank samples its own RSS every 20 ms
-while it trains. Reported per mode: per-rank start/peak RSS, seconds per step (mean over the epochs after
-the first, as rank 0 timed them), rows/s, and the bytes one step puts into the allreduce: batch x outputs
-x 4 (+ a 32-byte row-id digest) against the full gradient, (features + 1) x outputs x 4.
+The data (a known logistic, softmax or linear model, written with pyarrow) is partitioned once into 2
+sample shards and 2 feature groups. Then each mode trains in its own child process with a fresh local[2]
+Spark (fresh Python workers, so one mode's memory does not show up in the other's):
+``train.mode=feature_parallel`` (rank r: feature group r of every row, weight block r, partial outputs
+allreduced) and ``data_parallel`` (rank r: all features of shard r, the whole model, gradients
+allreduced). Each rank samples its own RSS every 20 ms while it trains. Reported per mode: per-rank
+start/peak RSS, seconds per step (mean over the epochs after the first, as rank 0 timed them), rows/s,
+and the bytes one step puts into the allreduce: batch x outputs x 4 (+ a 32-byte row-id digest) against
+the full gradient, (features + 1) x outputs x 4. The per-step data-wait and allreduce seconds are rank
+averages; a rank's allreduce time includes waiting for the other (rank 0 logs to MLflow between epochs),
+so they can exceed rank 0's step time.
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ def _sets(args: argparse.Namespace, mode: str) -> list[str]:
         f"partition.output_url={work}/partitioned",
         f"train.manifest_url={work}/partitioned",
         f"train.mode={mode}",
-        "train.model=logistic",
+        f"train.model={_model(args)}",
+        f"data.task={'regression' if args.regression else 'classification'}",
+        f"data.num_classes={max(args.classes, 2)}",
         "train.optimizer=adam",
         "train.lr=0.01",
         f"train.batch_size={args.batch_size}",
@@ -67,21 +74,35 @@ def _sets(args: argparse.Namespace, mode: str) -> list[str]:
     ]
 
 
-def _write_data(out: Path, rows: int, features: int, seed: int = 0, chunk: int = 256) -> None:
-    """A logistic data set: x ~ N(0, I), y ~ Bernoulli(sigmoid(x.w)), w ~ N(0, 1/features)."""
+def _model(args: argparse.Namespace) -> str:
+    return "linear" if args.regression else ("logistic" if args.classes == 2 else "softmax")
+
+
+def _write_data(out: Path, args: argparse.Namespace, seed: int = 0, chunk: int = 256) -> None:
+    """x ~ N(0, I), W ~ N(0, 1/features); y ~ Bernoulli(sigmoid(x.w)), a softmax draw (Gumbel-max) over
+    x @ W.T for several classes, or x.w + N(0, 0.25) for regression."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    rows, features = args.rows, args.features
     rng = np.random.default_rng(seed)
-    w = rng.normal(0.0, 1.0 / np.sqrt(features), size=features).astype(np.float32)
+    k = 1 if args.regression or args.classes == 2 else args.classes
+    w = rng.normal(0.0, 1.0 / np.sqrt(features), size=(features, k)).astype(np.float32)
     out.mkdir(parents=True)
-    schema = pa.schema([("row_id", pa.int64()), ("features", pa.list_(pa.float32())), ("label", pa.int32())])
+    label = pa.float64() if args.regression else pa.int32()
+    schema = pa.schema([("row_id", pa.int64()), ("features", pa.list_(pa.float32())), ("label", label)])
     with pq.ParquetWriter(out / "part-00000.parquet", schema, compression="snappy") as writer:
         for start in range(0, rows, chunk):
             n = min(chunk, rows - start)
             x = rng.standard_normal((n, features), dtype=np.float32)
-            y = (rng.random(n) < 1.0 / (1.0 + np.exp(-(x @ w)))).astype(np.int32)
+            z = x @ w
+            if args.regression:
+                y = z[:, 0].astype(np.float64) + rng.normal(0.0, 0.5, size=n)
+            elif k == 1:
+                y = (rng.random(n) < 1.0 / (1.0 + np.exp(-z[:, 0]))).astype(np.int32)
+            else:
+                y = np.argmax(z + rng.gumbel(size=z.shape), axis=1).astype(np.int32)
             flat = pa.array(x.ravel(), pa.float32())
             col = pa.ListArray.from_arrays(pa.array(np.arange(0, n * features + 1, features, dtype=np.int32)), flat)
             writer.write_table(pa.table([pa.array(np.arange(start, start + n)), col, pa.array(y)], schema=schema))
@@ -93,7 +114,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     from sparkml_dist.session import build_spark_session
 
     started = time.monotonic()
-    _write_data(Path(args.work) / "raw", args.rows, args.features)
+    _write_data(Path(args.work) / "raw", args)
     written = time.monotonic() - started
     cfg = load_config(None, _sets(args, "feature_parallel"))
     spark = build_spark_session(cfg.spark)
@@ -138,6 +159,8 @@ def _child(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     from sparkml_dist.launch import run_on_ranks
     from sparkml_dist.loader import steps_per_epoch
     from sparkml_dist.manifest import read_manifest
+    from sparkml_dist.metrics import primary_metric
+    from sparkml_dist.models import output_width
     from sparkml_dist.session import build_spark_session
     from sparkml_dist.train import TrainJob, train_rank
 
@@ -165,7 +188,8 @@ def _child(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     timed = history[1:] or history  # the first epoch also pays for warm-up (imports, reader start)
     steps_run = res["out"]["steps_per_epoch"]
     step_s = sum(h["epoch_s"] for h in timed) / (len(timed) * steps_run)
-    outputs = 1
+    outputs = output_width(manifest.num_classes)
+    val_key = f"val_{primary_metric(manifest.num_classes)}"
     return {
         "mode": mode,
         "ranks": world,
@@ -177,7 +201,7 @@ def _child(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "allreduce_s_per_step": round(sum(h["allreduce_s"] for h in timed) / (len(timed) * steps_run), 4),
         "allreduce_bytes_per_step": history[-1]["allreduce_bytes_per_step"],
         "full_gradient_bytes": (manifest.num_features + 1) * outputs * 4,
-        "val_log_loss": round(history[-1]["val_log_loss"], 5),
+        val_key: round(history[-1][val_key], 5),
         "memory": res["memory"],
         "stage_wall_s": round(wall, 1),
     }
@@ -189,6 +213,8 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=20_000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--classes", type=int, default=2, help="2: logistic; more: softmax with that many classes")
+    parser.add_argument("--regression", action="store_true", help="linear regression on a real-valued label")
     parser.add_argument("--work", default=None, help="scratch directory (default: a new temporary one)")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -202,13 +228,16 @@ def main() -> None:
             "features": args.features,
             "batch_size": args.batch_size,
             "epochs": args.epochs,
+            "model": _model(args),
+            "classes": 0 if args.regression else args.classes,
             "cpus": os.cpu_count(),
             "data": _prepare(args),
         }
         for mode in MODES:
             cmd = [sys.executable, __file__, "--child", mode, "--work", args.work]
             cmd += ["--rows", str(args.rows), "--features", str(args.features)]
-            cmd += ["--batch-size", str(args.batch_size), "--epochs", str(args.epochs)]
+            cmd += ["--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--classes", str(args.classes)]
+            cmd += ["--regression"] if args.regression else []
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
             if done.returncode != 0:
                 raise RuntimeError(f"{mode} child failed ({done.returncode}):\n{done.stderr[-4000:]}")
