@@ -157,7 +157,7 @@ def _read_input(spark: SparkSession, dcfg: DataConfig) -> _Input:
             f"label column {dcfg.label_col!r} has type {label_type.simpleString()}; "
             f"it must hold integer class ids 0..num_classes-1{hint}"
         )
-    features, names = _feature_expr(df, fields, dcfg)
+    features, names = feature_expr(df, fields, dcfg)
     row_id = F.col(dcfg.row_id_col).cast("long") if dcfg.row_id_col in fields else F.monotonically_increasing_id()
     label = F.col(dcfg.label_col).cast("double" if regression else "int")
     # Built-in array functions (code-generated), not a per-element lambda: NaN sorts above every number
@@ -215,7 +215,7 @@ def _check_input_files(input_url: str, paths: list[str]) -> None:
             )
 
 
-def _feature_expr(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfig) -> tuple[Column, list[str]]:
+def feature_expr(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfig) -> tuple[Column, list[str]]:
     if dcfg.features_col is not None or (
         dcfg.feature_cols is None and isinstance(fields.get(FEATURES_COL), T.ArrayType)
     ):

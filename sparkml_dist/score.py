@@ -26,7 +26,7 @@ from pyspark.sql import functions as F
 from sparkml_dist import tracking
 from sparkml_dist.config import DataConfig, JobConfig, ScoreConfig
 from sparkml_dist.manifest import MANIFEST_NAME, Manifest, read_manifest
-from sparkml_dist.partition import PartitionError, _feature_expr
+from sparkml_dist.partition import PartitionError, feature_expr
 from sparkml_dist.storage import HadoopFS, atomic_output
 
 FEATURES = "_features"
@@ -88,7 +88,7 @@ def read_input(spark: SparkSession, url: str, data: DataConfig, split: str = "al
             f"columns: {sorted(fields)}. Set data.row_id_col to the input's key"
         )
     try:
-        features, names = _feature_expr(df, fields, data)
+        features, names = feature_expr(df, fields, data)
     except PartitionError as exc:
         raise ScoreError(f"score.input_url {url}: {exc}") from exc
     label = data.label_col if data.label_col in fields else None
