@@ -216,6 +216,9 @@ def _check_input_files(input_url: str, paths: list[str]) -> None:
 
 
 def feature_expr(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfig) -> tuple[Column, list[str]]:
+    """The features as one array<float> expression and their names, picked as ``data.features_col`` /
+    ``data.feature_cols`` say (the partition job and the scoring job both use it, so a model sees the
+    order it was trained on). Raises PartitionError naming a missing or non-numeric column."""
     if dcfg.features_col is not None or (
         dcfg.feature_cols is None and isinstance(fields.get(FEATURES_COL), T.ArrayType)
     ):
