@@ -102,6 +102,12 @@ def compare(
 ) -> dict:
     """Write table.csv, table.json, report.md and plots to ``out_dir`` and log them in a comparison run."""
     records = select_runs(cfg, run_ids, data_fingerprint)
+    regression = [r.run_id for r in records if "val_mse" in r.metrics]
+    if regression:
+        raise CompareError(
+            f"runs {regression} trained regression (val_mse, no val_log_loss); the comparison races classifiers "
+            "to a log-loss target: pass only classification runs (--runs) or their data's --data-fingerprint"
+        )
     if target is None:
         finals = [r.metrics.get("val_log_loss") for r in records if r.kind.startswith("mllib")]
         target = finals[0] * 1.01 if finals and finals[0] is not None else None

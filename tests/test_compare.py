@@ -8,6 +8,7 @@ import mlflow
 import pytest
 
 from jobs import compare as compare_job
+from sparkml_dist import tracking
 from sparkml_dist.baselines import run_baselines
 from sparkml_dist.compare import CompareError, compare
 from sparkml_dist.config import load_config
@@ -94,3 +95,9 @@ def test_bad_input_gets_clear_errors(runs):
         compare(cfg, [results[0].run_id, other.run_id], None, None, str(work / "x"))
     with pytest.raises(CompareError, match="no finished runs"):
         compare(cfg, [], "0000", None, str(work / "x"))
+    run = tracking.start_run(cfg, {"data_fingerprint": "regression-data"}, kind="allreduce")
+    tracking.log_metrics(run, {"val_mse": 0.3, "val_r2": 0.9}, step=1)
+    tracking.finish_run(run)
+    with pytest.raises(CompareError, match=r"trained regression .* pass only classification runs"):
+        compare(cfg, [run.run_id], None, None, str(work / "x"))
+    assert not (work / "x").exists()
