@@ -12,6 +12,7 @@ from typing import Any
 from jobs._cli import run_job
 from sparkml_dist.config import JobConfig
 from sparkml_dist.fit import run_training
+from sparkml_dist.metrics import PRIMARY
 from sparkml_dist.partition import partition
 from sparkml_dist.synthetic import write_dataset
 
@@ -22,7 +23,7 @@ def _body(cfg: JobConfig, spark: Any) -> dict[str, Any]:
     parts = partition(spark, cfg)
     print(f"partitioned into {len(parts.train_rows)} shards: {parts.manifest_url}", file=sys.stderr)
     trained = run_training(spark, cfg)
-    key = "val_mse" if cfg.data.task == "regression" else "val_log_loss"
+    key = f"val_{PRIMARY[cfg.data.task]}"
     print(
         f"\nMLflow run {trained.run_id}: final {key} {trained.final.get(key, float('nan')):.4f}"
         f"\nOpen the MLflow UI with `make mlflow-ui` (http://127.0.0.1:5000), experiment {cfg.tracking.experiment!r}.",

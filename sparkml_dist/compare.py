@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sparkml_dist import faults, tracking
 from sparkml_dist.config import JobConfig
+from sparkml_dist.metrics import PRIMARY
 
 HISTORY_KEYS = ("val_log_loss", "elapsed_s", "rows_per_s")
 
@@ -102,7 +103,7 @@ def compare(
 ) -> dict:
     """Write table.csv, table.json, report.md and plots to ``out_dir`` and log them in a comparison run."""
     records = select_runs(cfg, run_ids, data_fingerprint)
-    regression = [r.run_id for r in records if "val_mse" in r.metrics]
+    regression = [r.run_id for r in records if f"val_{PRIMARY['regression']}" in r.metrics]
     if regression:
         raise CompareError(
             f"runs {regression} trained regression (val_mse, no val_log_loss); the comparison races classifiers "

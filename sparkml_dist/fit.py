@@ -55,11 +55,11 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     started = time.monotonic()
     manifest = read_manifest(cfg.train.manifest_url)
     by_feature = cfg.train.mode == "feature_parallel"  # one rank per feature group, not per sample shard
-    check_model_for_data(cfg.train.model, manifest.num_classes)
     if by_feature:
-        world = feature_parallel.check_manifest(manifest, cfg.train)
+        world = feature_parallel.check_manifest(manifest, cfg.train)  # checks the model against the data too
         steps = feature_parallel.steps_per_epoch(manifest, cfg.train)
     else:
+        check_model_for_data(cfg.train.model, manifest.num_classes)
         world = manifest.num_shards
         steps = steps_per_epoch(manifest, cfg.train.batch_size, world, cfg.train.max_steps_per_epoch)
     experiment_id = tracking.ensure_experiment(cfg.tracking)  # unreachable tracking fails here, before any task

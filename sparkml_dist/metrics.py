@@ -21,13 +21,18 @@ SCORES = {"classification": ("log_loss", "accuracy", "auc"), "regression": ("mse
 LOWER_IS_BETTER = frozenset({"log_loss", "mse", "rmse", "mae"})
 
 
+def task_of(num_classes: int) -> str:
+    """``regression`` for ``num_classes == REGRESSION``, else ``classification`` (the data.task values)."""
+    return "regression" if num_classes == REGRESSION else "classification"
+
+
 def scores_of(num_classes: int) -> tuple[str, ...]:
-    return SCORES["regression" if num_classes == REGRESSION else "classification"]
+    return SCORES[task_of(num_classes)]
 
 
 def primary_metric(num_classes: int) -> str:
     """``log_loss`` for classification, ``mse`` for regression (the training loss of each)."""
-    return PRIMARY["regression" if num_classes == REGRESSION else "classification"]
+    return PRIMARY[task_of(num_classes)]
 
 
 def empty_sums(num_classes: int) -> np.ndarray:

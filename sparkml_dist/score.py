@@ -2,8 +2,7 @@
 
 The model runs inside Spark as a vectorised MLflow pyfunc UDF (``tracking.model_udf``): each task feeds
 it Arrow batches of the features column and gets class probabilities (or a regression's values) back, so
-the data never passes
-through the driver. Input is either a data set (features picked by ``data.features_col`` /
+the data never passes through the driver. Input is either a data set (features picked by ``data.features_col`` /
 ``data.feature_cols`` exactly as the partition job picks them, so the model sees the order it was
 trained on) or a partition output (its ``_manifest.json`` names the files and the features).
 
