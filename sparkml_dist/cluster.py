@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sparkml_dist.errors import InfraError
+
 HOST = "127.0.0.1"
 MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
@@ -44,7 +46,7 @@ PYSPARK_PYTHON = "PYSPARK_PYTHON"
 POLL_S = 0.5
 
 
-class ClusterError(RuntimeError):
+class ClusterError(InfraError):
     """The cluster could not be started, reached or stopped; the message says why and what to do."""
 
 

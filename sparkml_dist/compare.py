@@ -18,12 +18,13 @@ from pathlib import Path
 
 from sparkml_dist import faults, tracking
 from sparkml_dist.config import JobConfig
+from sparkml_dist.errors import UserError
 from sparkml_dist.metrics import PRIMARY
 
 HISTORY_KEYS = ("val_log_loss", "elapsed_s", "rows_per_s")
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
     """The runs cannot be compared; the message says which and why."""
 
 

@@ -24,8 +24,10 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from sparkml_dist.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config value or key is wrong; the message names it and says what is valid."""
 
 

@@ -13,6 +13,7 @@ import signal
 import sys
 
 from sparkml_dist.config import LaunchConfig
+from sparkml_dist.errors import InfraError
 
 _SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
 
@@ -33,7 +34,7 @@ CRASH_AT = "SPARKML_DIST_CRASH_AT"
 """Tests only: ``name`` SIGKILLs the process at the crash point of that name, ``name:raise`` raises there."""
 
 
-class InjectedCrash(RuntimeError):
+class InjectedCrash(InfraError):
     """Raised at a crash point named in SPARKML_DIST_CRASH_AT with ':raise'."""
 
 

@@ -43,6 +43,7 @@ from torch import nn
 
 from sparkml_dist import checkpoint, tracking
 from sparkml_dist.config import TrainConfig
+from sparkml_dist.errors import UserError
 from sparkml_dist.loader import (
     LoaderError,
     LoaderSpec,
@@ -64,7 +65,7 @@ EVAL_ROWS = 8192
 """Validation rows per allreduce of partial logits."""
 
 
-class AlignmentError(RuntimeError):
+class AlignmentError(UserError):
     """The ranks' batches do not hold the same rows: the feature-group files do not line up."""
 
 

@@ -28,6 +28,7 @@ from pyspark.sql import SparkSession
 
 from sparkml_dist import heartbeat
 from sparkml_dist.config import LaunchConfig
+from sparkml_dist.errors import InfraError, UserError
 
 T = TypeVar("T")
 
@@ -52,7 +53,7 @@ POLL_S = 1.0
 _FAILURE_MARK = "sparkml-dist rank failure"
 
 
-class RankFailedError(RuntimeError):
+class RankFailedError(InfraError):
     """A Horovod rank raised, was lost or stalled; the message holds its rank, host and traceback.
 
     ``retryable``: the failure is the infrastructure's (a lost or stalled process, a collective broken by
@@ -64,7 +65,7 @@ class RankFailedError(RuntimeError):
         self.retryable = retryable
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError):
     """The cluster cannot run the barrier stage as configured."""
 
 

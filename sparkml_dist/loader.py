@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import torch
 
 from sparkml_dist.config import TrainConfig
+from sparkml_dist.errors import UserError
 from sparkml_dist.manifest import Manifest, ShardEntry
 from sparkml_dist.metrics import REGRESSION
 
@@ -45,7 +46,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 Chunk = tuple[np.ndarray, np.ndarray]
 
 
-class LoaderError(ValueError):
+class LoaderError(UserError):
     """A shard cannot deliver the batches asked for; the message names the shard and the fix."""
 
 

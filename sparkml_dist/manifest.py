@@ -11,11 +11,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sparkml_dist.errors import UserError
+
 MANIFEST_NAME = "_manifest.json"
 MANIFEST_VERSION = 1
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """The partition output is missing, incomplete or changed since it was written."""
 
 

@@ -25,6 +25,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from sparkml_dist.config import DataConfig, JobConfig, PartitionConfig
+from sparkml_dist.errors import UserError
 from sparkml_dist.manifest import (
     MANIFEST_NAME,
     FeatureGroup,
@@ -44,7 +45,7 @@ _NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.D
 _INTEGRAL = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
 
 
-class PartitionError(ValueError):
+class PartitionError(UserError):
     """The input or the settings cannot be partitioned; the message names the value and the fix."""
 
 

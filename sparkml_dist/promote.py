@@ -32,6 +32,7 @@ from pyspark.sql import SparkSession
 
 from sparkml_dist import tracking
 from sparkml_dist.config import JobConfig
+from sparkml_dist.errors import UserError
 from sparkml_dist.manifest import Manifest, read_manifest
 from sparkml_dist.metrics import LOWER_IS_BETTER, REGRESSION, SCORES, batch_sums, scores_of, summarize
 from sparkml_dist.score import PROBS, ScoreError, ScoreInput, manifest_input, predict
@@ -41,7 +42,7 @@ STAGE_TAG = "promotion_stage"
 NO_CHAMPION = "none"
 
 
-class PromotionError(RuntimeError):
+class PromotionError(UserError):
     """Evaluation or promotion cannot go ahead; the message says what to run or set."""
 
 

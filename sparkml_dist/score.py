@@ -24,6 +24,7 @@ from pyspark.sql import functions as F
 
 from sparkml_dist import tracking
 from sparkml_dist.config import DataConfig, JobConfig, ScoreConfig
+from sparkml_dist.errors import UserError
 from sparkml_dist.manifest import MANIFEST_NAME, Manifest, read_manifest
 from sparkml_dist.partition import PartitionError, feature_expr
 from sparkml_dist.storage import HadoopFS, atomic_output
@@ -35,7 +36,7 @@ PROB_PREFIX = "prob_"
 SUMMARY_NAME = "_score.json"
 
 
-class ScoreError(ValueError):
+class ScoreError(UserError):
     """The input, the model or the output cannot be scored as asked; the message says what to change."""
 
 

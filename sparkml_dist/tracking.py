@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from sparkml_dist.config import JobConfig, TrackingConfig
+from sparkml_dist.errors import InfraError
 
 MODEL_NAME = "model"
 RUN_KEY_TAG = "run_key"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(InfraError):
     """The tracking server cannot be reached or the run cannot be found."""
 
 
