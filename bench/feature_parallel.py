@@ -169,15 +169,15 @@ def _child(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     if mode == "feature_parallel":
         world = feature_parallel.check_manifest(manifest, cfg.train)
         steps = feature_parallel.steps_per_epoch(manifest, cfg.train)
-        fn: Any = feature_parallel.train_feature_block
     else:
         world = manifest.num_shards
         steps = steps_per_epoch(manifest, cfg.train.batch_size, world, cfg.train.max_steps_per_epoch)
-        fn = train_rank
+    fn: Any = train_rank  # one loop; the mode comes from cfg.train.mode
     spark = build_spark_session(cfg.spark)
     try:
         run = tracking.start_run(cfg, {"mode": mode, "bench": "feature_parallel"}, kind=f"bench_{mode}")
-        job = TrainJob(cfg.train, cfg.launch, manifest, run, f"{cfg.train.runs_url}/{run.run_id}/checkpoints", steps)
+        ckpt = f"{cfg.train.runs_url}/{run.run_id}/checkpoints"
+        job = TrainJob(cfg.train, cfg.launch, manifest, run, ckpt, steps, cfg.comm)
         started = time.monotonic()
         res = run_on_ranks(spark, functools.partial(_measured, fn=functools.partial(fn, job=job)), world, cfg.launch)
         wall = time.monotonic() - started
@@ -198,8 +198,8 @@ def _child(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "step_s": round(step_s, 4),
         "rows_per_s": round(sum(h["rows_per_s"] for h in timed) / len(timed), 1),
         "data_wait_s_per_step": round(sum(h["data_wait_s"] for h in timed) / (len(timed) * steps_run), 4),
-        "allreduce_s_per_step": round(sum(h["allreduce_s"] for h in timed) / (len(timed) * steps_run), 4),
-        "allreduce_bytes_per_step": history[-1]["allreduce_bytes_per_step"],
+        "allreduce_s_per_step": round(sum(h["comm_s"] for h in timed) / (len(timed) * steps_run), 4),
+        "allreduce_bytes_per_step": history[-1]["comm_bytes_per_step"],
         "full_gradient_bytes": (manifest.num_features + 1) * outputs * 4,
         val_key: round(history[-1][val_key], 5),
         "memory": res["memory"],

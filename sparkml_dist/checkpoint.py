@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,14 +49,20 @@ def save_checkpoint(dir_url: str, epoch: int, payload: dict[str, Any]) -> str:
     return f"{dir_url.rstrip('/')}/epoch-{epoch:06d}.pt"
 
 
-def load_latest(dir_url: str) -> dict[str, Any] | None:
-    """The newest complete checkpoint under ``dir_url``, or None if there is none."""
+def load_latest(dir_url: str, load: Callable[[bytes], Any] | None = None) -> dict[str, Any] | None:
+    """The newest complete checkpoint under ``dir_url``, or None if there is none.
+
+    ``load``: bytes -> object (e.g. ``device.Placement.load``, which maps tensors onto the rank's device);
+    default: onto the CPU.
+    """
     filesystem, root = _fs(dir_url)
     epochs = _epochs(filesystem, root)
     if not epochs:
         return None
     with filesystem.open_input_stream(f"{root}/epoch-{epochs[-1]:06d}.pt") as f:
         data = f.read()
+    if load is not None:
+        return load(data)
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 

@@ -1,9 +1,12 @@
-"""Runs -> one comparison table, plots and a markdown report (AllReduce trainer vs MapReduce baselines).
+"""Runs -> one comparison table, plots and a markdown report: every communication strategy (allreduce,
+local SGD, each with its compressor; feature-parallel) next to the MapReduce baselines.
 
 Every run logs per-step metrics with their elapsed seconds (``elapsed_s``), so runs of different kinds
-line up on wall time. Bytes moved per step: what each run logged it measured, beside the theory: a ring
-allreduce moves 2(K-1)/K x D bytes per rank per step; a treeAggregate moves K x D bytes of partial
-gradients towards the driver (plus the broadcast of D bytes to each of K tasks).
+line up on wall time; the loss-vs-time plot has a log-scale time axis because the kinds differ by
+orders of magnitude. Bytes: what each run measured per step and per communication round, beside the
+theory: a dense ring allreduce moves 2(K-1)/K x D bytes per rank per step; a treeAggregate moves K x D
+bytes of partial gradients towards the driver (plus the broadcast of D bytes to each of K tasks).
+Rounds: gradient or parameter exchanges (Horovod trainers), MapReduce iterations (baselines).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from sparkml_dist.config import JobConfig
 from sparkml_dist.errors import UserError
 from sparkml_dist.metrics import PRIMARY
 
-HISTORY_KEYS = ("val_log_loss", "elapsed_s", "rows_per_s")
+HISTORY_KEYS = ("val_log_loss", "elapsed_s", "rows_per_s", "comm_rounds")
 
 
 class CompareError(UserError):
@@ -42,6 +45,11 @@ class RunSummary:
     rows_per_s: float | None
     bytes_per_step_measured: float | None
     bytes_per_step_theory: float | None
+    rounds: int | None
+    """Communication rounds to the end of training (gradient/parameter exchanges, or MapReduce iterations)."""
+    bytes_per_round_measured: float | None
+    job_wall_s: float | None
+    """The whole job's wall time, submit to result (trainers log it as job_wall_s), when known."""
     curve: list[tuple[int, float, float]]
     """(step, elapsed seconds, validation log-loss)."""
 
@@ -54,7 +62,16 @@ def summarize_run(record: tracking.RunRecord, target: float | None) -> RunSummar
     reached = [t for _, t, loss in curve if target is not None and loss <= target]
     rates = [v for _, v in record.histories.get("rows_per_s", [])]
     world = int(record.tags.get("world_size", "0") or 0)
-    measured = m.get("allreduce_bytes_per_step", m.get("bytes_per_iteration"))
+    measured = m.get("comm_bytes_per_step", m.get("allreduce_bytes_per_step", m.get("bytes_per_iteration")))
+    epoch_rounds = [v for _, v in record.histories.get("comm_rounds", [])]
+    if epoch_rounds:  # Horovod trainers: rounds per epoch; bytes per round from bytes per step
+        rounds: int | None = int(sum(epoch_rounds))
+        steps = m.get("steps_per_epoch")
+        per_round = measured * steps * len(epoch_rounds) / rounds if measured and steps and rounds else None
+    elif "bytes_per_iteration" in m:  # MapReduce baselines: one round per iteration
+        rounds, per_round = (int(max(losses)) if losses else None), measured
+    else:
+        rounds, per_round = None, None
     if "ring_bytes_per_rank_per_step" in m:
         theory = m["ring_bytes_per_rank_per_step"]
     elif measured is not None and world:
@@ -75,6 +92,9 @@ def summarize_run(record: tracking.RunRecord, target: float | None) -> RunSummar
         rows_per_s=sum(rates) / len(rates) if rates else None,
         bytes_per_step_measured=measured,
         bytes_per_step_theory=theory,
+        rounds=rounds,
+        bytes_per_round_measured=per_round,
+        job_wall_s=m.get("job_wall_s"),
         curve=curve,
     )
 
@@ -164,11 +184,13 @@ def _plots(summaries: list[RunSummary], out: Path) -> list[str]:
         ("loss_vs_step.png", 0, "epoch / iteration"),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        if name == "loss_vs_wall_time.png":
+            ax.set_xscale("log")  # the kinds differ by orders of magnitude; linear squashes the fast ones
         for s in summaries:
             ax.plot(
                 [c[x_index] for c in s.curve], [c[2] for c in s.curve], marker=".", label=f"{s.kind} ({s.run_id[:6]})"
             )
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(f"{xlabel} (log scale)" if name == "loss_vs_wall_time.png" else xlabel)
         ax.set_ylabel("validation log-loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -193,10 +215,11 @@ def _markdown(summaries: list[RunSummary], target: float | None, plots: list[str
 
     cols = [
         "kind", "run_id", "world_size", "final_val_log_loss", "final_val_accuracy", "final_val_auc",
-        "wall_s", "time_to_target_s", "rows_per_s", "bytes_per_step_measured", "bytes_per_step_theory",
+        "wall_s", "job_wall_s", "time_to_target_s", "rounds", "rows_per_s", "bytes_per_step_measured",
+        "bytes_per_round_measured", "bytes_per_step_theory",
     ]  # fmt: skip
     lines = [
-        "# AllReduce vs MapReduce",
+        "# Communication strategies vs MapReduce",
         "",
         f"Target validation log-loss: {fmt(target)}",
         "",

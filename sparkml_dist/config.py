@@ -197,8 +197,8 @@ class TrainConfig:
     """mlp only: activation."""
     dropout: float = 0.0
     """mlp only: dropout after each hidden layer."""
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    """Optimizer."""
+    optimizer: str = "adam"
+    """A registered optimizer: sgd, adam, adamw."""
     lr: float = 0.01
     """Learning rate (before optional scaling by world size)."""
     momentum: float = 0.0
@@ -218,7 +218,7 @@ class TrainConfig:
     shuffle_buffer_rows: int = 20_000
     """Rows held in the shuffle buffer per rank."""
     fp16_allreduce: bool = False
-    """Compress gradients to fp16 for the allreduce."""
+    """Deprecated spelling of comm.compression=fp16 (kept so existing configs run unchanged)."""
     backward_passes_per_step: int = 1
     """Gradient accumulation: local backward passes per allreduce + optimizer step."""
     scale_lr_by_world_size: bool = False
@@ -233,10 +233,11 @@ class TrainConfig:
     """Rank 0 writes a checkpoint after every epoch; a retried or re-run job resumes from it."""
     resume_run_id: str | None = None
     """Resume this MLflow run id from its latest checkpoint."""
-    mode: Literal["data_parallel", "feature_parallel"] = "data_parallel"
-    """data_parallel: one rank per sample shard, full model everywhere, gradients allreduced.
-    feature_parallel: one rank per feature group (partition.feature_groups), each holding only its weight
-    block; partial outputs allreduced. Generalized linear models only: logistic, softmax, linear."""
+    mode: str = "data_parallel"
+    """A registered training mode. data_parallel: one rank per sample shard, full model everywhere,
+    gradients combined by comm.strategy. feature_parallel: one rank per feature group
+    (partition.feature_groups), each holding only its weight block; partial outputs allreduced.
+    Generalized linear models only: logistic, softmax, linear."""
 
     def __post_init__(self) -> None:
         if self.mode == "feature_parallel":
@@ -271,8 +272,10 @@ def _check_feature_parallel(cfg: TrainConfig) -> None:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    backend: Literal["barrier"] = "barrier"
-    """barrier: one Spark barrier stage, a Horovod rank per task (the only backend so far)."""
+    backend: Literal["barrier", "in_process"] = "barrier"
+    """barrier: one Spark barrier stage, a Horovod rank per task. in_process: the ranks run as threads of
+    the driver with in-memory collectives (rank.run_in_process): the same loop without Spark tasks or
+    Horovod, for fast tests and debugging; no retries, stall detection or fault injection."""
     start_timeout_s: float = 120.0
     """Seconds every rank may take to reach the rendezvous and finish hvd.init."""
     collective_timeout_s: float = 300.0
@@ -281,6 +284,9 @@ class LaunchConfig:
     """Cancel the whole training stage after this many seconds; 0 = no limit."""
     use_gpu: bool = False
     """Use the task's GPU (from Spark task resources) and NCCL instead of Gloo on CPU."""
+    device_check: bool = False
+    """Tests: every tensor that reaches the model must have gone through the rank's device placement
+    (device.Placement), so a path that would break on a GPU fails on a CPU too."""
     nic: str = ""
     """Network interface for Gloo; empty = the one that holds the task's address (lo for 127.0.0.1)."""
     # --- reliability (issue 6): retries, stall detection, fault injection for drills
@@ -306,6 +312,36 @@ class LaunchConfig:
                 "launch.max_attempts, launch.stall_timeout_s, launch.fault_step and launch.fault_rank must be "
                 f">= 0, got {self.max_attempts}, {self.stall_timeout_s}, {self.fault_step}, {self.fault_rank}"
             )
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    """How the ranks communicate (data_parallel mode): see sparkml_dist/comm and the README's
+    "How workers communicate"."""
+
+    strategy: str = "allreduce"
+    """A registered strategy: allreduce (gradients averaged every step, bulk-synchronous) or local_sgd
+    (local_steps optimizer steps per rank, then the parameters are averaged)."""
+    compression: str = "none"
+    """What is sent, a registered compressor: none (fp32), fp16 (half precision), topk (the topk_ratio
+    largest-magnitude entries of each tensor, with their indices)."""
+    topk_ratio: float = 0.01
+    """topk only: share of each tensor's entries sent per round (at least one)."""
+    error_feedback: bool = True
+    """topk only: keep what was not sent in a per-rank residual added to the next round's vector."""
+    local_steps: int = 8
+    """local_sgd only: optimizer steps between parameter averages (k)."""
+    warmup_steps: int = 0
+    """local_sgd only: the first w optimizer steps are fully synchronous (post-local SGD)."""
+    average_optimizer_state: bool = False
+    """local_sgd only: also average the optimizer's state tensors (momentum, Adam moments) at each round."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.topk_ratio <= 1.0:
+            raise ConfigError(f"comm.topk_ratio must be in (0, 1], got {self.topk_ratio}")
+        _check_positive("comm.local_steps", self.local_steps)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"comm.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass(frozen=True)
@@ -463,6 +499,7 @@ class JobConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
@@ -508,7 +545,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config section {section!r} must be a mapping")
         raw[section][name] = _parse_value(value)
     cfg = _build(JobConfig, raw, "")
-    return _resolve_paths(cfg)
+    return check_config(_resolve_paths(cfg))
+
+
+def check_config(cfg: JobConfig) -> JobConfig:
+    """Checks across sections and against the registries (models, optimizers, modes, strategies,
+    compressors), so a wrong name fails here, listing the registered ones, before any Spark task starts."""
+    from sparkml_dist import registry
+
+    tc, comm = cfg.train, cfg.comm
+    if tc.fp16_allreduce:
+        if comm.compression not in ("none", "fp16"):
+            raise ConfigError(
+                f"train.fp16_allreduce=true and comm.compression={comm.compression} contradict each other: "
+                "drop train.fp16_allreduce (comm.compression=fp16 is its new spelling)"
+            )
+        cfg = dataclasses.replace(cfg, comm=dataclasses.replace(comm, compression="fp16"))
+        comm = cfg.comm
+    names = {"modes": tc.mode, "optimizers": tc.optimizer, "strategies": comm.strategy, "compressors": comm.compression}
+    if ":" not in tc.model:  # 'package.module:ClassName' is imported where the model is built
+        names["models"] = tc.model
+    for table, name in names.items():
+        try:
+            registry.load(table).get(name)
+        except registry.UnknownNameError as exc:
+            raise ConfigError(str(exc)) from None
+    if tc.mode == "feature_parallel" and (comm.strategy, comm.compression) != ("allreduce", "none"):
+        raise ConfigError(
+            f"train.mode=feature_parallel allreduces partial outputs every step, not gradients: comm.strategy="
+            f"{comm.strategy} and comm.compression={comm.compression} do not apply; use comm.strategy=allreduce "
+            "comm.compression=none, or train.mode=data_parallel"
+        )
+    return cfg
 
 
 def _parse_value(value: str) -> Any:

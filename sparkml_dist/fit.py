@@ -20,7 +20,7 @@ import torch
 from pyspark.sql import SparkSession
 
 from sparkml_dist import feature_parallel, tracking
-from sparkml_dist.config import JobConfig
+from sparkml_dist.config import CommConfig, JobConfig
 from sparkml_dist.launch import run_on_ranks
 from sparkml_dist.loader import steps_per_epoch
 from sparkml_dist.manifest import Manifest, read_manifest
@@ -29,6 +29,7 @@ from sparkml_dist.models import build_model, check_model_for_data, prediction_mo
 from sparkml_dist.train import TrainJob, train_rank
 
 PROGRESS_POLL_S = 2.0
+_LAUNCHERS = {"barrier": "spark-barrier+horovod-gloo (barrier)", "in_process": "threads of the driver (in_process)"}
 TRAIN_FINGERPRINT_TAG = "train_fingerprint"
 
 
@@ -69,11 +70,13 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
         "manifest_fingerprint": manifest.fingerprint,
         "data_fingerprint": manifest.input_fingerprint,
         "world_size": str(world),
-        "launcher": f"spark-barrier+horovod-gloo ({cfg.launch.backend})",
+        "launcher": _LAUNCHERS[cfg.launch.backend],
+        "comm_strategy": cfg.comm.strategy,
+        "comm_compression": cfg.comm.compression,
         "model": cfg.train.model,
         "mode": cfg.train.mode,
     }
-    kind = "feature_parallel" if by_feature else "allreduce"
+    kind = "feature_parallel" if by_feature else comm_kind(cfg.comm)
     tags[TRAIN_FINGERPRINT_TAG] = train_fingerprint(cfg, manifest.fingerprint)
     resume_run_id = cfg.train.resume_run_id
     if not resume_run_id and cfg.tracking.run_key:  # a rerun or retry for the same key (e.g. logical date)
@@ -85,7 +88,7 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     run = tracking.start_run(cfg, tags, kind=kind, resume_run_id=resume_run_id)
     checkpoint_url = f"{cfg.train.runs_url.rstrip('/')}/{run.run_id}/checkpoints"
     tracking.set_tags(run, {"checkpoint_url": checkpoint_url})
-    job = TrainJob(cfg.train, cfg.launch, manifest, run, checkpoint_url, steps)
+    job = TrainJob(cfg.train, cfg.launch, manifest, run, checkpoint_url, steps, cfg.comm)
     print(
         f"training run {run.run_id} ({world} ranks, {steps} steps/epoch, {cfg.train.epochs} epochs) "
         f"tracked in {run.tracking_uri}",
@@ -98,7 +101,7 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     try:
         out = run_on_ranks(
             spark,
-            functools.partial(feature_parallel.train_feature_block if by_feature else train_rank, job=job),
+            functools.partial(train_rank, job=job),
             world,
             cfg.launch,
             description=f"train {cfg.train.model} on {world} Horovod ranks (run {run.run_id})",
@@ -116,6 +119,8 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
         if by_feature and cfg.tracking.log_model:  # the ranks' weight blocks -> one ordinary model
             out = {**out, "state_dict": feature_parallel.assemble_state_dict(manifest, out["block_urls"])}
         model_uri = _log_outcome(run, cfg, manifest, out)
+        wall = {"job_wall_s": time.monotonic() - started, "steps_per_epoch": float(out["steps_per_epoch"])}
+        tracking.log_metrics(run, wall, step=len(out["history"]))
     except BaseException:  # the driver's half failed: the run must not stay RUNNING
         tracking.finish_run(run, "FAILED")
         raise
@@ -132,6 +137,12 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
         seconds=round(time.monotonic() - started, 3),
         tracking_uri=run.tracking_uri,
     )
+
+
+def comm_kind(comm: CommConfig) -> str:
+    """The run kind (tag) of a data-parallel run: its strategy, plus its compressor unless none
+    (``allreduce``, ``allreduce+fp16``, ``local_sgd+topk``): the compare job shows one line per kind."""
+    return comm.strategy if comm.compression == "none" else f"{comm.strategy}+{comm.compression}"
 
 
 def train_fingerprint(cfg: JobConfig, manifest_fingerprint: str) -> str:

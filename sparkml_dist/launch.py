@@ -29,6 +29,7 @@ from pyspark.sql import SparkSession
 from sparkml_dist import heartbeat
 from sparkml_dist.config import LaunchConfig
 from sparkml_dist.errors import InfraError, UserError
+from sparkml_dist.rank import RankContext, run_in_process
 
 T = TypeVar("T")
 
@@ -67,20 +68,6 @@ class RankFailedError(InfraError):
 
 class LaunchError(UserError):
     """The cluster cannot run the barrier stage as configured."""
-
-
-@dataclass(frozen=True)
-class RankContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    local_size: int
-    cross_rank: int
-    cross_size: int
-    hostname: str
-    attempt: int
-    device: str
-    cpus: int
 
 
 @dataclass(frozen=True)
@@ -152,6 +139,9 @@ def run_on_ranks(
     stage is run again as attempt 1, 2, ... (``RankContext.attempt``), up to ``max_attempts(spark, cfg)``;
     ``on_retry(attempt, error)`` is called before each retry. ``fn`` resumes from its own checkpoints.
     """
+    if cfg.backend == "in_process":
+        timeout = cfg.job_timeout_s if cfg.job_timeout_s > 0 else cfg.collective_timeout_s * 10
+        return run_in_process(fn, world_size, timeout_s=timeout)[0]
     check_cluster(spark, world_size)
     attempts = max_attempts(spark, cfg)
     deadline = time.monotonic() + cfg.job_timeout_s if cfg.job_timeout_s > 0 else None

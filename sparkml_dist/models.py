@@ -8,13 +8,16 @@ k = 1 for binary data (the logit of class 1) and k = num_classes otherwise; for 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from sparkml_dist.config import TrainConfig
+from sparkml_dist.errors import UserError
 from sparkml_dist.metrics import REGRESSION  # num_classes of regression data: one real-valued output
+from sparkml_dist.registry import Registry
 
 CLASSIFIERS = ("logistic", "softmax")
 """Built-in models that need class labels; ``linear`` needs real-valued ones, ``mlp`` and user models take both."""
@@ -28,18 +31,18 @@ def output_width(num_classes: int) -> int:
 def check_model_for_data(model: str, num_classes: int) -> None:
     """Fail before training when ``train.model`` cannot fit the data's labels; the message names the fix."""
     if num_classes == REGRESSION and model in CLASSIFIERS:
-        raise ValueError(
+        raise UserError(
             f"train.model={model} is a classifier, but the data has real-valued labels (data.task=regression): "
             "use train.model=linear (or mlp)"
         )
     if num_classes != REGRESSION and model == "linear":
-        raise ValueError(
+        raise UserError(
             f"train.model=linear is least-squares regression, but the data has {num_classes} classes: use "
             f"train.model={'logistic' if num_classes == 2 else 'softmax'}, or re-partition with "
             "data.task=regression for real-valued labels"
         )
     if model == "logistic" and num_classes > 2:
-        raise ValueError(f"train.model=logistic is binary; the data has {num_classes} classes: use softmax")
+        raise UserError(f"train.model=logistic is binary; the data has {num_classes} classes: use softmax")
 
 
 class LogisticRegression(nn.Module):
@@ -48,7 +51,7 @@ class LogisticRegression(nn.Module):
     def __init__(self, num_features: int, num_classes: int = 2) -> None:
         super().__init__()
         if num_classes != 2:
-            raise ValueError(f"logistic regression is binary; data has {num_classes} classes: use model=softmax")
+            raise UserError(f"logistic regression is binary; data has {num_classes} classes: use model=softmax")
         self.linear = nn.Linear(num_features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +64,7 @@ class LinearRegression(nn.Module):
     def __init__(self, num_features: int, num_classes: int = REGRESSION) -> None:
         super().__init__()
         if num_classes != REGRESSION:
-            raise ValueError(f"linear regression needs real-valued labels; data has {num_classes} classes")
+            raise UserError(f"linear regression needs real-valued labels; data has {num_classes} classes")
         self.linear = nn.Linear(num_features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,32 +111,46 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+MODELS: Registry[Callable[[TrainConfig, int, int], nn.Module]] = Registry("model", "train.model")
+"""name -> builder(cfg, num_features, num_classes); a new model is one registration in its own module."""
+OPTIMIZERS: Registry[Callable[[TrainConfig, Iterable[nn.Parameter]], torch.optim.Optimizer]] = Registry(
+    "optimizer", "train.optimizer"
+)
+"""name -> builder(cfg, parameters)."""
+
+MODELS.register("logistic")(lambda cfg, n, c: LogisticRegression(n, c))
+MODELS.register("softmax")(lambda cfg, n, c: SoftmaxRegression(n, c))
+MODELS.register("linear")(lambda cfg, n, c: LinearRegression(n, c))
+MODELS.register("mlp")(lambda cfg, n, c: MLP(n, c, cfg.hidden_sizes, cfg.activation, cfg.dropout))
+OPTIMIZERS.register("sgd")(
+    lambda cfg, params: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+)
+OPTIMIZERS.register("adam")(lambda cfg, params: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+OPTIMIZERS.register("adamw")(lambda cfg, params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.optimizer`` over ``model``'s parameters."""
+    return OPTIMIZERS.get(cfg.optimizer)(cfg, model.parameters())
+
+
 def build_model(cfg: TrainConfig, num_features: int, num_classes: int) -> nn.Module:
-    """The model named by ``cfg.model``: logistic, softmax, linear, mlp, or 'package.module:ClassName'.
+    """The model named by ``cfg.model``: a registered name (logistic, softmax, linear, mlp, ...) or
+    'package.module:ClassName'.
 
     A user class is constructed as ``Class(num_features, num_classes)`` and must follow the logits
     convention in this module's docstring.
     """
-    if cfg.model == "logistic":
-        return LogisticRegression(num_features, num_classes)
-    if cfg.model == "softmax":
-        return SoftmaxRegression(num_features, num_classes)
-    if cfg.model == "linear":
-        return LinearRegression(num_features, num_classes)
-    if cfg.model == "mlp":
-        return MLP(num_features, num_classes, cfg.hidden_sizes, cfg.activation, cfg.dropout)
-    module_name, sep, class_name = cfg.model.partition(":")
-    if not sep:
-        raise ValueError(f"train.model={cfg.model!r}: use logistic, softmax, linear, mlp or 'package.module:ClassName'")
+    if ":" not in cfg.model:
+        return MODELS.get(cfg.model)(cfg, num_features, num_classes)
+    module_name, _, class_name = cfg.model.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(
-            f"train.model={cfg.model!r} cannot be imported ({exc}); is it on the executors' path?"
-        ) from exc
+        raise UserError(f"train.model={cfg.model!r} cannot be imported ({exc}); is it on the executors' path?") from exc
     model = cls(num_features, num_classes)
     if not isinstance(model, nn.Module):
-        raise ValueError(f"train.model={cfg.model!r} is not a torch.nn.Module")
+        raise UserError(f"train.model={cfg.model!r} is not a torch.nn.Module")
     return model
 
 
