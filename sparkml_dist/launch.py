@@ -52,6 +52,7 @@ TASK_CPUS = "spark.task.cpus"
 MAX_FAILURES = "spark.task.maxFailures"
 POLL_S = 1.0
 _FAILURE_MARK = "sparkml-dist rank failure"
+_USER_MARK = "sparkml-dist user error:"
 
 
 class RankFailedError(InfraError):
@@ -64,6 +65,14 @@ class RankFailedError(InfraError):
     def __init__(self, message: str, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class RankUserError(UserError):
+    """A rank stopped on a user error (bad data, config or paths): not retried. ``details``: its traceback."""
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class LaunchError(UserError):
@@ -257,8 +266,10 @@ def _make_task(
         try:
             with heartbeat.beating(beat_url, attempt, rank, host, interval):
                 yield rank, _run_rank(fn, ctx, rank, hosts, host, world_size, cfg, attempt)
-        except BaseException:
-            raise RuntimeError(f"{_FAILURE_MARK}: rank {rank} on {host}\n{traceback.format_exc()}") from None
+        except BaseException as exc:
+            # Spark hands the driver only text: say here, by type, whether the rank's error is the user's.
+            user = f"{_USER_MARK} {type(exc).__name__}: {exc}\n" if isinstance(exc, UserError) else ""
+            raise RuntimeError(f"{_FAILURE_MARK}: rank {rank} on {host}\n{user}{traceback.format_exc()}") from None
 
     return task
 
@@ -436,6 +447,10 @@ def _rank_error(exc: BaseException, beats: heartbeat.HeartbeatServer, attempt: i
         body = text[at + len(_FAILURE_MARK) + 2 :]
         end = body.find("\n\tat org.apache.spark")
         body = body[:end] if end > 0 else body
+        where, _, rest = body.partition("\n")
+        if rest.startswith(_USER_MARK):
+            message, _, details = rest[len(_USER_MARK) :].strip().partition("\n")
+            return RankUserError(f"{where}: {message}", details)
         retryable = bool(silent) or any(m in body for m in _COMM_MARKS)
         return RankFailedError(body + stall_note, retryable=retryable)
     if any(m in text for m in _LOST_MARKS):

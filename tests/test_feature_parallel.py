@@ -20,7 +20,7 @@ import torch
 from sparkml_dist import checkpoint, feature_parallel
 from sparkml_dist.config import ConfigError, load_config, url_to_path
 from sparkml_dist.fit import run_training
-from sparkml_dist.launch import RankFailedError
+from sparkml_dist.launch import RankUserError
 from sparkml_dist.loader import build_loader_spec, iterate_aligned_batches, read_all
 from sparkml_dist.manifest import MANIFEST_NAME, read_manifest
 from sparkml_dist.models import build_model, loss_fn, probabilities
@@ -28,7 +28,7 @@ from sparkml_dist.partition import partition
 from sparkml_dist.promote import PromotionError, evaluate, promote
 from sparkml_dist.score import score
 from sparkml_dist.synthetic import write_dataset
-from sparkml_dist.train import make_optimizer
+from sparkml_dist.models import build_optimizer as make_optimizer
 
 FEATURES = 9
 CLASSES = 3
@@ -179,7 +179,7 @@ def test_a_group_shard_in_another_row_order_fails_naming_rank_step_and_fix(spark
         entry["bytes"] = path.stat().st_size  # a consistent manifest: only the row order is wrong
     (dst / MANIFEST_NAME).write_text(json.dumps(raw))
     cfg = _cfg(work, f"train.manifest_url={dst}", "train.shuffle=false", "tracking.log_model=false")
-    with pytest.raises(RankFailedError) as err:
+    with pytest.raises(RankUserError) as err:  # bad data: a user error, not retried
         run_training(spark, cfg)
     text = str(err.value)
     assert "AlignmentError" in text and "epoch 1, step 0" in text

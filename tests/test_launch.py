@@ -89,3 +89,24 @@ def test_host_plan_groups_local_ranks_by_host():
         (3, 1, 2, 1, 2),
         (4, 2, 3, 0, 1),
     ]
+
+
+def _user_error_on_rank_1(ctx):
+    from sparkml_dist.loader import LoaderError
+
+    if ctx.rank == 1:
+        raise LoaderError("shard-1 holds 3 rows, fewer than one batch: lower train.batch_size")
+    return ctx.rank
+
+
+def test_a_rank_user_error_comes_back_as_a_user_error_naming_rank_and_fix_without_retry(spark):
+    from sparkml_dist.errors import UserError
+    from sparkml_dist.launch import RankUserError
+
+    with pytest.raises(RankUserError) as err:
+        run_on_ranks(spark, _user_error_on_rank_1, 2, CFG)
+    assert isinstance(err.value, UserError) and not err.value.retryable
+    assert str(err.value) == (
+        "rank 1 on 127.0.0.1: LoaderError: shard-1 holds 3 rows, fewer than one batch: lower train.batch_size"
+    )
+    assert "_user_error_on_rank_1" in err.value.details  # the traceback, for the debug log

@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pyspark import cloudpickle
@@ -168,6 +169,40 @@ def test_a_stopped_rank_fails_the_attempt_within_the_stall_timeout_and_the_retry
         assert all(_gone(p) for p in pids)  # Spark killed the stopped worker when it cancelled the attempt
     finally:
         _reap(pids)
+
+
+FEATURE_PARALLEL = ("partition.feature_groups=2", "train.mode=feature_parallel")
+
+
+def _fp_sets(work) -> tuple[str, ...]:
+    return (*FEATURE_PARALLEL, f"partition.output_url={work}/fp", f"train.manifest_url={work}/fp")
+
+
+def _fp_model(work, run_id: str) -> dict:
+    from sparkml_dist.feature_parallel import assemble_state_dict
+    from sparkml_dist.manifest import read_manifest
+
+    commit = checkpoint.load_latest(f"file://{work}/runs/{run_id}/checkpoints")
+    return assemble_state_dict(read_manifest(f"file://{work}/fp"), commit["block_urls"])
+
+
+@pytest.mark.slow
+def test_a_killed_feature_parallel_rank_is_retried_and_ends_like_an_uninterrupted_run(spark, work):
+    """The drills reach feature-parallel ranks too: they run the same loop (heartbeats, fault injection)."""
+    cfg = load_config(REPO / "conf" / "local.yaml", _sets(work, *_fp_sets(work)))
+    partition(spark, cfg)
+    straight = run_training(spark, cfg)
+    out, err = _train_subprocess(
+        work, "local[2,3]", *_fp_sets(work), "launch.fault_kind=kill", "launch.fault_rank=1",
+        f"launch.fault_step={FAULT_STEP}",
+    )  # fmt: skip
+    assert f"kill at step {FAULT_STEP}" in err
+    assert re.search(r"rank 1 on 127\.0\.0\.1 \(pid \d+.*\): its process was lost", err), err[-3000:]
+    assert out["resumed_from_epoch"] == 1 and out["epochs"] == 3
+    _assert_one_continuous_run(work, out["run_id"], restarts=1, resumed_from=1)
+    a, b = _fp_model(work, straight.run_id), _fp_model(work, out["run_id"])
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-6, rtol=0)
 
 
 def _stops_rank_1(ctx):

@@ -118,9 +118,7 @@ def test_converges_to_the_true_model_and_mlflow_holds_the_run(spark, work, data)
     assert run.data.tags["spark_app_id"] == spark.sparkContext.applicationId
     history = client.get_metric_history(result.run_id, "val_log_loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
-    assert {"train_loss", "val_auc", "val_accuracy", "rows_per_s", "comm_s", "data_wait_s"} <= set(
-        run.data.metrics
-    )
+    assert {"train_loss", "val_auc", "val_accuracy", "rows_per_s", "comm_s", "data_wait_s"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"loss_curve.png", "config.yaml", "history.json"} <= artifacts
     model = mlflow.pyfunc.load_model(result.model_uri)
