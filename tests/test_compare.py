@@ -101,3 +101,22 @@ def test_bad_input_gets_clear_errors(runs):
     with pytest.raises(CompareError, match=r"trained regression .* pass only classification runs"):
         compare(cfg, [run.run_id], None, None, str(work / "x"))
     assert not (work / "x").exists()
+
+
+def test_strategies_are_tabled_next_to_the_baselines_with_rounds_and_bytes_per_round(spark, runs):
+    from sparkml_dist.fit import run_training
+
+    cfg, work, results, _ = runs
+    sets = ("train.epochs=2", "train.batch_size=64", "train.max_steps_per_epoch=20", "tracking.log_model=false",
+            "launch.backend=in_process", "comm.strategy=local_sgd", "comm.local_steps=4")  # fmt: skip
+    trained = run_training(spark, _cfg(work, *sets))
+    summary = compare(cfg, [*(r.run_id for r in results), trained.run_id], None, None, str(work / "r3"))
+    row = next(r for r in summary["runs"] if r["run_id"] == trained.run_id)
+    assert row["kind"] == "local_sgd"
+    assert row["rounds"] == 2 * 5  # 20 steps per epoch, a round every 4
+    assert row["bytes_per_step_measured"] == pytest.approx(5 * 4 / 4)  # 5 parameters, fp32, every 4th step
+    assert row["bytes_per_round_measured"] == pytest.approx(5 * 4)
+    assert row["job_wall_s"] > 0
+    gd = next(r for r in summary["runs"] if r["kind"] == "gd")
+    assert gd["rounds"] == 8 and gd["bytes_per_round_measured"] == gd["bytes_per_step_measured"]
+    assert "| local_sgd |" in (work / "r3" / "report.md").read_text()

@@ -24,11 +24,11 @@ from sparkml_dist.launch import RankUserError
 from sparkml_dist.loader import build_loader_spec, iterate_aligned_batches, read_all
 from sparkml_dist.manifest import MANIFEST_NAME, read_manifest
 from sparkml_dist.models import build_model, loss_fn, probabilities
+from sparkml_dist.models import build_optimizer as make_optimizer
 from sparkml_dist.partition import partition
 from sparkml_dist.promote import PromotionError, evaluate, promote
 from sparkml_dist.score import score
 from sparkml_dist.synthetic import write_dataset
-from sparkml_dist.models import build_optimizer as make_optimizer
 
 FEATURES = 9
 CLASSES = 3
@@ -64,6 +64,7 @@ def _cfg(work, *sets: str):
             "launch.start_timeout_s=60",
             "launch.collective_timeout_s=60",
             "launch.job_timeout_s=300",
+            "launch.device_check=true",  # every tensor that meets a block goes through device.Placement
             *sets,
         ],
     )
