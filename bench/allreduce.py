@@ -1,30 +1,34 @@
 """Small-message allreduce latency on 2 ranks of our barrier launch: Horovod (with its knobs) vs bare gloo.
 
-    .venv/bin/python bench/allreduce.py [--budget-s 0.5] [--configs default,cycle_0.1ms,...] [--max-mb 0]
+    .venv/bin/python bench/allreduce.py [--budget-s 0.3] [--rounds 2] [--configs default,cycle_5ms,...]
+                                        [--max-mb 0]
 
 Every configuration is one ``launch.run_on_ranks`` stage on local[2] Spark, the path training takes; its
 HOROVOD_* knobs reach the ranks through the Python workers' environment (``SparkContext.environment``, set
 before the stage; ``_run_rank`` adds the rendezvous variables on top), so each one starts fresh
-Python workers and a fresh ``hvd.init``. Inside a stage, for tensors of 33, 1k, 64k and 1M floats,
-per-call milliseconds (rank 0's clock, warm-up excluded, each rank in step at the start) of:
+Python workers and a fresh ``hvd.init``. Inside a stage, rank 0's milliseconds per call (warm-up
+excluded) of:
 
-- ``hvd_sync``: ``hvd.allreduce`` (what a sync call costs, including the background thread's cycle);
+- ``hvd_sync``: ``hvd.allreduce`` of 33, 1k, 64k and 1M floats (a sync call, the background thread's
+  cycle included);
 - ``gloo``: ``torch.distributed.all_reduce`` (backend gloo, tcp://127.0.0.1) of the same bytes between the
-  same two processes: the floor, measured while Horovod's background thread is running beside it;
-- for 33 floats: ``hvd_async_sync`` (``allreduce_async_`` of a 32- and a 1-float tensor, then
+  same two processes: the floor, measured while Horovod's background thread runs beside it;
+- ``variants_33``: ``hvd_async_sync`` (``allreduce_async_`` of a 32- and a 1-float tensor, then
   ``synchronize`` both: what DistributedOptimizer does for a logistic model), ``hvd_async_poll``
-  (``allreduce_async_`` then ``hvd.poll`` with a short sleep instead of Horovod's busy wait) and
-  ``hvd_grouped`` (``grouped_allreduce`` of the 32 + 1 floats: one negotiation);
-- one optimizer step of the 33-parameter logistic model (32 features, batch 1024, Adam; forward,
+  (the same, waiting with ``hvd.poll`` and a short sleep instead of Horovod's yield loop), ``hvd_grouped``
+  (``grouped_allreduce`` of the 32 + 1 floats: one negotiation) and ``gloo_two_tensors``;
+- ``step``: one optimizer step of the 33-parameter logistic model (32 features, batch 1024, Adam; forward,
   backward, step): ``compute_only`` (no communication), ``hvd_optimizer`` (``hvd.DistributedOptimizer``,
   as ``train.train_rank`` builds it), ``hvd_optimizer_groups1`` (``groups=1``: one grouped allreduce)
   and ``gloo_bypass`` (gradients flattened into one tensor, ``torch.distributed.all_reduce``, divided by
-  the world size, copied back, then ``step``).
+  the world size, copied back, then ``step``);
+- ``idle_cpu_s_per_s``: CPU seconds per second a rank burns while its Python thread sleeps.
 
-Each figure is {median, p90, n}; n comes from a time budget per figure (``--budget-s``), agreed by both
-ranks. The ``default`` configuration runs first and again last (``default_again``) so the drift of a noisy
-machine is visible in the same run. ``--max-mb N`` adds the older bandwidth sweep (1..N MB) to the first
-configuration. One JSON object on stdout.
+Each figure is {median, p10, p90, n}; n comes from a time budget per figure (``--budget-s``) and rank 0's
+estimate, broadcast so both ranks make the same calls; figures compared side by side are interleaved in
+blocks so a noisy neighbour hits them alike. Every configuration runs ``--rounds`` times (odd rounds in
+reverse order); ``side_by_side_*`` shows [min, max] over the rounds. ``--max-mb N`` adds the older
+bandwidth sweep (1..N MB, best of 5) to the first stage. One JSON object on stdout.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from sparkml_dist.session import build_spark_session  # noqa: E402
 
 SIZES = (33, 1024, 65536, 1048576)
 WARMUP, CALIBRATE, BLOCKS = 20, 10, 5  # calls before timing, calls to size the loop, interleaved blocks
-MIN_CALLS, MAX_CALLS = 25, 2000
+MIN_CALLS, MAX_CALLS = 50, 2000
 FEATURES, BATCH = 32, 1024  # logistic regression on 32 features: 33 parameters
 # name -> HOROVOD_* variables the ranks get on top of what launch._run_rank sets. Horovod 0.28.1 reads
 # these in operations.cc (InitializeHorovodOnce / BackgroundThreadLoop): cycle time default 1 ms, fusion
@@ -59,6 +63,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "default": {},
     "cycle_0ms": {"HOROVOD_CYCLE_TIME": "0"},
     "cycle_0.1ms": {"HOROVOD_CYCLE_TIME": "0.1"},
+    "cycle_0.2ms": {"HOROVOD_CYCLE_TIME": "0.2"},
     "cycle_0.5ms": {"HOROVOD_CYCLE_TIME": "0.5"},
     "cycle_5ms": {"HOROVOD_CYCLE_TIME": "5"},
     "fusion_0": {"HOROVOD_FUSION_THRESHOLD": "0"},
@@ -293,14 +298,15 @@ def _columns() -> dict[str, tuple[str, ...]]:
     return cols
 
 
-def _side_by_side(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per configuration: the medians that decide the defaults, as [min, max] over the rounds;
-    ``*_comm`` columns are a step minus the compute-only step of the same round (the communication)."""
+def _at(r: Any, path: tuple[str, ...]) -> float:
+    for key in path:
+        r = r[key]
+    return float(r)
 
-    def at(r: dict[str, Any], path: tuple[str, ...]) -> float:
-        for key in path:
-            r = r[key]
-        return float(r)  # type: ignore[arg-type]
+
+def _side_by_side(runs: dict[str, list[dict[str, Any]]], stat: str) -> list[dict[str, Any]]:
+    """One row per configuration: ``stat`` (median or p10) of each figure, as [min, max] over the rounds;
+    ``*_comm`` columns are a step minus the compute-only step of the same round (the communication)."""
 
     def spread(values: list[float]) -> list[float] | float:
         values = sorted(round(v, 3) for v in values)
@@ -309,19 +315,30 @@ def _side_by_side(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]
     rows = []
     for name, rounds in runs.items():
         row: dict[str, Any] = {"config": name}
-        for col, path in {"idle_cpu_s_per_s": ("idle_cpu_s_per_s",), **_columns()}.items():
-            row[col] = spread([at(r, path) for r in rounds])
+        row["idle_cpu_s_per_s"] = spread([r["idle_cpu_s_per_s"] for r in rounds])
+        for col, path in _columns().items():
+            row[col] = spread([_at(r, path[:-1] + (stat,)) for r in rounds])
         for key in ("hvd_optimizer", "hvd_optimizer_groups1", "gloo_bypass"):
-            row[f"step_{key}_comm"] = spread(
-                [r["step"][key]["median"] - r["step"]["compute_only"]["median"] for r in rounds]
-            )
+            row[f"step_{key}_comm"] = spread([r["step"][key][stat] - r["step"]["compute_only"][stat] for r in rounds])
         rows.append(row)
     return rows
 
 
+def _best_step(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The (config, way of averaging) whose optimizer step has the lowest median, taking each pair's worst
+    round (a noisy round should not crown a config)."""
+    worst = {
+        (name, kind): max(r["step"][kind]["median"] for r in rounds)
+        for name, rounds in runs.items()
+        for kind in ("hvd_optimizer", "hvd_optimizer_groups1", "gloo_bypass")
+    }
+    (name, kind), ms = min(worst.items(), key=lambda item: item[1])
+    return {"config": name, "env": CONFIGS[name], "kind": kind, "step_ms_worst_round_median": round(ms, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--budget-s", type=float, default=0.4, help="seconds of timed calls per figure")
+    parser.add_argument("--budget-s", type=float, default=0.3, help="seconds of timed calls per figure")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from {sorted(CONFIGS)}")
     parser.add_argument("--rounds", type=int, default=2, help="run every config this often (reversed order)")
     parser.add_argument("--max-mb", type=int, default=0, help="also the 1..N MB bandwidth sweep (first config)")
@@ -366,7 +383,9 @@ def main() -> None:
                 "model": f"logistic regression, {FEATURES} features + bias, batch {BATCH}, Adam",
                 "load_avg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
                 "wall_s": round(time.perf_counter() - started, 1),
-                "side_by_side_medians": _side_by_side(runs),
+                "side_by_side_medians": _side_by_side(runs, "median"),
+                "side_by_side_p10": _side_by_side(runs, "p10"),
+                "best_step": _best_step(runs),
                 "rounds": args.rounds,
                 "order": order,
                 "configs": {name: {"env": CONFIGS[name], "rounds": r} for name, r in runs.items()},
