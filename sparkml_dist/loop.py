@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparkml_dist import faults, heartbeat, tracking
+from sparkml_dist import faults, heartbeat, registry, tracking
 from sparkml_dist.comm import Strategy
 from sparkml_dist.config import CommConfig, LaunchConfig, TrainConfig
 from sparkml_dist.device import Placement
@@ -168,7 +168,7 @@ def run_rank(ctx: RankContext, job: TrainJob) -> dict[str, Any] | None:
     comm = ctx.collectives()
     place = Placement(ctx.device, strict=job.launch.device_check)
     torch.manual_seed(cfg.seed)  # the same initial weights everywhere (the broadcast makes sure)
-    work = MODES.get(cfg.mode)(ctx, job, comm, place)
+    work = registry.load("modes").get(cfg.mode)(ctx, job, comm, place)  # imports every mode's module
     opt = build_optimizer(cfg, work.model)
     strategy = work.build_strategy()
     point = work.resume(opt)
