@@ -140,7 +140,7 @@ def test_a_partition_split_scores_with_registry_uris(spark, setup):
         (["score.input_url={work}/missing"], "does not exist"),
         (["data.features_col=feats"], "features_col='feats' is not in the input"),
         (["score.keep_cols=[weight]"], r"keep_cols \['weight'\] are not in"),
-        (["score.output_url={work}/data/raw/scores"], "overlaps score.input_url"),
+        (["score.output_url={work}/data/raw/scores"], "is inside score.input_url"),
         (["score.split=train"], "needs a partition output"),
     ],
 )
