@@ -108,6 +108,8 @@ def compare(
     cfg: JobConfig, run_ids: list[str], data_fingerprint: str | None, target: float | None, out_dir: str
 ) -> dict:
     """Write table.csv, table.json, report.md and plots to ``out_dir`` and log them in a comparison run."""
+    final = Path(out_dir).absolute()
+    check_output(LocalFS(), str(final), COMPARE_OUTPUT, "--out", {})  # before any work: a refused path fails fast
     records = select_runs(cfg, run_ids, data_fingerprint)
     regression = [r.run_id for r in records if f"val_{PRIMARY['regression']}" in r.metrics]
     if regression:
@@ -119,8 +121,6 @@ def compare(
         finals = [r.metrics.get("val_log_loss") for r in records if r.kind.startswith("mllib")]
         target = finals[0] * 1.01 if finals and finals[0] is not None else None
     summaries = [summarize_run(r, target) for r in records]
-    final = Path(out_dir).absolute()
-    check_output(LocalFS(), str(final), COMPARE_OUTPUT, "--out", {})
     final.parent.mkdir(parents=True, exist_ok=True)
     out = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")  # published below in one step
     out.mkdir()

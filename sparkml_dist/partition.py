@@ -192,14 +192,34 @@ def list_input(spark: SparkSession, input_url: str, key: str = "data.input_url")
     return files
 
 
-def _read_input(spark: SparkSession, dcfg: DataConfig) -> _Input:
-    url = dcfg.input_url.rstrip("/")
-    files = list_input(spark, url)
-    file_columns = _check_input_files(url, [u for u, _, _ in files])
+def read_parquet_checked(
+    spark: SparkSession, url: str, key: str = "data.input_url"
+) -> tuple[DataFrame, list[tuple[str, int, int]], list[str]]:
+    """Read a Parquet data set after checking every file's footer: (DataFrame with page-CRC verification
+    on, the files, the columns the files hold). Columns Spark shows that neither the files nor Hive-style
+    directory names hold are refused: they come from a stale ``org.apache.spark.sql.parquet.row.metadata``
+    footer key (a file rewritten by another tool that kept Spark's old schema) and would read as nulls."""
+    url = url.rstrip("/")
+    files = list_input(spark, url, key)
+    file_columns = _check_input_files(url, [u for u, _, _ in files], key)
     try:
         df = spark.read.options(**READ_VERIFY).parquet(url)
     except AnalysisException as exc:
-        raise PartitionError(f"cannot read Parquet at data.input_url {url}: {exc}") from exc
+        raise PartitionError(f"cannot read Parquet at {key} {url}: {exc}") from exc
+    dir_keys = {part.split("=", 1)[0] for u, _, _ in files for part in u[len(url) + 1 :].split("/")[:-1] if "=" in part}
+    phantom = [f.name for f in df.schema.fields if f.name not in file_columns and f.name not in dir_keys]
+    if phantom:
+        raise PartitionError(
+            f"{key} {url}: Spark's schema for these files lists column(s) {phantom} that the files do not hold (a "
+            "stale 'org.apache.spark.sql.parquet.row.metadata' footer key from an earlier write); they would read "
+            "as nulls. Rewrite the files without that key (e.g. pyarrow: table.replace_schema_metadata())"
+        )
+    return df, files, file_columns
+
+
+def _read_input(spark: SparkSession, dcfg: DataConfig) -> _Input:
+    url = dcfg.input_url.rstrip("/")
+    df, files, file_columns = read_parquet_checked(spark, url)
     fields = {f.name: f.dataType for f in df.schema.fields}
     if dcfg.label_col not in fields:
         raise PartitionError(
@@ -258,7 +278,7 @@ def _check_partition_columns(
         )
 
 
-def _check_input_files(input_url: str, urls: list[str]) -> list[str]:
+def _check_input_files(input_url: str, urls: list[str], key: str = "data.input_url") -> list[str]:
     """Read every input file's footer (in parallel, no data): a corrupt or truncated file, or one whose
     columns differ from the first file's (schema drift), is named before any Spark job starts.
     Returns the files' column names."""
@@ -279,7 +299,7 @@ def _check_input_files(input_url: str, urls: list[str]) -> list[str]:
         if isinstance(cols, str):
             raise PartitionError(
                 f"input file {file_url} is not a readable Parquet file ({cols[:300]}): "
-                "rewrite it or move it out of data.input_url (every visible file there is read as Parquet; "
+                f"rewrite it or move it out of {key} (every visible file there is read as Parquet; "
                 "names starting with _ or . are skipped)"
             )
     first = found[0]
@@ -291,9 +311,9 @@ def _check_input_files(input_url: str, urls: list[str]) -> list[str]:
                 f"{n}: {a.get(n, 'missing')} vs {b.get(n, 'missing')}" for n in set(a) | set(b) if a.get(n) != b.get(n)
             )
             raise PartitionError(
-                f"schema drift in data.input_url: {file_url[len(root) + 1 :]} differs from "
+                f"schema drift in {key}: {file_url[len(root) + 1 :]} differs from "
                 f"{urls[0][len(root) + 1 :]} ({'; '.join(diff)}): rewrite "
-                "it with the same columns and types, or move it out of data.input_url"
+                f"it with the same columns and types, or move it out of {key}"
             )
     assert not isinstance(first, str)  # every unreadable file was named above
     return [name for name, _ in first]
@@ -731,6 +751,23 @@ def _read_footers(urls: list[str]) -> list[tuple[int, int]]:
         return list(pool.map(footer, urls))
 
 
+def verify_pages(spark: SparkSession, manifest: Manifest) -> None:
+    """Read every data page of a partition output with page-CRC verification on: one full pass over the
+    shards (the footers and sizes ``read_manifest`` checks cost nothing by comparison). Petastorm reads
+    through pyarrow 14, which cannot verify page checksums, so this is how a flipped byte inside a shard is
+    caught before training. Raises CorruptInputError naming the file."""
+    spark.sparkContext.setJobDescription(f"verify page checksums of {manifest.root_url}")
+    for shard in manifest.all_shards():  # one read per shard directory: their layouts differ
+        if not shard.files:
+            continue
+        try:
+            df = spark.read.options(**READ_VERIFY).parquet(*manifest.file_urls(shard))
+            # A hash of every column reads and decodes every page (a count would read the footers only).
+            df.select(F.sum(F.xxhash64(*df.columns))).collect()
+        except Exception as exc:
+            raise corrupt_file_error(exc, manifest.root_url) or exc from exc
+
+
 def _check_row_groups(manifest: Manifest, pcfg: PartitionConfig) -> None:
     few = [(s.name, s.row_groups) for s in manifest.train if s.row_groups < pcfg.min_row_groups]
     if few:
@@ -754,7 +791,11 @@ def _result(m: Manifest, skipped: bool, started: float) -> PartitionResult:
     )
 
 
-_CORRUPT = ("could not verify page integrity", "CRC checksum verification failed", "FAILED_READ_FILE")
+_CORRUPT = (
+    "could not verify page integrity",
+    "CRC checksum verification failed",
+    "Encountered error while reading file",
+)
 _READ_FILE = re.compile(r"(?:reading file|Encountered error while reading file) (\S+?)\.?(?:\s|$)")
 
 

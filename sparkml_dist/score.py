@@ -51,7 +51,7 @@ from sparkml_dist.partition import (
     clean_invalid_row_error,
     corrupt_file_error,
     feature_expr,
-    list_input,
+    read_parquet_checked,
     valid_features,
 )
 from sparkml_dist.storage import READ_VERIFY, WRITE_CHECKSUMS, HadoopFS, atomic_output
@@ -151,10 +151,9 @@ def read_input(
     if split != "all":
         raise ScoreError(f"score.split={split!r} needs a partition output; {url} has no {MANIFEST_NAME}")
     try:
-        list_input(spark, url, "score.input_url")
+        df, _, _ = read_parquet_checked(spark, url, "score.input_url")
     except PartitionError as exc:
         raise ScoreError(str(exc)) from exc
-    df = spark.read.options(**READ_VERIFY).parquet(url)
     fields = {f.name: f.dataType for f in df.schema.fields}
     if data.row_id_col not in fields:
         raise ScoreError(
