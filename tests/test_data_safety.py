@@ -328,6 +328,7 @@ def test_flipped_bytes_and_hand_edited_manifests_are_detected(spark, data, capsy
     _expect_refusal(train_job.main, train, capsys, tmp_path, "does not match its own checksum", MANIFEST_NAME)
 
     # a manifest rewritten consistently (checksum recomputed) whose footers disagree: the footers are read
+    manifest_path.write_text(text)
     m = read_manifest(url, verify=False)
     first = m.train[0]
     files = [dataclasses.replace(first.files[0], rows=first.files[0].rows + 1), *first.files[1:]]
