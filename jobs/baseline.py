@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs._cli import run_job
+from jobs._cli import run_cli, run_job
 from sparkml_dist.baselines import run_baselines
 from sparkml_dist.config import JobConfig
 
@@ -28,4 +28,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from jobs._cli import emit, parse_config
+from jobs._cli import emit, parse_config, run_cli
 from sparkml_dist.compare import compare
 
 
@@ -28,4 +28,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

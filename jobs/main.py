@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from jobs._cli import run_job
+from jobs._cli import run_cli, run_job
 from sparkml_dist.config import JobConfig
 from sparkml_dist.fit import run_training
 from sparkml_dist.metrics import PRIMARY
@@ -37,4 +37,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from jobs._cli import run_job
+from jobs._cli import run_cli, run_job
 from sparkml_dist.config import JobConfig
 from sparkml_dist.partition import partition
 
@@ -23,4 +23,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from jobs._cli import emit, parse_config
+from jobs._cli import emit, parse_config, run_cli
 from sparkml_dist.promote import promote
 
 
@@ -21,4 +21,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from jobs._cli import run_job
+from jobs._cli import run_cli, run_job
 from sparkml_dist.config import JobConfig
 from sparkml_dist.fit import run_training
 
@@ -25,4 +25,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -23,6 +23,11 @@ from sparkml_dist import faults, tracking
 from sparkml_dist.config import JobConfig
 from sparkml_dist.errors import UserError
 from sparkml_dist.metrics import PRIMARY
+from sparkml_dist.outputs import LocalFS, OutputKind, check_output, files_listed
+
+COMPARE_MARKER = "_compare.json"
+COMPARE_OUTPUT = OutputKind("compare", COMPARE_MARKER, files_listed)
+"""A report directory is marked by _compare.json, which lists its files; only such a directory is replaced."""
 
 HISTORY_KEYS = ("val_log_loss", "elapsed_s", "rows_per_s", "comm_rounds")
 
@@ -123,6 +128,8 @@ def compare(
     cfg: JobConfig, run_ids: list[str], data_fingerprint: str | None, target: float | None, out_dir: str
 ) -> dict:
     """Write table.csv, table.json, report.md and plots to ``out_dir`` and log them in a comparison run."""
+    final = Path(out_dir).absolute()
+    check_output(LocalFS(), str(final), COMPARE_OUTPUT, "--out", {})  # before any work: a refused path fails fast
     records = select_runs(cfg, run_ids, data_fingerprint)
     regression = [r.run_id for r in records if f"val_{PRIMARY['regression']}" in r.metrics]
     if regression:
@@ -134,7 +141,6 @@ def compare(
         finals = [r.metrics.get("val_log_loss") for r in records if r.kind.startswith("mllib")]
         target = finals[0] * 1.01 if finals and finals[0] is not None else None
     summaries = [summarize_run(r, target) for r in records]
-    final = Path(out_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     out = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")  # published below in one step
     out.mkdir()
@@ -147,10 +153,13 @@ def compare(
         (out / "table.json").write_text(json.dumps({"target_log_loss": target, "runs": rows}, indent=2))
         plots = _plots(summaries, out)
         (out / "report.md").write_text(_markdown(summaries, target, plots))
+        files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+        (out / COMPARE_MARKER).write_text(json.dumps({"runs": [s.run_id for s in summaries], "files": files}))
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
     faults.crash_point("compare.before_publish")
+    check_output(LocalFS(), str(final), COMPARE_OUTPUT, "--out", {})  # again: nothing may have appeared since
     _publish_dir(out, final)
     out = final
     fingerprint = records[0].tags.get("data_fingerprint", "")

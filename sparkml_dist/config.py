@@ -127,13 +127,26 @@ class DataConfig:
     row_id_col: str = "row_id"
     """Stable row key. Used when present in the input, else assigned by the partition job."""
     invalid_values: Literal["fail", "drop"] = "fail"
-    """NaN/inf features or a null label: 'fail' the job, or 'drop' the rows and count them."""
+    """NaN/inf/null features or a null label: 'fail' the job, or 'drop' the rows and count them. Partition and
+    score both apply it."""
+    duplicate_row_ids: Literal["fail", "rekey"] = "fail"
+    """The input's row_id_col holds a null or repeated id (found in the partition job's counting pass):
+    'fail' naming examples, or 'rekey': number the rows anew (the input's ids are not kept; the new ids
+    depend on the input files, so re-runs on the same files agree)."""
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
             raise ConfigError(f"data.num_classes must be >= 2, got {self.num_classes}")
         if self.features_col is not None and self.feature_cols is not None:
             raise ConfigError("set data.features_col or data.feature_cols, not both")
+        if self.label_col in (self.feature_cols or []) or self.label_col == self.features_col:
+            raise ConfigError(
+                f"data.label_col={self.label_col!r} is also listed as a feature (data.feature_cols / "
+                "data.features_col): the model would see the answer. Remove it from the features"
+            )
+        if self.feature_cols is not None and len(set(self.feature_cols)) != len(self.feature_cols):
+            twice = sorted({c for c in self.feature_cols if self.feature_cols.count(c) > 1})
+            raise ConfigError(f"data.feature_cols lists {twice} more than once: list each feature once")
 
 
 @dataclass(frozen=True)
@@ -171,6 +184,11 @@ class PartitionConfig:
     def __post_init__(self) -> None:
         _check_positive("partition.num_shards", self.num_shards)
         _check_fraction("partition.validation_fraction", self.validation_fraction, allow_one=False)
+        if self.validation_fraction == 0:
+            raise ConfigError(
+                "partition.validation_fraction=0 leaves no validation split, and training and promotion report "
+                "their metrics on it: set it above 0, e.g. partition.validation_fraction=0.1"
+            )
         if not 0.0 < self.sample_fraction <= (10.0 if self.with_replacement else 1.0):
             raise ConfigError(
                 f"partition.sample_fraction must be in (0, 1] (or (0, 10] with replacement), got {self.sample_fraction}"

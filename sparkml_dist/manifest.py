@@ -2,19 +2,32 @@
 
 Pure Python (no pyspark, no torch): executors, the loader and the baselines all read it. An output
 directory without ``_manifest.json`` is not a valid partition output and is refused.
+
+What ``read_manifest`` verifies (cheaply: the manifest, a listing and every file's footer, no data pages):
+the manifest's own SHA-256 (a hand edit of any field, e.g. a row count, is refused), that every listed
+file exists with its recorded size, and that every file's footer holds the recorded rows and row groups.
+Values inside data pages are covered by Parquet's page CRCs, which our writers set and Spark verifies
+when it reads (see ``partition.READ_VERIFY``); pyarrow 14, and so Petastorm, does not verify them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from sparkml_dist.errors import UserError
 
+log = logging.getLogger(__name__)
+
 MANIFEST_NAME = "_manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""2: the manifest carries its own checksum (1 did not; such outputs are re-partitioned, never trusted)."""
+CHECKSUM_KEY = "checksum"
 
 
 class ManifestError(UserError):
@@ -98,13 +111,28 @@ class Manifest:
         return [f"{self.root_url.rstrip('/')}/{f.path}" for f in shard.files]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False)
+        body = asdict(self)
+        return json.dumps({**body, CHECKSUM_KEY: _checksum(body)}, indent=2, sort_keys=False)
 
     @classmethod
     def from_json(cls, text: str, root_url: str | None = None) -> Manifest:
-        raw = json.loads(text)
-        if raw.get("version") != MANIFEST_VERSION:
-            raise ManifestError(f"manifest version {raw.get('version')} is not {MANIFEST_VERSION}: re-run partition")
+        """Parse a manifest and check its checksum; ``root_url`` (where it was read) replaces the recorded one."""
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
+            raise ManifestError(f"the manifest is not valid JSON ({exc}): re-run jobs/partition.py") from exc
+        if not isinstance(raw, dict) or raw.get("version") != MANIFEST_VERSION:
+            version = raw.get("version") if isinstance(raw, dict) else None
+            raise ManifestError(
+                f"manifest version {version} is not {MANIFEST_VERSION} (it predates manifest checksums): "
+                "re-run jobs/partition.py"
+            )
+        recorded = raw.pop(CHECKSUM_KEY, None)
+        if recorded != _checksum(raw):
+            raise ManifestError(
+                f"{MANIFEST_NAME} of {root_url or raw.get('root_url')} does not match its own checksum (recorded "
+                f"{recorded!r}): it was edited or damaged after partition wrote it; re-run jobs/partition.py"
+            )
 
         def shard(d: dict[str, Any]) -> ShardEntry:
             return ShardEntry(d["name"], d["rows"], d["bytes"], [FileEntry(**f) for f in d["files"]])
@@ -118,17 +146,81 @@ class Manifest:
             raw["root_url"] = root_url
         return cls(**raw)
 
+    def all_shards(self) -> list[ShardEntry]:
+        return [*self.train, self.validation] + [s for g in self.feature_groups for s in g.shards]
+
+
+def _checksum(body: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's fields (less root_url, which follows the directory if it is moved)."""
+    canonical = json.dumps({k: v for k, v in body.items() if k != "root_url"}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def manifest_files(text: str) -> set[str] | None:
+    """Relative paths of the files a manifest (any version) lists; None if ``text`` is not a manifest.
+    (``outputs.OutputKind.owned`` of the partition output: what a re-run may replace.)"""
+    try:
+        raw = json.loads(text)
+        shards = [*raw["train"], raw["validation"]] + [s for g in raw.get("feature_groups", []) for s in g["shards"]]
+        return {str(f["path"]) for s in shards for f in s["files"]}
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def feature_names_digest(names: list[str]) -> str:
+    """Identifies an ordered feature list (for a run tag that fits whatever the number of features)."""
+    return hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
+
+
+FEATURE_NAMES_TAG = "feature_names"
+"""Run tag: the model's input feature names in order, as JSON (only when it fits an MLflow tag)."""
+FEATURE_DIGEST_TAG = "feature_names_digest"
+"""Run tag: ``feature_names_digest`` of the model's input feature names in order."""
+MANIFEST_URL_TAG = "manifest_url"
+"""Run tag: the partition output the model was trained on."""
+_MAX_TAG_CHARS = 5000
+
+
+def feature_tags(manifest: Manifest) -> dict[str, str]:
+    """Run tags that let scoring pick a model's input columns by name (the training job sets them)."""
+    tags = {
+        FEATURE_DIGEST_TAG: feature_names_digest(manifest.feature_names),
+        MANIFEST_URL_TAG: manifest.root_url,
+    }
+    names = json.dumps(manifest.feature_names)
+    if len(names) <= _MAX_TAG_CHARS:
+        tags[FEATURE_NAMES_TAG] = names
+    return tags
+
+
+def arrow_fs(url: str) -> tuple[Any, str]:
+    """pyarrow filesystem and path for ``url``; unlike ``FileSystem.from_uri`` it takes paths with spaces
+    and other characters a URI must escape (``file:///data/my set``)."""
+    from pyarrow import fs as pafs
+
+    url = url.rstrip("/") or url
+    if url.startswith("file://"):
+        return pafs.LocalFileSystem(), url[len("file://") :] or "/"
+    if url.startswith("file:"):
+        return pafs.LocalFileSystem(), url[len("file:") :]
+    if "://" not in url:
+        return pafs.LocalFileSystem(), url
+    scheme, rest = url.split("://", 1)
+    return pafs.FileSystem.from_uri(f"{scheme}://{quote(rest, safe='/:@?&=%+,;~')}")
+
 
 def read_manifest(root_url: str, verify: bool = True) -> Manifest:
     """Load and (by default) verify a partition output's manifest with pyarrow's filesystem layer.
 
-    Verification checks that every listed file still exists with the recorded size, so a manifest whose
-    files were deleted or rewritten since is refused instead of silently training on other data.
+    The manifest's checksum is always checked. Verification also checks that every listed file still
+    exists with the recorded size and that its footer holds the recorded rows and row groups, so a
+    manifest whose files were deleted, rewritten or swapped since is refused instead of silently
+    training on other data.
     """
     from pyarrow import fs as pafs
 
     root_url = root_url.rstrip("/")
-    filesystem, root = pafs.FileSystem.from_uri(root_url)
+    filesystem, root = arrow_fs(root_url)
     info = filesystem.get_file_info(f"{root}/{MANIFEST_NAME}")
     if info.type == pafs.FileType.NotFound:
         what = filesystem.get_file_info(root).type
@@ -145,11 +237,15 @@ def read_manifest(root_url: str, verify: bool = True) -> Manifest:
     return manifest
 
 
-def verify_files(manifest: Manifest) -> None:
+def verify_files(manifest: Manifest, footers: bool = True) -> None:
+    """Every listed file exists with its recorded size and (``footers``) its footer's rows and row groups."""
     from pyarrow import fs as pafs
 
-    filesystem, root = pafs.FileSystem.from_uri(manifest.root_url)
-    shards = [*manifest.train, manifest.validation] + [s for g in manifest.feature_groups for s in g.shards]
+    filesystem, root = arrow_fs(manifest.root_url)
+    shards = manifest.all_shards()
+    for s in shards:
+        if s.rows != sum(f.rows for f in s.files) or s.bytes != sum(f.bytes for f in s.files):
+            raise ManifestError(f"{manifest.root_url}: shard {s.name} totals disagree with its files; re-run partition")
     entries = [f for s in shards for f in s.files]
     infos = filesystem.get_file_info([f"{root}/{f.path}" for f in entries])
     for entry, info in zip(entries, infos, strict=True):
@@ -162,4 +258,34 @@ def verify_files(manifest: Manifest) -> None:
             raise ManifestError(
                 f"{manifest.root_url}: file {entry.path} has {info.size} bytes, the manifest says {entry.bytes}; "
                 "the output was changed after it was written: re-run jobs/partition.py"
+            )
+    if footers:
+        verify_footers(manifest, filesystem, root, entries)
+
+
+def verify_footers(manifest: Manifest, filesystem: Any, root: str, entries: list[FileEntry]) -> None:
+    """Read every file's Parquet footer (in threads, no data) and compare rows and row groups."""
+    import pyarrow.parquet as pq
+
+    def footer(entry: FileEntry) -> tuple[int, int] | str:
+        try:
+            with filesystem.open_input_file(f"{root}/{entry.path}") as f:
+                meta = pq.ParquetFile(f).metadata
+                return meta.num_rows, meta.num_row_groups
+        except Exception as exc:  # noqa: BLE001 (ArrowInvalid, OSError ...: all mean the footer is unreadable)
+            return f"{type(exc).__name__}: {exc}"
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        found = list(pool.map(footer, entries))
+    for entry, got in zip(entries, found, strict=True):
+        if isinstance(got, str):
+            raise ManifestError(
+                f"{manifest.root_url}: file {entry.path} has an unreadable Parquet footer ({got[:200]}); "
+                "the output was damaged after it was written: re-run jobs/partition.py"
+            )
+        if got != (entry.rows, entry.row_groups):
+            raise ManifestError(
+                f"{manifest.root_url}: file {entry.path} holds {got[0]} rows in {got[1]} row groups, the manifest "
+                f"says {entry.rows} in {entry.row_groups}; the output was changed after it was written: "
+                "re-run jobs/partition.py"
             )

@@ -11,9 +11,12 @@ shard sizes differ by at most one row.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import math
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -33,10 +36,17 @@ from sparkml_dist.manifest import (
     Manifest,
     ManifestError,
     ShardEntry,
+    arrow_fs,
+    manifest_files,
+    verify_files,
 )
 from sparkml_dist.metrics import REGRESSION
-from sparkml_dist.storage import HadoopFS, atomic_output
+from sparkml_dist.outputs import OutputKind, check_output
+from sparkml_dist.storage import READ_VERIFY, WRITE_CHECKSUMS, HadoopFS, atomic_output
 
+log = logging.getLogger(__name__)
+
+PARTITION_OUTPUT = OutputKind("partition", MANIFEST_NAME, manifest_files)
 SHARD_COL = "shard"
 FEATURES_COL = "features"
 BUCKET_BYTES = 256 * 1024 * 1024
@@ -47,6 +57,18 @@ _INTEGRAL = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
 
 class PartitionError(UserError):
     """The input or the settings cannot be partitioned; the message names the value and the fix."""
+
+
+class CorruptInputError(PartitionError):
+    """A Parquet file's data failed its page checksum (or could not be decoded): it changed after it was written."""
+
+
+class _DuplicateRowIds(Exception):
+    """Raised by the counting pass under data.duplicate_row_ids=rekey: the rows must be numbered anew."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,8 @@ class PartitionResult:
     feature_groups: int
     skipped: bool
     seconds: float
+    row_ids_rekeyed: bool = False
+    """True when the input's row ids had duplicates or nulls and data.duplicate_row_ids=rekey numbered the rows."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -72,6 +96,8 @@ class _Input:
     feature_names: list[str]
     fingerprint: str
     input_bytes: int
+    ids_from_input: bool = True
+    """row_id is the input's data.row_id_col (checked for nulls and duplicates), not assigned here."""
 
 
 def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
@@ -80,28 +106,39 @@ def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
     pcfg, dcfg = cfg.partition, cfg.data
     out_url = pcfg.output_url.rstrip("/")
     fs = HadoopFS(spark, out_url)
-    if fs.exists(out_url) and fs.is_file(out_url):
-        raise PartitionError(f"partition.output_url {out_url} is a file: remove it or choose a directory")
+    inputs = {"data.input_url": dcfg.input_url}
+    check_output(fs, out_url, PARTITION_OUTPUT, "partition.output_url", inputs)
     inp = _read_input(spark, dcfg)
     settings = {"data": asdict(dcfg), "partition": asdict(pcfg)}
     settings["partition"].pop("output_url")
     existing = _existing_manifest(fs, out_url)
     if existing and existing.input_fingerprint == inp.fingerprint and existing.config == settings:
-        return _result(existing, skipped=True, started=started)
+        try:
+            verify_files(existing)
+            return _result(existing, skipped=True, started=started)
+        except ManifestError as exc:  # our own output, damaged since: write it again
+            log.warning("re-partitioning: the earlier output no longer matches its manifest (%s)", exc)
 
-    keyed = inp.df.withColumn(_KEY, F.xxhash64(F.col("row_id"), F.lit(pcfg.seed)))
     spark.sparkContext.setJobDescription("partition: count rows per bucket and check labels")
-    if pcfg.mode == "shuffle_split":
-        assigned, stats = _shuffle_split(keyed, dcfg, pcfg, inp.input_bytes)
-    else:
-        assigned, stats = _random_sample(keyed, dcfg, pcfg)
+    rekeyed = False
+    try:
+        assigned, stats = _assign(inp, dcfg, pcfg)
+    except _DuplicateRowIds as dup:
+        rekeyed = True
+        log.warning("data.duplicate_row_ids=rekey: %s; numbering the rows anew", dup.detail)
+        inp = dataclasses.replace(
+            inp, df=inp.df.withColumn("row_id", F.monotonically_increasing_id()), ids_from_input=False
+        )
+        assigned, stats = _assign(inp, dcfg, pcfg)
+    except Exception as exc:
+        raise _clean_error(exc) from exc
 
     groups = _feature_groups(inp.feature_names, pcfg)
     if groups:
         assigned = assigned.persist(StorageLevel.MEMORY_AND_DISK)
     block_bytes = str(int(pcfg.row_group_mb * 1024 * 1024))
     try:
-        with atomic_output(spark, out_url) as tmp:
+        with atomic_output(spark, out_url, PARTITION_OUTPUT, "partition.output_url", inputs) as tmp:
             spark.sparkContext.setJobDescription(f"partition: write {pcfg.num_shards} shards + validation")
             _write(_layout(assigned, inp.feature_names, None, pcfg), f"{tmp}/train", block_bytes, pcfg.num_shards)
             if fs.exists(f"{tmp}/train/{SHARD_COL}=-1"):
@@ -122,24 +159,67 @@ def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
     finally:
         if groups:
             assigned.unpersist()
-    return _result(manifest, skipped=False, started=started)
+    return dataclasses.replace(_result(manifest, skipped=False, started=started), row_ids_rekeyed=rekeyed)
+
+
+def _assign(inp: _Input, dcfg: DataConfig, pcfg: PartitionConfig) -> tuple[DataFrame, dict[str, int]]:
+    """Count (and check) the rows, then give each its shard (-1: validation)."""
+    keyed = inp.df.withColumn(_KEY, F.xxhash64(F.col("row_id"), F.lit(pcfg.seed)))
+    if pcfg.mode == "shuffle_split":
+        assigned, stats = _shuffle_split(keyed, dcfg, pcfg, inp)
+    else:
+        assigned, stats = _random_sample(keyed, dcfg, pcfg, inp)
+    return assigned, stats
 
 
 # ------------------------------------------------------------------------------------------- reading
 
 
-def _read_input(spark: SparkSession, dcfg: DataConfig) -> _Input:
-    fs = HadoopFS(spark, dcfg.input_url)
-    if not fs.exists(dcfg.input_url):
-        raise PartitionError(f"data.input_url {dcfg.input_url} does not exist (run jobs/generate.py, or fix the path)")
-    files = fs.list_files(dcfg.input_url, suffix=".parquet")
+def list_input(spark: SparkSession, input_url: str, key: str = "data.input_url") -> list[tuple[str, int, int]]:
+    """(URL, size, mtime) of every file Spark reads at ``input_url`` (a directory or one file), sorted.
+
+    Every one must be Parquet: Spark reads any visible file whatever its name, so a stray CSV or a
+    half-copied file is named here instead of failing (or being misread) inside a task."""
+    fs = HadoopFS(spark, input_url)
+    url = input_url.rstrip("/")
+    if not fs.exists(url):
+        raise PartitionError(f"{key} {url} does not exist (run jobs/generate.py, or fix the path)")
+    if fs.is_file(url):
+        return [(url, *fs.file_status(url))]
+    files = [(f"{url}/{p}", size, mtime) for p, size, mtime in fs.list_files(url)]
     if not files:
-        raise PartitionError(f"data.input_url {dcfg.input_url} holds no .parquet files: the input is empty")
-    _check_input_files(dcfg.input_url, [p for p, _, _ in files])
+        raise PartitionError(f"{key} {url} holds no data files (only hidden ones, if any): the input is empty")
+    return files
+
+
+def read_parquet_checked(
+    spark: SparkSession, url: str, key: str = "data.input_url"
+) -> tuple[DataFrame, list[tuple[str, int, int]], list[str]]:
+    """Read a Parquet data set after checking every file's footer: (DataFrame with page-CRC verification
+    on, the files, the columns the files hold). Columns Spark shows that neither the files nor Hive-style
+    directory names hold are refused: they come from a stale ``org.apache.spark.sql.parquet.row.metadata``
+    footer key (a file rewritten by another tool that kept Spark's old schema) and would read as nulls."""
+    url = url.rstrip("/")
+    files = list_input(spark, url, key)
+    file_columns = _check_input_files(url, [u for u, _, _ in files], key)
     try:
-        df = spark.read.parquet(dcfg.input_url)
+        df = spark.read.options(**READ_VERIFY).parquet(url)
     except AnalysisException as exc:
-        raise PartitionError(f"cannot read Parquet at data.input_url {dcfg.input_url}: {exc}") from exc
+        raise PartitionError(f"cannot read Parquet at {key} {url}: {exc}") from exc
+    dir_keys = {part.split("=", 1)[0] for u, _, _ in files for part in u[len(url) + 1 :].split("/")[:-1] if "=" in part}
+    phantom = [f.name for f in df.schema.fields if f.name not in file_columns and f.name not in dir_keys]
+    if phantom:
+        raise PartitionError(
+            f"{key} {url}: Spark's schema for these files lists column(s) {phantom} that the files do not hold (a "
+            "stale 'org.apache.spark.sql.parquet.row.metadata' footer key from an earlier write); they would read "
+            "as nulls. Rewrite the files without that key (e.g. pyarrow: table.replace_schema_metadata())"
+        )
+    return df, files, file_columns
+
+
+def _read_input(spark: SparkSession, dcfg: DataConfig) -> _Input:
+    url = dcfg.input_url.rstrip("/")
+    df, files, file_columns = read_parquet_checked(spark, url)
     fields = {f.name: f.dataType for f in df.schema.fields}
     if dcfg.label_col not in fields:
         raise PartitionError(
@@ -158,62 +238,85 @@ def _read_input(spark: SparkSession, dcfg: DataConfig) -> _Input:
             f"label column {dcfg.label_col!r} has type {label_type.simpleString()}; "
             f"it must hold integer class ids 0..num_classes-1{hint}"
         )
+    ids_from_input = dcfg.row_id_col in fields
+    if ids_from_input and not isinstance(fields[dcfg.row_id_col], _INTEGRAL):
+        raise PartitionError(
+            f"row key column data.row_id_col={dcfg.row_id_col!r} has type "
+            f"{fields[dcfg.row_id_col].simpleString()}; it must hold integers (one distinct id per row): cast it "
+            "to a long in the input, or set data.row_id_col to a name the input lacks to have rows numbered"
+        )
     features, names = feature_expr(df, fields, dcfg)
-    row_id = F.col(dcfg.row_id_col).cast("long") if dcfg.row_id_col in fields else F.monotonically_increasing_id()
-    label = F.col(dcfg.label_col).cast("double" if regression else "int")
-    # Built-in array functions (code-generated), not a per-element lambda: NaN sorts above every number
-    # in Spark, so a NaN shows as the array's max; array_contains is null, not false, when the array
-    # holds a null and no match (and NaN, the value looked for, is caught by the max).
-    hi, lo = F.array_max(features), F.array_min(features)
+    _check_partition_columns(url, fields, file_columns, names, dcfg)
+    row_id = F.col(dcfg.row_id_col).cast("long") if ids_from_input else F.monotonically_increasing_id()
+    # Class ids stay 64-bit until the range check has passed; only then are they written as int.
+    label = F.col(dcfg.label_col).cast("double" if regression else "long")
     finite_label = (~F.isnan(label) & (F.abs(label) != F.lit(float("inf")))) if regression else F.lit(True)
-    valid = (
-        label.isNotNull()
-        & finite_label
-        & (F.size(features) == F.lit(len(names)))
-        & F.array_contains(features, F.lit(float("nan"))).isNotNull()
-        & ~F.isnan(hi)
-        & (hi != F.lit(float("inf")))
-        & (lo != F.lit(float("-inf")))
-    )
+    valid = label.isNotNull() & finite_label & valid_features(features, len(names))
     out = df.select(row_id.alias("row_id"), features.alias(FEATURES_COL), label.alias("label"), valid.alias("_valid"))
-    body = json.dumps([dcfg.input_url, files])
-    return _Input(out, names, hashlib.sha256(body.encode()).hexdigest()[:16], sum(f[1] for f in files))
+    rel = [(u[len(url) + 1 :] or u.rsplit("/", 1)[-1], size, mtime) for u, size, mtime in files]
+    body = json.dumps([dcfg.input_url, rel])
+    return _Input(out, names, hashlib.sha256(body.encode()).hexdigest()[:16], sum(f[1] for f in files), ids_from_input)
 
 
-def _check_input_files(input_url: str, paths: list[str]) -> None:
+def _check_partition_columns(
+    url: str, fields: dict[str, T.DataType], file_columns: list[str], names: list[str], dcfg: DataConfig
+) -> None:
+    """Hive-style directories (``day=3/``) become columns Spark adds from the path, not from the files.
+    Such a column is used only where data.feature_cols names it; implicitly (as a feature picked because
+    it is numeric, or as the label or row key) it is refused: a directory name is not data."""
+    from_dirs = [n for n in fields if n not in file_columns]
+    explicit = set(dcfg.feature_cols or [])
+    used = {dcfg.label_col, dcfg.row_id_col, *names}
+    bad = [n for n in from_dirs if n in used and n not in explicit]
+    if bad:
+        raise PartitionError(
+            f"data.input_url {url} has Hive-style partition directories ({', '.join(f'{n}=...' for n in bad)}/): "
+            f"Spark turns them into column(s) {bad} that are not in the Parquet files, and they would be read as "
+            f"{'the label or row key' if set(bad) & {dcfg.label_col, dcfg.row_id_col} else 'features'}. "
+            "List the features in data.feature_cols (include such a column there to use it as a feature), or point "
+            "data.input_url at the files"
+        )
+
+
+def _check_input_files(input_url: str, urls: list[str], key: str = "data.input_url") -> list[str]:
     """Read every input file's footer (in parallel, no data): a corrupt or truncated file, or one whose
-    columns differ from the first file's (schema drift), is named before any Spark job starts."""
+    columns differ from the first file's (schema drift), is named before any Spark job starts.
+    Returns the files' column names."""
     import pyarrow.parquet as pq
-    from pyarrow import fs as pafs
 
-    filesystem, root = pafs.FileSystem.from_uri(input_url.rstrip("/"))
+    filesystem, _ = arrow_fs(input_url)
 
-    def columns(path: str) -> list[tuple[str, str]] | str:
+    def columns(file_url: str) -> list[tuple[str, str]] | str:
         try:
-            with filesystem.open_input_file(f"{root}/{path}") as f:
+            with filesystem.open_input_file(arrow_fs(file_url)[1]) as f:
                 return [(c.name, str(c.type)) for c in pq.ParquetFile(f).schema_arrow]
         except Exception as exc:  # noqa: BLE001 (pyarrow raises ArrowInvalid, OSError ...: all mean unreadable)
             return f"{type(exc).__name__}: {exc}"
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        found = list(pool.map(columns, paths))
-    for path, cols in zip(paths, found, strict=True):
+        found = list(pool.map(columns, urls))
+    for file_url, cols in zip(urls, found, strict=True):
         if isinstance(cols, str):
             raise PartitionError(
-                f"input file {input_url.rstrip('/')}/{path} is not a readable Parquet file ({cols[:300]}): "
-                "rewrite it or move it out of data.input_url"
+                f"input file {file_url} is not a readable Parquet file ({cols[:300]}): "
+                f"rewrite it or move it out of {key} (every visible file there is read as Parquet; "
+                "names starting with _ or . are skipped)"
             )
     first = found[0]
-    for path, cols in zip(paths, found, strict=True):
+    root = input_url.rstrip("/")
+    for file_url, cols in zip(urls, found, strict=True):
         if cols != first:
             a, b = dict(first), dict(cols)  # type: ignore[arg-type]
             diff = sorted(
                 f"{n}: {a.get(n, 'missing')} vs {b.get(n, 'missing')}" for n in set(a) | set(b) if a.get(n) != b.get(n)
             )
             raise PartitionError(
-                f"schema drift in data.input_url: {path} differs from {paths[0]} ({'; '.join(diff)}): rewrite "
-                "it with the same columns and types, or move it out of data.input_url"
+                f"schema drift in {key}: {file_url[len(root) + 1 :]} differs from "
+                f"{urls[0][len(root) + 1 :]} ({'; '.join(diff)}): rewrite "
+                f"it with the same columns and types, or move it out of {key}"
             )
+    assert not isinstance(first, str)  # every unreadable file was named above
+    return [name for name, _ in first]
 
 
 def feature_expr(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfig) -> tuple[Column, list[str]]:
@@ -253,21 +356,48 @@ def feature_expr(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfig)
     return F.array(*[F.col(n).cast("float") for n in names]), names
 
 
+def valid_features(features: Column, n: int) -> Column:
+    """True where the array<float> ``features`` has ``n`` elements, none null, NaN or infinite (partition and
+    score apply the same rule)."""
+    # Built-in array functions (code-generated), not a per-element lambda: NaN sorts above every number
+    # in Spark, so a NaN shows as the array's max; array_contains is null, not false, when the array
+    # holds a null and no match (and NaN, the value looked for, is caught by the max).
+    hi, lo = F.array_max(features), F.array_min(features)
+    return (
+        features.isNotNull()
+        & (F.size(features) == F.lit(n))
+        & F.array_contains(features, F.lit(float("nan"))).isNotNull()
+        & ~F.isnan(hi)
+        & (hi != F.lit(float("inf")))
+        & (lo != F.lit(float("-inf")))
+    )
+
+
 # --------------------------------------------------------------------------------------- assignment
 
 
-def _checked_counts(keyed: DataFrame, dcfg: DataConfig, by_bucket: int) -> tuple[dict[int, int], dict[str, int]]:
-    """One pass over row_id, label (and, to drop invalid rows, the features): rows per bucket + checks."""
+def _checked_counts(
+    keyed: DataFrame, dcfg: DataConfig, by_bucket: int, ids_from_input: bool
+) -> tuple[dict[int, int], dict[str, int]]:
+    """One pass over row_id, label (and, to drop invalid rows, the features): rows per bucket + checks.
+
+    The input's row ids are checked in the same pass: nulls by a count, duplicates by a distinct count
+    per bucket (equal ids share a hash key and so a bucket; the pass shuffles only (bucket, id) pairs).
+    """
     df = keyed
     if dcfg.invalid_values == "drop":
         df = df.filter(F.col("_valid"))
-    agg = (
-        df.groupBy(_bucket_of(by_bucket).alias(_BUCKET))
-        .agg(F.count(F.lit(1)).alias("n"), F.min("label").alias("lo"), F.max("label").alias("hi"))
-        .collect()
-    )
+    aggs = [F.count(F.lit(1)).alias("n"), F.min("label").alias("lo"), F.max("label").alias("hi")]
+    if ids_from_input:
+        aggs += [F.count("row_id").alias("ids"), F.countDistinct("row_id").alias("distinct_ids")]
+    agg = df.groupBy(_bucket_of(by_bucket).alias(_BUCKET)).agg(*aggs).collect()
     counts = {int(r[_BUCKET]): int(r["n"]) for r in agg}
     total = sum(counts.values())
+    if ids_from_input:
+        nulls = total - sum(int(r["ids"]) for r in agg)
+        repeats = sum(int(r["ids"]) - int(r["distinct_ids"]) for r in agg)
+        if nulls or repeats:
+            _report_bad_ids(df, dcfg, nulls, repeats, total)
     labels = [(r["lo"], r["hi"]) for r in agg if r["lo"] is not None]
     if labels and dcfg.task == "classification":
         lo, hi = min(x[0] for x in labels), max(x[1] for x in labels)
@@ -284,6 +414,28 @@ def _checked_counts(keyed: DataFrame, dcfg: DataConfig, by_bucket: int) -> tuple
     return counts, {"input_rows": total + dropped, "dropped_rows": dropped, "rows": total}
 
 
+def _report_bad_ids(df: DataFrame, dcfg: DataConfig, nulls: int, repeats: int, total: int) -> None:
+    """Null or repeated row ids: with them the seeded shuffle degenerates (equal keys keep input order)."""
+    examples = []
+    if repeats:
+        dup = df.groupBy("row_id").count().where(F.col("count") > 1).orderBy("row_id").limit(3).collect()
+        examples = [f"{r['row_id']} ({r['count']} rows)" for r in dup]
+    what = "; ".join(
+        x
+        for x in (
+            f"{nulls} of {total} rows have a null id" if nulls else "",
+            f"{repeats} rows repeat an id (e.g. {', '.join(examples)})" if repeats else "",
+        )
+        if x
+    )
+    if dcfg.duplicate_row_ids == "rekey":
+        raise _DuplicateRowIds(f"row key column {dcfg.row_id_col!r}: {what}")
+    raise PartitionError(
+        f"row key column data.row_id_col={dcfg.row_id_col!r} is not a unique key: {what}. Fix the ids, or set "
+        "data.duplicate_row_ids=rekey to number the rows anew (the input's ids are then not kept)"
+    )
+
+
 def _num_buckets(pcfg: PartitionConfig, input_bytes: int) -> int:
     """Buckets of about BUCKET_BYTES of input each (the unit one task sorts), at least 2K; a power of 2
     so that the bucket is the top bits of the row's hash key."""
@@ -298,28 +450,55 @@ def _bucket_of(b: int) -> Column:
 
 def _fail_invalid(df: DataFrame, dcfg: DataConfig) -> DataFrame:
     """Rows with NaN/inf/missing features or a null label: fail the write (policy fail) or drop them."""
-    if dcfg.invalid_values == "drop":
-        return df.filter(F.col("_valid"))
+    return apply_invalid_policy(
+        df, F.col("_valid"), "row_id", dcfg.invalid_values, "a null (or, for regression, NaN/infinite) label"
+    )
+
+
+_INVALID = "has a NaN/infinite feature"
+_INVALID_END = "drop and count such rows"
+
+
+def apply_invalid_policy(df: DataFrame, valid: Column, row_id_col: str, policy: str, also: str) -> DataFrame:
+    """Keep the rows where ``valid``; under policy 'fail' the first other row fails the Spark job with a
+    message naming its id (``clean_invalid_row_error`` turns that into a PartitionError)."""
+    if policy == "drop":
+        return df.filter(valid)
     msg = F.concat(
-        F.lit("row_id "),
-        F.col("row_id").cast("string"),
+        F.lit(f"{row_id_col} "),
+        F.col(row_id_col).cast("string"),
         F.lit(
-            " has a NaN/infinite feature, a features array of the wrong length or a null (or, for regression, "
-            "NaN/infinite) label; "
-            "clean the input or set data.invalid_values=drop to drop and count such rows"
+            f" {_INVALID}, a null feature, a features array of the wrong length or {also}; "
+            f"clean the input or set data.invalid_values=drop to {_INVALID_END}"
         ),
     )
     # A filter, not a projection: a projected column nobody reads would be pruned and never checked.
-    return df.filter(F.when(F.col("_valid"), F.lit(True)).otherwise(F.raise_error(msg)))
+    return df.filter(F.when(valid, F.lit(True)).otherwise(F.raise_error(msg)))
+
+
+def clean_invalid_row_error(exc: BaseException, row_id_col: str = "row_id") -> PartitionError | None:
+    """The PartitionError carried by a Spark failure that ``apply_invalid_policy`` raised, if it is one."""
+    text = str(exc)
+    at = text.find(_INVALID)
+    if at < 0:
+        return None
+    start = text.rfind(f"{row_id_col} ", 0, at)
+    end = text.find(_INVALID_END, start)
+    return PartitionError(text[start : end + len(_INVALID_END)])
 
 
 def _shuffle_split(
-    keyed: DataFrame, dcfg: DataConfig, pcfg: PartitionConfig, input_bytes: int
+    keyed: DataFrame, dcfg: DataConfig, pcfg: PartitionConfig, inp: _Input
 ) -> tuple[DataFrame, dict[str, int]]:
-    b = _num_buckets(pcfg, input_bytes)
-    counts, stats = _checked_counts(keyed, dcfg, b)
+    b = _num_buckets(pcfg, inp.input_bytes)
+    counts, stats = _checked_counts(keyed, dcfg, b, inp.ids_from_input)
     n = stats["rows"]
     n_val = int(round(n * pcfg.validation_fraction))
+    if n_val == 0:
+        raise PartitionError(
+            f"partition.validation_fraction={pcfg.validation_fraction} of {n} rows leaves the validation split "
+            "empty: raise partition.validation_fraction or use more data"
+        )
     if n - n_val < pcfg.num_shards:
         raise PartitionError(
             f"partition.num_shards={pcfg.num_shards} is larger than the {n - n_val} training rows: "
@@ -355,14 +534,16 @@ def _shuffle_split(
     return df.withColumn(SHARD_COL, shard.cast("int")), stats
 
 
-def _random_sample(keyed: DataFrame, dcfg: DataConfig, pcfg: PartitionConfig) -> tuple[DataFrame, dict[str, int]]:
+def _random_sample(
+    keyed: DataFrame, dcfg: DataConfig, pcfg: PartitionConfig, inp: _Input
+) -> tuple[DataFrame, dict[str, int]]:
     """Validation by a seeded hash; then each shard an independent seeded sample of the other rows.
 
     Per row and shard, a uniform u from a hash of (row_id, seed, shard) decides how often the row lands in
     the shard: Bernoulli(fraction) without replacement, Poisson(fraction) with replacement (inverse CDF).
     One pass over the input writes all K shards (rows are exploded into their shards).
     """
-    _, stats = _checked_counts(keyed, dcfg, 2)
+    _, stats = _checked_counts(keyed, dcfg, 2, inp.ids_from_input)
     df = _fail_invalid(keyed, dcfg)
     is_val = _uniform(F.col("row_id"), pcfg.seed, -1) < F.lit(pcfg.validation_fraction)
     reps = []
@@ -437,7 +618,9 @@ def _layout(df: DataFrame, names: list[str], subset: list[str] | None, pcfg: Par
         feats = [(_pick(idx) if subset is not None else F.col(FEATURES_COL)).alias(FEATURES_COL)]
     else:
         feats = [F.col(FEATURES_COL)[i].alias(names[i]) for i in idx]
-    return df.select("row_id", *feats, "label", SHARD_COL)
+    # Classification labels passed the 0..num_classes-1 check as 64-bit values, so int cannot wrap here.
+    label = F.col("label") if dict(df.dtypes)["label"] == "double" else F.col("label").cast("int").alias("label")
+    return df.select("row_id", *feats, label, SHARD_COL)
 
 
 def _pick(idx: list[int]) -> Column:
@@ -471,6 +654,7 @@ _WRITE_CONF = ("spark.sql.optimizer.plannedWrite.enabled", "spark.sql.maxConcurr
 def _write_parquet(df: DataFrame, url: str, block_bytes: str) -> None:
     (
         df.write.mode("errorifexists")
+        .options(**WRITE_CHECKSUMS)
         .option("parquet.block.size", block_bytes)
         .option("compression", "snappy")
         .partitionBy(SHARD_COL)
@@ -513,6 +697,11 @@ def _build_manifest(
     empty = [s.name for s in train if s.rows == 0]
     if empty:
         raise PartitionError(f"shard(s) {empty} are empty: lower partition.num_shards or raise sample_fraction")
+    if shard("validation").rows == 0:
+        raise PartitionError(
+            f"the validation split is empty (partition.validation_fraction={pcfg.validation_fraction}): raise "
+            "partition.validation_fraction or use more data"
+        )
     feature_groups = [
         FeatureGroup(g, names, [shard(f"features/group={g}/{SHARD_COL}={k}") for k in range(pcfg.num_shards)])
         for g, names in enumerate(groups)
@@ -547,20 +736,36 @@ def _build_manifest(
 def _read_footers(urls: list[str]) -> list[tuple[int, int]]:
     """(rows, row groups) of each Parquet file, read from the footers in parallel threads."""
     import pyarrow.parquet as pq
-    from pyarrow import fs as pafs
 
     if not urls:
         return []
-    filesystem, _ = pafs.FileSystem.from_uri(urls[0])
+    filesystem, _ = arrow_fs(urls[0])
 
     def footer(url: str) -> tuple[int, int]:
-        _, path = pafs.FileSystem.from_uri(url)
+        _, path = arrow_fs(url)
         with filesystem.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
             return meta.num_rows, meta.num_row_groups
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         return list(pool.map(footer, urls))
+
+
+def verify_pages(spark: SparkSession, manifest: Manifest) -> None:
+    """Read every data page of a partition output with page-CRC verification on: one full pass over the
+    shards (the footers and sizes ``read_manifest`` checks cost nothing by comparison). Petastorm reads
+    through pyarrow 14, which cannot verify page checksums, so this is how a flipped byte inside a shard is
+    caught before training. Raises CorruptInputError naming the file."""
+    spark.sparkContext.setJobDescription(f"verify page checksums of {manifest.root_url}")
+    for shard in manifest.all_shards():  # one read per shard directory: their layouts differ
+        if not shard.files:
+            continue
+        try:
+            df = spark.read.options(**READ_VERIFY).parquet(*manifest.file_urls(shard))
+            # A hash of every column reads and decodes every page (a count would read the footers only).
+            df.select(F.sum(F.xxhash64(*df.columns))).collect()
+        except Exception as exc:
+            raise corrupt_file_error(exc, manifest.root_url) or exc from exc
 
 
 def _check_row_groups(manifest: Manifest, pcfg: PartitionConfig) -> None:
@@ -586,14 +791,32 @@ def _result(m: Manifest, skipped: bool, started: float) -> PartitionResult:
     )
 
 
+_CORRUPT = (
+    "could not verify page integrity",
+    "CRC checksum verification failed",
+    "Encountered error while reading file",
+)
+_READ_FILE = re.compile(r"(?:reading file|Encountered error while reading file) (\S+?)\.?(?:\s|$)")
+
+
 def _clean_error(exc: Exception) -> Exception:
-    """Turn a Spark task failure caused by raise_error into the PartitionError it carries."""
-    if isinstance(exc, PartitionError | ManifestError | FileExistsError):
+    """Turn a Spark task failure caused by raise_error into the PartitionError it carries, and a page that
+    failed its checksum (or could not be decoded) into a CorruptInputError naming the file."""
+    if isinstance(exc, UserError | FileExistsError):
         return exc
+    return clean_invalid_row_error(exc) or corrupt_file_error(exc, "data.input_url") or exc
+
+
+def corrupt_file_error(exc: BaseException, key: str) -> CorruptInputError | None:
+    """A CorruptInputError naming the file if ``exc`` is Spark failing to read a damaged Parquet page."""
     text = str(exc)
-    marker = "has a NaN/infinite feature"
-    if marker in text:
-        start = text.rfind("row_id ", 0, text.find(marker))
-        end = text.find("drop and count such rows", start)
-        return PartitionError(text[start : end + len("drop and count such rows")])
-    return exc
+    if not any(m in text for m in _CORRUPT):
+        return None
+    found = _READ_FILE.search(text)
+    where = found.group(1) if found else "a file"
+    crc = "checksum" in text.lower() or "integrity" in text
+    why = "a data page failed its CRC checksum" if crc else "a data page could not be decoded"
+    return CorruptInputError(
+        f"input file {where} under {key} is damaged: {why}, so its values changed after it was written "
+        "(the footer may still look intact). Restore or rewrite that file, or move it out of the input"
+    )

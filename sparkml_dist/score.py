@@ -6,34 +6,66 @@ the data never passes through the driver. Input is either a data set (features p
 ``data.feature_cols`` exactly as the partition job picks them, so the model sees the order it was
 trained on) or a partition output (its ``_manifest.json`` names the files and the features).
 
+Columns are matched by name: a model trained by jobs/train.py records its feature names (run tags
+``manifest.feature_tags``), and scoring picks exactly those columns from the input whatever their order,
+refusing missing ones. Rows with a NaN, infinite or null feature follow ``data.invalid_values`` as in
+the partition job: fail naming the row, or drop and count them (``dropped_rows``).
+
 Output: the row key, ``prediction`` (the most probable class, and ``prob_0 .. prob_{C-1}``; for a regression
 model the predicted value, double) and any ``score.keep_cols``, published atomically with ``_score.json``
-(model URI and run, rows) beside the Parquet files; a rerun replaces the whole output.
+(model URI and run, rows, files) beside the Parquet files; a rerun replaces the whole output, and only an
+earlier scoring output is ever replaced (``outputs.check_output``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
+import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 from functools import reduce
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from sparkml_dist import tracking
 from sparkml_dist.config import DataConfig, JobConfig, ScoreConfig
 from sparkml_dist.errors import UserError
-from sparkml_dist.manifest import MANIFEST_NAME, Manifest, read_manifest
-from sparkml_dist.partition import PartitionError, feature_expr
-from sparkml_dist.storage import HadoopFS, atomic_output
+from sparkml_dist.manifest import (
+    FEATURE_DIGEST_TAG,
+    FEATURE_NAMES_TAG,
+    MANIFEST_NAME,
+    MANIFEST_URL_TAG,
+    Manifest,
+    ManifestError,
+    feature_names_digest,
+    read_manifest,
+)
+from sparkml_dist.outputs import OutputKind, check_output, files_listed
+from sparkml_dist.partition import (
+    PartitionError,
+    apply_invalid_policy,
+    clean_invalid_row_error,
+    corrupt_file_error,
+    feature_expr,
+    read_parquet_checked,
+    valid_features,
+)
+from sparkml_dist.storage import READ_VERIFY, WRITE_CHECKSUMS, HadoopFS, atomic_output
+
+log = logging.getLogger(__name__)
 
 FEATURES = "_features"
 PROBS = "_probs"
 PREDICTION = "prediction"
 PROB_PREFIX = "prob_"
 SUMMARY_NAME = "_score.json"
+SCORE_OUTPUT = OutputKind("score", SUMMARY_NAME, files_listed)
+_VALID = "_valid"
+_NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.DoubleType, T.DecimalType)
 
 
 class ScoreError(UserError):
@@ -49,6 +81,8 @@ class ScoreInput:
     num_features: int
     label_col: str | None
     description: str
+    feature_names: list[str] | None = None
+    """The input's feature names in the order of ``FEATURES``."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +95,8 @@ class ScoreResult:
     num_classes: int
     columns: list[str]
     seconds: float
+    dropped_rows: int = 0
+    """Rows left out under data.invalid_values=drop (a NaN, infinite or null feature)."""
 
 
 def resolve_model_uri(cfg: JobConfig) -> str:
@@ -68,19 +104,56 @@ def resolve_model_uri(cfg: JobConfig) -> str:
     return cfg.score.model_uri or f"models:/{cfg.promote.registered_model}@{cfg.promote.alias}"
 
 
-def read_input(spark: SparkSession, url: str, data: DataConfig, split: str = "all") -> ScoreInput:
-    """A data set or a partition output (detected by its manifest) as rows with a features array."""
+def model_feature_names(cfg: JobConfig, spec: tracking.ModelSpec) -> list[str] | None:
+    """The feature names, in order, that the model was trained on, from its training run's tags (the
+    manifest the run names, if the names did not fit a tag); None for a model that does not record them."""
+    if spec.run_id is None:
+        return None
+    tags = tracking.get_run_record(cfg.tracking, spec.run_id, ()).tags
+    if FEATURE_NAMES_TAG in tags:
+        return list(json.loads(tags[FEATURE_NAMES_TAG]))
+    if MANIFEST_URL_TAG in tags and FEATURE_DIGEST_TAG in tags:
+        try:
+            names = read_manifest(tags[MANIFEST_URL_TAG], verify=False).feature_names
+        except ManifestError:
+            names = []
+        if feature_names_digest(names) == tags[FEATURE_DIGEST_TAG]:
+            return names
+        raise ScoreError(
+            f"model {spec.model_uri} was trained on {tags[MANIFEST_URL_TAG]}, whose manifest no longer holds the "
+            "model's feature names (it was re-partitioned or removed), so its input columns cannot be matched by "
+            "name: score with data.feature_cols set to the training features in training order"
+        )
+    return None
+
+
+def _array_prefix(names: list[str]) -> str | None:
+    """'features' for ['features_0', 'features_1', ...] (the names of an array column's elements)."""
+    m = re.match(r"^(.*)_0$", names[0]) if names else None
+    if m is None or names != [f"{m.group(1)}_{i}" for i in range(len(names))]:
+        return None
+    return m.group(1)
+
+
+def read_input(
+    spark: SparkSession, url: str, data: DataConfig, split: str = "all", model_names: list[str] | None = None
+) -> ScoreInput:
+    """A data set or a partition output (detected by its manifest) as rows with a features array.
+
+    With ``model_names`` (the model's features in training order) the features are picked by name.
+    """
     url = url.rstrip("/")
     fs = HadoopFS(spark, url)
     if not fs.exists(url):
         raise ScoreError(f"score.input_url {url} does not exist: run jobs/generate.py or fix the path")
     if fs.exists(f"{url}/{MANIFEST_NAME}"):
-        return manifest_input(spark, read_manifest(url), split)
+        return manifest_input(spark, read_manifest(url), split, model_names)
     if split != "all":
         raise ScoreError(f"score.split={split!r} needs a partition output; {url} has no {MANIFEST_NAME}")
-    if not fs.list_files(url, suffix=".parquet"):
-        raise ScoreError(f"score.input_url {url} holds no .parquet files: nothing to score")
-    df = spark.read.parquet(url)
+    try:
+        df, _, _ = read_parquet_checked(spark, url, "score.input_url")
+    except PartitionError as exc:
+        raise ScoreError(str(exc)) from exc
     fields = {f.name: f.dataType for f in df.schema.fields}
     if data.row_id_col not in fields:
         raise ScoreError(
@@ -88,15 +161,74 @@ def read_input(spark: SparkSession, url: str, data: DataConfig, split: str = "al
             f"columns: {sorted(fields)}. Set data.row_id_col to the input's key"
         )
     try:
-        features, names = feature_expr(df, fields, data)
+        features, names = _pick_features(df, fields, data, model_names)
     except PartitionError as exc:
         raise ScoreError(f"score.input_url {url}: {exc}") from exc
     label = data.label_col if data.label_col in fields else None
-    return ScoreInput(df.withColumn(FEATURES, features), data.row_id_col, len(names), label, url)
+    return ScoreInput(df.withColumn(FEATURES, features), data.row_id_col, len(names), label, url, names)
 
 
-def manifest_input(spark: SparkSession, manifest: Manifest, split: str) -> ScoreInput:
+def _pick_features(
+    df: DataFrame, fields: dict[str, T.DataType], data: DataConfig, model_names: list[str] | None
+) -> tuple[Column, list[str]]:
+    """The model's features from a data set, by name when the model records them."""
+    if model_names is None:
+        if (
+            data.features_col is None
+            and data.feature_cols is None
+            and not isinstance(fields.get("features"), T.ArrayType)
+        ):
+            raise ScoreError(
+                "the model does not record its feature names (it was not trained by jobs/train.py on a manifest "
+                "that tags them), so the input's numeric columns cannot be matched by name: set data.feature_cols "
+                "to the training features in training order"
+            )
+        return feature_expr(df, fields, data)
+    prefix = _array_prefix(model_names)
+    if prefix is not None and not all(n in fields for n in model_names):
+        # The model was trained on an array column: its elements are positional by nature.
+        column = data.features_col or prefix
+        if column not in fields:
+            raise ScoreError(
+                f"the model takes the array column {prefix!r} ({len(model_names)} values), which the input lacks; "
+                f"columns: {sorted(fields)}. Set data.features_col to the input's feature array"
+            )
+        expr, names = feature_expr(df, fields, DataConfig(features_col=column, label_col=data.label_col))
+        if len(names) != len(model_names):
+            raise ScoreError(
+                f"the model takes {len(model_names)} features, but the input's array column {column!r} holds "
+                f"{len(names)}: score data with the features the model was trained on"
+            )
+        return expr, model_names
+    if data.feature_cols is not None and sorted(data.feature_cols) != sorted(model_names):
+        raise ScoreError(
+            f"data.feature_cols {data.feature_cols} are not the model's features {model_names}: leave "
+            "data.feature_cols unset (the model's features are picked by name) or list exactly those"
+        )
+    missing = [n for n in model_names if n not in fields]
+    if missing:
+        raise ScoreError(
+            f"the model takes feature column(s) {missing} that the input lacks (it takes {model_names}; the input "
+            f"has {sorted(fields)}): score data with the columns the model was trained on"
+        )
+    bad = [f"{n} ({fields[n].simpleString()})" for n in model_names if not isinstance(fields[n], _NUMERIC)]
+    if bad:
+        raise ScoreError(f"feature column(s) {bad} are not numeric: cast them to numbers")
+    return F.array(*[F.col(n).cast("float") for n in model_names]), model_names
+
+
+def manifest_input(
+    spark: SparkSession, manifest: Manifest, split: str, model_names: list[str] | None = None
+) -> ScoreInput:
     """The shards of ``split`` (all, train, validation) of a partition output."""
+    if model_names is not None and model_names != manifest.feature_names:
+        same = sorted(model_names) == sorted(manifest.feature_names)
+        raise ScoreError(
+            f"the model takes features {model_names[:8]}{'...' if len(model_names) > 8 else ''}, but "
+            f"{manifest.root_url} holds {manifest.feature_names[:8]}{'...' if manifest.num_features > 8 else ''}"
+            f"{' in another order' if same else ''}: score a partition output of the data the model was trained on, "
+            "or re-partition this data with the model's features (data.feature_cols)"
+        )
     shards = {
         "all": [*manifest.train, manifest.validation],
         "train": manifest.train,
@@ -107,7 +239,7 @@ def manifest_input(spark: SparkSession, manifest: Manifest, split: str) -> Score
         raise ScoreError(f"{manifest.root_url}: split {split!r} holds no rows (see its {MANIFEST_NAME})")
     # One read per shard directory: the train shards (shard=k) and the validation split do not share one
     # partitioned layout, so reading them together would fail Spark's partition discovery.
-    frames = [spark.read.parquet(*manifest.file_urls(s)) for s in chosen]
+    frames = [spark.read.options(**READ_VERIFY).parquet(*manifest.file_urls(s)) for s in chosen]
     df = reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True), frames)
     if manifest.mode == "random_sample" and split != "validation":
         df = df.dropDuplicates([manifest.row_id_col])  # a sampled row can sit in several shards
@@ -118,7 +250,12 @@ def manifest_input(spark: SparkSession, manifest: Manifest, split: str) -> Score
     )
     where = f"{manifest.root_url} ({split})"
     return ScoreInput(
-        df.withColumn(FEATURES, features), manifest.row_id_col, manifest.num_features, manifest.label_col, where
+        df.withColumn(FEATURES, features),
+        manifest.row_id_col,
+        manifest.num_features,
+        manifest.label_col,
+        where,
+        manifest.feature_names,
     )
 
 
@@ -156,30 +293,49 @@ def score(spark: SparkSession, cfg: JobConfig) -> ScoreResult:
     started = time.monotonic()
     scfg: ScoreConfig = cfg.score
     out_url, in_url = scfg.output_url.rstrip("/"), scfg.input_url.rstrip("/")
-    if out_url == in_url or out_url.startswith(in_url + "/") or in_url.startswith(out_url + "/"):
-        raise ScoreError(
-            f"score.output_url {out_url} overlaps score.input_url {in_url}: the output replaces its directory, "
-            "choose a path outside the input"
-        )
+    inputs = {"score.input_url": in_url}
+    check_output(HadoopFS(spark, out_url), out_url, SCORE_OUTPUT, "score.output_url", inputs)
     model_uri = resolve_model_uri(cfg)
     spec = tracking.model_spec(cfg.tracking.tracking_uri, model_uri)
-    inp = read_input(spark, in_url, cfg.data, scfg.split)
+    inp = read_input(spark, in_url, cfg.data, scfg.split, model_feature_names(cfg, spec))
     columns = output_columns(inp, spec.num_classes, scfg.keep_cols)
-    scored = predict(spark, inp, spec).select(*columns)
-    print(f"scoring {inp.description} with {model_uri} (run {spec.run_id}) -> {out_url}", file=sys.stderr)
+    policy = cfg.data.invalid_values
+    checked = inp.df.withColumn(_VALID, valid_features(F.col(FEATURES), inp.num_features))
+    if policy == "drop":
+        checked = checked.persist()
+    rows_in = apply_invalid_policy(checked, F.col(_VALID), inp.row_id_col, policy, "a null feature value")
+    scored = predict(spark, dataclasses.replace(inp, df=rows_in), spec).select(*columns)
+    log.info("scoring %s with %s (run %s) -> %s", inp.description, model_uri, spec.run_id, out_url)
     spark.sparkContext.setJobDescription(f"score: {model_uri} on {inp.description}")
-    with atomic_output(spark, out_url) as tmp:
-        scored.write.mode("errorifexists").parquet(tmp)
-        rows = spark.read.parquet(tmp).count()  # from the Parquet footers
-        result = ScoreResult(
-            output_url=out_url,
-            model_uri=model_uri,
-            model_run_id=spec.run_id,
-            input_url=inp.description,
-            rows=int(rows),
-            num_classes=spec.num_classes,
-            columns=scored.columns,
-            seconds=0.0,
-        )
-        HadoopFS(spark, tmp).write_text(f"{tmp}/{SUMMARY_NAME}", json.dumps(asdict(result), indent=2))
+    try:
+        with atomic_output(spark, out_url, SCORE_OUTPUT, "score.output_url", inputs) as tmp:
+            scored.write.mode("errorifexists").options(**WRITE_CHECKSUMS).parquet(tmp)
+            rows = spark.read.parquet(tmp).count()  # from the Parquet footers
+            dropped = checked.filter(~F.col(_VALID)).count() if policy == "drop" else 0
+            result = ScoreResult(
+                output_url=out_url,
+                model_uri=model_uri,
+                model_run_id=spec.run_id,
+                input_url=inp.description,
+                rows=int(rows),
+                num_classes=spec.num_classes,
+                columns=scored.columns,
+                seconds=0.0,
+                dropped_rows=int(dropped),
+            )
+            fs = HadoopFS(spark, tmp)
+            marker = {**asdict(result), "files": [p for p, _, _ in fs.list_files(tmp)]}
+            fs.write_text(f"{tmp}/{SUMMARY_NAME}", json.dumps(marker, indent=2))
+    except UserError:
+        raise
+    except Exception as exc:
+        clean = clean_invalid_row_error(exc, inp.row_id_col) or corrupt_file_error(exc, "score.input_url")
+        if clean is None:
+            raise
+        raise ScoreError(str(clean)) from exc
+    finally:
+        if policy == "drop":
+            checked.unpersist()
+    if dropped:
+        log.warning("score: dropped %d row(s) with a NaN, infinite or null feature (data.invalid_values=drop)", dropped)
     return ScoreResult(**{**asdict(result), "seconds": round(time.monotonic() - started, 3)})

@@ -7,13 +7,24 @@ any point leaves either the old complete output or the new complete one, never a
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pyspark.sql import SparkSession
 
 from sparkml_dist import faults
+from sparkml_dist.outputs import OutputKind, check_output
+
+_TAG = re.compile(r"^[0-9a-f]{8}$")
+
+WRITE_CHECKSUMS = {"parquet.page.write-checksum.enabled": "true"}
+"""Parquet writer options for every Spark write: a CRC32 in every data page header (parquet-mr's default
+since 1.12; set so that a change of default cannot silently drop it)."""
+READ_VERIFY = {"parquet.page.verify-checksum.enabled": "true"}
+"""Parquet reader options: Spark (parquet-mr) checks each page's CRC where the writer set one, so a flipped
+byte inside a data page fails the read instead of changing a value."""
 
 
 class HadoopFS:
@@ -72,33 +83,49 @@ class HadoopFS:
         """Names of the entries directly under ``url``."""
         return sorted(str(st.getPath().getName()) for st in self._fs.listStatus(self._path(url)))
 
-    def list_files(self, url: str, suffix: str = "") -> list[tuple[str, int, int]]:
-        """(path relative to url, size, mtime) of every file below url, sorted."""
+    def _walk(self, url: str) -> Iterator[tuple[str, Any]]:
+        """(path relative to url, FileStatus) of every file below the directory url."""
         root = self._fs.makeQualified(self._path(url)).toString().rstrip("/")
         it = self._fs.listFiles(self._path(url), True)
-        out = []
         while it.hasNext():
             st = it.next()
-            full = st.getPath().toString()
-            name = st.getPath().getName()
-            if name.startswith((".", "_")) or not full.endswith(suffix):
+            yield st.getPath().toString()[len(root) + 1 :], st
+
+    def list_files(self, url: str, suffix: str = "") -> list[tuple[str, int, int]]:
+        """(path relative to url, size, mtime) of every file below url that Spark would read, sorted: files
+        inside a directory whose name starts with '.' or '_' are hidden from Spark, so skipped here too."""
+        out = []
+        for rel, st in self._walk(url):
+            if any(part.startswith((".", "_")) for part in rel.split("/")) or not rel.endswith(suffix):
                 continue
-            out.append((full[len(root) + 1 :], int(st.getLen()), int(st.getModificationTime())))
+            out.append((rel, int(st.getLen()), int(st.getModificationTime())))
         return sorted(out)
+
+    def list_all(self, url: str) -> list[str]:
+        """Relative paths of every file below the directory url, hidden ones included."""
+        return sorted(rel for rel, _ in self._walk(url))
+
+    def file_status(self, url: str) -> tuple[int, int]:
+        """(size, mtime) of one file."""
+        st = self._fs.getFileStatus(self._path(url))
+        return int(st.getLen()), int(st.getModificationTime())
 
 
 @contextlib.contextmanager
-def atomic_output(spark: SparkSession, url: str) -> Iterator[str]:
+def atomic_output(
+    spark: SparkSession, url: str, kind: OutputKind, key: str, inputs: Mapping[str, str]
+) -> Iterator[str]:
     """Yield a temporary URL to write into; publish it at ``url`` only if the block succeeds.
 
-    The old output (if any) is moved aside, the new one renamed into place, then the old one deleted.
-    A leftover ``*.old-*`` sibling after a crash still holds the previous complete output.
+    ``outputs.check_output`` runs first: an existing ``url`` is replaced only if it is provably an earlier
+    output of ``kind`` and overlaps none of ``inputs`` (config key -> URL). The old output (if any) is
+    moved aside, the new one renamed into place, then the old one deleted. A leftover ``*.old-*`` sibling
+    after a crash still holds the previous complete output.
     """
     fs = HadoopFS(spark, url)
     url = url.rstrip("/")
-    if fs.exists(url) and fs.is_file(url):
-        raise FileExistsError(f"output {url} is a file, not a directory: remove it or choose another path")
     recover(fs, url)
+    check_output(fs, url, kind, key, inputs)
     tag = uuid.uuid4().hex[:8]
     tmp = f"{url}.tmp-{tag}"
     try:
@@ -130,9 +157,11 @@ def recover(fs: HadoopFS, url: str) -> None:
     if not fs.exists(parent):
         return
     siblings = fs.list_dir(parent)
-    olds = sorted(s for s in siblings if s.startswith(f"{name}.old-"))
+    # Only names this module makes (name + .old-/.tmp- + 8 hex digits): a user's "out.old-backup" is not ours.
+    olds = sorted(s for s in siblings if s.startswith(f"{name}.old-") and _TAG.match(s[len(name) + 5 :]))
     if olds and not fs.exists(url):
         fs.rename(f"{parent}/{olds[-1]}", url)
         olds = olds[:-1]
-    for stale in olds + [s for s in siblings if s.startswith(f"{name}.tmp-")]:
+    tmps = [s for s in siblings if s.startswith(f"{name}.tmp-") and _TAG.match(s[len(name) + 5 :])]
+    for stale in olds + tmps:
         fs.delete(f"{parent}/{stale}")

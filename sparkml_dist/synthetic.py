@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import pandas as pd
@@ -18,9 +18,12 @@ from pyspark.sql import types as T
 
 from sparkml_dist.config import GenerateConfig
 from sparkml_dist.metrics import REGRESSION
+from sparkml_dist.outputs import OutputKind, files_listed
 
 BLOCK_ROWS = 4096
 TRUTH_NAME = "_truth.json"
+GENERATE_OUTPUT = OutputKind("generate", TRUTH_NAME, files_listed)
+"""A generated data set is marked by its _truth.json, which also lists the data files (``files``)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,8 @@ class TrueModel:
 
     @classmethod
     def from_json(cls, text: str) -> TrueModel:
-        return cls(**json.loads(text))
+        raw = json.loads(text)
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
 def make_true_model(cfg: GenerateConfig) -> TrueModel:
@@ -168,15 +172,19 @@ def write_dataset(spark: SparkSession, cfg: GenerateConfig) -> GenerateResult:
     """Generate and publish the data set atomically, with the true model in ``_truth.json`` beside it."""
     import time
 
-    from sparkml_dist.storage import HadoopFS, atomic_output
+    from sparkml_dist.outputs import check_output
+    from sparkml_dist.storage import WRITE_CHECKSUMS, HadoopFS, atomic_output
 
     started = time.monotonic()
-    df, truth = generate(spark, cfg)
     out = cfg.output_url.rstrip("/")
+    check_output(HadoopFS(spark, out), out, GENERATE_OUTPUT, "generate.output_url", {})
+    df, truth = generate(spark, cfg)
     spark.sparkContext.setJobDescription(f"generate: {cfg.rows} rows x {cfg.features} features")
-    with atomic_output(spark, out) as tmp:
-        df.write.mode("errorifexists").parquet(tmp)
-        HadoopFS(spark, tmp).write_text(f"{tmp}/{TRUTH_NAME}", truth.to_json())
+    with atomic_output(spark, out, GENERATE_OUTPUT, "generate.output_url", {}) as tmp:
+        df.write.mode("errorifexists").options(**WRITE_CHECKSUMS).parquet(tmp)
+        fs = HadoopFS(spark, tmp)
+        marker = {**asdict(truth), "files": [p for p, _, _ in fs.list_files(tmp)]}
+        fs.write_text(f"{tmp}/{TRUTH_NAME}", json.dumps(marker))
     return GenerateResult(
         out, cfg.rows, cfg.features, truth.classes, f"{out}/{TRUTH_NAME}", round(time.monotonic() - started, 3)
     )

@@ -11,6 +11,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from sparkml_dist.config import ConfigError, GenerateConfig, load_config
+from sparkml_dist.errors import OutputPathError
 from sparkml_dist.manifest import MANIFEST_NAME, ManifestError, read_manifest
 from sparkml_dist.partition import PartitionError, partition
 from sparkml_dist.synthetic import write_dataset
@@ -188,7 +189,7 @@ def test_empty_input_and_output_that_is_a_file(spark, tmp_path, raw_url):
     with pytest.raises(PartitionError, match="empty"):
         partition(spark, _cfg(tmp_path, f"file://{tmp_path}/empty"))
     (tmp_path / "out").write_text("not a directory")
-    with pytest.raises(PartitionError, match="is a file"):
+    with pytest.raises(OutputPathError, match="is an existing file, not a directory"):
         partition(spark, _cfg(tmp_path, raw_url))
     assert (tmp_path / "out").read_text() == "not a directory"
 

@@ -11,6 +11,7 @@ import torch
 
 from sparkml_dist import tracking
 from sparkml_dist.config import load_config, url_to_path
+from sparkml_dist.errors import OutputPathError
 from sparkml_dist.manifest import read_manifest
 from sparkml_dist.models import LogisticRegression, ProbabilityModel
 from sparkml_dist.partition import partition
@@ -140,14 +141,14 @@ def test_a_partition_split_scores_with_registry_uris(spark, setup):
         (["score.input_url={work}/missing"], "does not exist"),
         (["data.features_col=feats"], "features_col='feats' is not in the input"),
         (["score.keep_cols=[weight]"], r"keep_cols \['weight'\] are not in"),
-        (["score.output_url={work}/data/raw/scores"], "overlaps score.input_url"),
+        (["score.output_url={work}/data/raw/scores"], "is inside score.input_url"),
         (["score.split=train"], "needs a partition output"),
     ],
 )
 def test_bad_input_fails_clearly_and_writes_nothing(spark, setup, sets, match):
     work, _ = setup
     cfg = _cfg(work, f"score.output_url={work}/scores-bad", *[s.format(work=work) for s in sets])
-    with pytest.raises((ScoreError, tracking.TrackingError), match=match):
+    with pytest.raises((ScoreError, OutputPathError, tracking.TrackingError), match=match):
         score(spark, cfg)
     assert not (work / "scores-bad").exists()
 
