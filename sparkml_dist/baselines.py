@@ -31,7 +31,7 @@ from pyspark import RDD, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from sparkml_dist import tracking
+from sparkml_dist import storage, tracking
 from sparkml_dist.config import BASELINE_KINDS, BaselineConfig, ConfigError, JobConfig
 from sparkml_dist.manifest import Manifest, ManifestError, ShardEntry, read_manifest
 from sparkml_dist.metrics import REGRESSION, eval_sums, summarize
@@ -101,7 +101,7 @@ def load_data(
     """
 
     def read(shard: ShardEntry) -> DataFrame:
-        df = spark.read.parquet(*manifest.file_urls(shard))
+        df = spark.read.options(**storage.READ_VERIFY).parquet(*manifest.file_urls(shard))
         n = partitions_per_shard
         return df.coalesce(1) if n == 1 else df.repartition(n)  # coalesce: no shuffle, one task reads the files
 

@@ -21,9 +21,9 @@ KEEP = 3
 
 
 def _fs(url: str) -> tuple[Any, str]:
-    from pyarrow import fs as pafs
+    from sparkml_dist.manifest import arrow_fs  # takes paths with spaces, unlike FileSystem.from_uri
 
-    return pafs.FileSystem.from_uri(url.rstrip("/"))
+    return arrow_fs(url.rstrip("/"))
 
 
 def save_checkpoint(dir_url: str, epoch: int, payload: dict[str, Any]) -> str:

@@ -251,6 +251,10 @@ class TrainConfig:
     """Rank 0 writes a checkpoint after every epoch; a retried or re-run job resumes from it."""
     resume_run_id: str | None = None
     """Resume this MLflow run id from its latest checkpoint."""
+    verify_pages: bool = False
+    """Before training, read every shard once with Parquet page-checksum verification (one full pass): the
+    only check that catches a flipped byte inside a data page, since the ranks read through pyarrow 14,
+    which cannot verify page checksums. Footers and row counts are checked on every run regardless."""
     mode: str = "data_parallel"
     """A registered training mode. data_parallel: one rank per sample shard, full model everywhere,
     gradients combined by comm.strategy. feature_parallel: one rank per feature group

@@ -60,7 +60,7 @@ from sparkml_dist.loader import (
     label_dtype_of,
 )
 from sparkml_dist.loop import MODES, ResumePoint, TrainJob, Workload, whole_optimizer_steps
-from sparkml_dist.manifest import FeatureGroup, Manifest
+from sparkml_dist.manifest import FeatureGroup, Manifest, arrow_fs
 from sparkml_dist.metrics import batch_sums, empty_sums
 from sparkml_dist.models import check_model_for_data, loss_fn, output_width, predictions
 from sparkml_dist.rank import Collectives, RankContext
@@ -150,9 +150,7 @@ def assemble_state_dict(manifest: Manifest, block_urls: list[str]) -> dict[str, 
 
 def read_url(url: str, place: Placement | None = None) -> dict[str, Any]:
     """A file written by ``checkpoint.save_checkpoint``, by its URL; tensors onto ``place``'s device (CPU)."""
-    from pyarrow import fs as pafs
-
-    filesystem, path = pafs.FileSystem.from_uri(url)
+    filesystem, path = arrow_fs(url)
     with filesystem.open_input_stream(path) as f:
         data = f.read()
     return (place or Placement()).load(data)

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from pyspark.sql import SparkSession
 
-from sparkml_dist import feature_parallel, tracking
+from sparkml_dist import feature_parallel, outputs, tracking
 from sparkml_dist.config import CommConfig, JobConfig
 from sparkml_dist.launch import run_on_ranks
 from sparkml_dist.loader import steps_per_epoch
-from sparkml_dist.manifest import Manifest, read_manifest
+from sparkml_dist.manifest import Manifest, feature_tags, read_manifest
 from sparkml_dist.metrics import primary_metric
 from sparkml_dist.models import build_model, check_model_for_data, prediction_model
+from sparkml_dist.partition import verify_pages
 from sparkml_dist.train import TrainJob, train_rank
 
 PROGRESS_POLL_S = 2.0
@@ -63,6 +64,13 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
         check_model_for_data(cfg.train.model, manifest.num_classes)
         world = manifest.num_shards
         steps = steps_per_epoch(manifest, cfg.train.batch_size, world, cfg.train.max_steps_per_epoch)
+    outputs.check_disjoint(
+        "train.runs_url",
+        cfg.train.runs_url,
+        {"train.manifest_url": cfg.train.manifest_url, "data.input_url": cfg.data.input_url},
+    )
+    if cfg.train.verify_pages:
+        verify_pages(spark, manifest)
     experiment_id = tracking.ensure_experiment(cfg.tracking)  # unreachable tracking fails here, before any task
     sc = spark.sparkContext
     tags = {
@@ -75,6 +83,7 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
         "comm_compression": cfg.comm.compression,
         "model": cfg.train.model,
         "mode": cfg.train.mode,
+        **feature_tags(manifest),  # scoring picks the model's input columns by these names
     }
     kind = "feature_parallel" if by_feature else comm_kind(cfg.comm)
     tags[TRAIN_FINGERPRINT_TAG] = train_fingerprint(cfg, manifest.fingerprint)

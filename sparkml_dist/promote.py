@@ -35,7 +35,7 @@ from sparkml_dist.config import JobConfig
 from sparkml_dist.errors import UserError
 from sparkml_dist.manifest import Manifest, read_manifest
 from sparkml_dist.metrics import LOWER_IS_BETTER, REGRESSION, SCORES, batch_sums, scores_of, summarize
-from sparkml_dist.score import PROBS, ScoreError, ScoreInput, manifest_input, predict
+from sparkml_dist.score import PROBS, ScoreError, ScoreInput, manifest_input, model_feature_names, predict
 
 KIND = "promotion"
 STAGE_TAG = "promotion_stage"
@@ -168,6 +168,13 @@ def evaluate_model(
     """metrics.summarize of one model on ``inp`` (log_loss, accuracy, auc; mse, rmse, mae, r2 for regression)
     and rows; metrics summed per Spark partition."""
     spec = tracking.model_spec(cfg.tracking.tracking_uri, model_uri)
+    names = model_feature_names(cfg, spec)
+    if names is not None and names != manifest.feature_names:
+        raise ScoreError(
+            f"model {model_uri} takes features {names[:8]}{'...' if len(names) > 8 else ''}, but {manifest.root_url} "
+            f"holds {manifest.feature_names[:8]}{'...' if manifest.num_features > 8 else ''}: evaluate it on a "
+            "partition output of the data it was trained on"
+        )
     if spec.num_classes != (1 if manifest.num_classes == REGRESSION else manifest.num_classes):
         what = "a value (regression)" if spec.regression else f"{spec.num_classes} classes"
         has = "real-valued labels" if manifest.num_classes == REGRESSION else f"{manifest.num_classes} classes"
