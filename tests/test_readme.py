@@ -154,32 +154,43 @@ def test_wrapper_names_a_missing_venv(tmp_path: Path) -> None:
     assert str(tmp_path / "nope") in proc.stderr and "make setup" in proc.stderr
 
 
-@pytest.mark.slow
-def test_readme_spark_submit_blocks_run_as_written(tmp_path: Path) -> None:
-    for port in CLUSTER_PORTS:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                pytest.fail(f"port {port} is in use; the README's standalone block needs it (make cluster-up)")
-    runnable, _ = submit_blocks(README.read_text())
-    clone = _scratch_clone(tmp_path / "clone")
-    env = _fresh_shell_env()
-    uptodate = _run("make -q setup", clone, env)
-    assert uptodate.returncode == 0, f"make would set up again in the scratch clone:\n{uptodate.stdout}"
-    # The blocks train on a partition output; make it (tiny) the way the README's local block does.
-    for job in ("generate", "partition"):
-        prep = _run(f".venv/bin/python -m jobs.{job} --config conf/local.yaml", clone, env)
-        assert prep.returncode == 0, prep.stderr[-4000:]
+_RUNNABLE = submit_blocks(README.read_text())[0]
 
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The scratch clone with a (tiny) partition output, made the way the README's local block does."""
+    root = _scratch_clone(tmp_path_factory.mktemp("readme") / "clone")
+    env = _fresh_shell_env()
+    uptodate = _run("make -q setup", root, env)
+    assert uptodate.returncode == 0, f"make would set up again in the scratch clone:\n{uptodate.stdout}"
+    for job in ("generate", "partition"):
+        prep = _run(f".venv/bin/python -m jobs.{job} --config conf/local.yaml", root, env)
+        assert prep.returncode == 0, prep.stderr[-4000:]
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "block", _RUNNABLE, ids=["standalone" if "make cluster-up" in b else "local" for b in _RUNNABLE]
+)
+def test_readme_block_runs_as_written(block: str, clone: Path) -> None:
+    on_cluster = "make cluster-up" in block
+    if on_cluster:
+        for port in CLUSTER_PORTS:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    pytest.fail(f"port {port} is in use; the README's standalone block needs it (make cluster-up)")
+    env = _fresh_shell_env()
     cfg = load_config(clone / "conf" / "local.yaml", [f"paths.work_dir={clone / 'work'}"])
     try:
-        for block in runnable:
-            proc = _run(block, clone, env)
-            assert proc.returncode == 0, f"README block failed ({proc.returncode}):\n{block}\n{proc.stderr[-6000:]}"
-            trained = [s for s in _summaries(proc.stdout) if "run_id" in s]
-            assert trained, f"no training summary from:\n{block}\n{proc.stdout[-2000:]}"
-            record = get_run_record(cfg.tracking, trained[-1]["run_id"], ())
-            assert record.status == "FINISHED"
-            on_cluster = "make cluster-up" in block
-            assert record.tags["spark_app_id"].startswith("app-" if on_cluster else "local-"), record.tags
+        proc = _run(block, clone, env)
     finally:
-        _run(".venv/bin/python -m sparkml_dist.cluster stop --run-dir work/cluster", clone, env)
+        if on_cluster:
+            _run(".venv/bin/python -m sparkml_dist.cluster stop --run-dir work/cluster", clone, env)
+    assert proc.returncode == 0, f"README block failed ({proc.returncode}):\n{block}\n{proc.stderr[-6000:]}"
+    trained = [s for s in _summaries(proc.stdout) if "run_id" in s]
+    assert trained, f"no training summary from:\n{block}\n{proc.stdout[-2000:]}"
+    record = get_run_record(cfg.tracking, trained[-1]["run_id"], ())
+    assert record.status == "FINISHED"
+    assert record.tags["spark_app_id"].startswith("app-" if on_cluster else "local-"), record.tags
