@@ -64,8 +64,10 @@ def submit_blocks(text: str) -> tuple[list[str], list[str]]:
 def _fresh_shell_env() -> dict[str, str]:
     """This environment as a new login shell would have it: the venv not on PATH nor activated."""
     venv_bin = str(Path(sys.prefix) / "bin")
-    env = {k: v for k, v in os.environ.items() if k not in ("SPARK_HOME", "PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")}
-    env.pop("VIRTUAL_ENV", None)
+    # MAKEFLAGS & co.: under `make test` they would hand make's command-line variables (SPARK=...) to the
+    # blocks' own make calls.
+    unset = ("SPARK_HOME", "PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "VIRTUAL_ENV", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
     env["SPARK_LOCAL_IP"] = "127.0.0.1"
     # The code under test (a clone's editable install points there too; a worktree's may not).
