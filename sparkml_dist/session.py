@@ -92,9 +92,13 @@ def stop_spark_session(spark: SparkSession) -> None:
     Spark 3.5's BarrierTaskContext holds one JVM-wide, non-daemon ``java.util.Timer``. With a local master
     the barrier tasks run inside the driver JVM, so after a training stage that thread keeps spark-submit
     alive forever once the job has returned. Cancelling it after Spark is stopped lets the JVM exit.
+    Spark 4.0 made that field a daemon ``ScheduledThreadPoolExecutor`` (checked in 4.0.5's bytecode), which
+    never holds the JVM: it is left alone.
     """
     jvm = spark.sparkContext._jvm
     spark.stop()
     if under_spark_submit() and jvm is not None:
         module = getattr(getattr(jvm.org.apache.spark, "BarrierTaskContext$"), "MODULE$")
-        getattr(module, "org$apache$spark$BarrierTaskContext$$timer")().cancel()
+        timer = getattr(module, "org$apache$spark$BarrierTaskContext$$timer")()
+        if timer.getClass().getName() == "java.util.Timer":
+            timer.cancel()
