@@ -9,8 +9,10 @@ Generates ``--rows`` rows with the project's generate + partition code on local[
 size 1, ``large``) and rank 0 of 4 (one shard, 1/4 of the rows, ``small``), to show peak RSS does not grow
 with the shard. Every measurement runs in a fresh subprocess, which reports its rows/s into float32
 [B, F] / int64 [B] torch batches and its peak RSS (ru_maxrss; for the process pool also the largest
-worker's). ``--repeats`` runs every path that many times, interleaved, so each repeat's ratios are taken
-in the same conditions; the JSON gives each repeat and the median. Prints one JSON object last.
+worker's) and its CPU seconds (its own + its reader processes'): rows per CPU-second measures efficiency
+even on a shared machine, where rows/s is noisy. ``--repeats`` runs every path that many times,
+interleaved, so each repeat's ratios are taken in the same conditions; the JSON gives each repeat and the
+median. Prints one JSON object last.
 
 Paths: ``raw_pq`` (pyarrow.parquet, one row group at a time, columns decoded on pyarrow's threads),
 ``raw_dataset`` (pyarrow.dataset scanner: several row groups at once on its own threads), ``loader_t<N>``
@@ -71,6 +73,12 @@ def _arrow_to_numpy(table, features_col: str | None, names: list[str], label: st
     return col.flatten().to_numpy().reshape(len(col), len(names)), y
 
 
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process and its reaped children (the reader processes)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def child(task: dict) -> dict:
     """One measurement in this (fresh) process."""
     import dataclasses
@@ -100,6 +108,7 @@ def child(task: dict) -> dict:
     names, label, bs = list(m.feature_names), m.label_col, spec.batch_size
     cols = [m.features_col] if m.features_col else names
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cpu0 = _cpu_s()
     rows, t0 = 0, time.perf_counter()
     if path.startswith("loader"):
         with iterate_batches(spec, 0) as batches:
@@ -129,10 +138,13 @@ def child(task: dict) -> dict:
     else:
         raise ValueError(f"unknown path {path!r}: choose from {(*PATHS, 'petastorm_default')}")
     seconds = time.perf_counter() - t0
+    cpu = _cpu_s() - cpu0
     return {
         "rows": rows,
         "seconds": round(seconds, 3),
         "rows_per_s": round(rows / seconds),
+        "cpu_s": round(cpu, 3),
+        "rows_per_cpu_s": round(rows / cpu),
         "rss_after_imports_mb": round(rss_before, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "largest_worker_process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
@@ -256,6 +268,9 @@ def main() -> None:
         "one_rank_rows_per_s_vs_h100_consumption": {
             "loader_rows_per_s": {k: v["large"][best(v["large"])]["rows_per_s"] for k, v in results.items()},
             "h100_consumes_rows_per_s": H100_ROWS_PER_S,
+        },
+        "rows_per_cpu_s": {
+            k: {s: {p: v[s][p]["rows_per_cpu_s"] for p in paths} for s in v} for k, v in results.items()
         },
         "peak_rss_growth_mb_for_4x_rows": {
             k: {p: round(v["large"][p]["peak_rss_mb"] - v["small"][p]["peak_rss_mb"], 1) for p in paths}
