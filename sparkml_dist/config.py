@@ -235,6 +235,9 @@ class TrainConfig:
     """Shuffle row groups and rows (through a buffer) each epoch, seeded by (seed, epoch, rank)."""
     shuffle_buffer_rows: int = 20_000
     """Rows held in the shuffle buffer per rank."""
+    reader_workers: int = 2
+    """Petastorm reader threads per rank decoding row groups in parallel (>= 1). The batch stream is the same
+    for any count (row groups are reordered as ventilated); memory grows by about one row group per worker."""
     fp16_allreduce: bool = False
     """Deprecated spelling of comm.compression=fp16 (kept so existing configs run unchanged)."""
     backward_passes_per_step: int = 1

@@ -6,17 +6,23 @@ collective. A larger shard's remainder is skipped for that epoch: with shuffle o
 (the end of the shard in file order); with shuffle on, the last rows of that epoch's seeded stream, so a
 different random set each epoch.
 
-Order: one Petastorm worker thread reads row groups strictly in ventilation order, so the stream is a
-pure function of the files and the seed. Shuffle on: the row-group order is shuffled by Petastorm's
-ventilator, seeded through ``make_batch_reader(seed=...)`` (0.12.1 does seed it; more than one worker would
-make the completion order, hence the data order, timing-dependent), then rows pass through our seeded
-shuffle buffer; both seeds derive from (seed, epoch, rank). Shuffle off: file order, row-group order.
+Order: Petastorm's ventilator hands row groups to ``workers_count`` reader workers (threads or processes)
+in one order: file order, or with shuffle on a permutation seeded through ``Reader(seed=...)``. Workers
+finish in any order, so our pool numbers every row group as it is ventilated, our worker tags the decoded
+table with that number, and a reorder buffer releases tables strictly in ventilation order. The stream is
+therefore the same for any number of workers (the one-worker stream) and a pure function of (files, seed,
+epoch, rank). Shuffle on: rows then pass through our seeded shuffle buffer; both seeds derive from (seed,
+epoch, rank).
+
+Memory: the ventilator keeps at most ``workers_count + 2`` row groups ventilated and not yet consumed, so
+the reorder buffer never holds more than that many tables, whatever the shard size; plus the shuffle buffer.
 
 Speed: Petastorm's results reader turns every column into pandas and a list column into an object array
-stacked row by row (about 0.4x a raw pyarrow scan). We take the Arrow table the worker already decoded and
-convert it ourselves: the array layout zero-copy (``ListArray.flatten().to_numpy().reshape``), the
-scalar-columns layout with one ``np.stack``. Memory is bounded by the results queue (about two row groups)
-plus the shuffle buffer, whatever the shard size.
+stacked row by row (about 0.4x a raw pyarrow scan). Our worker's results reader hands over the Arrow table
+the worker decoded and we convert it ourselves: the array layout zero-copy
+(``ListArray.flatten().to_numpy().reshape``), the scalar-columns layout with one ``np.stack``. Decoding
+releases the GIL, so reader threads decode row groups in parallel; processes also decode in parallel but
+pay an Arrow IPC copy per row group and a process start per reader (``bench/loader.py`` measures both).
 """
 
 from __future__ import annotations
@@ -24,25 +30,31 @@ from __future__ import annotations
 import itertools
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from sparkml_dist.config import TrainConfig
 from sparkml_dist.errors import UserError
 from sparkml_dist.manifest import Manifest, ShardEntry
 from sparkml_dist.metrics import REGRESSION
 
-RESULTS_QUEUE_SIZE = 4
-"""Petastorm queue entries; each row group puts its table and a 'processed' marker, so <= 2 tables wait."""
+if TYPE_CHECKING:  # torch is imported where batches are made: reader processes import this module without it
+    import torch
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+RESULTS_QUEUE_SIZE = 4
+"""Thread pool queue entries; each row group puts its table and a 'processed' marker, so <= 2 tables wait."""
+READER_POOLS = ("thread", "process")
+"""Petastorm worker pools a ``LoaderSpec.reader_pool`` may name."""
+SEQ_KEY = b"sparkml_dist.ventilation_seq"
+"""Schema-metadata key of the number our worker tags each row group's table with (survives Arrow IPC)."""
+
+Batch = tuple["torch.Tensor", "torch.Tensor"]
 Chunk = tuple[np.ndarray, np.ndarray]
 
 
@@ -71,7 +83,9 @@ class LoaderSpec:
     seed: int
     rank: int
     workers_count: int = 1
-    """Petastorm reader threads; > 1 reads faster but makes the row order timing-dependent."""
+    """Petastorm reader workers decoding row groups in parallel; the stream is the same for any count."""
+    reader_pool: Literal["thread", "process"] = "thread"
+    """Petastorm worker pool: threads (default, measured faster here) or processes (Arrow IPC per row group)."""
     row_range: tuple[int, int] | None = None
     """Only rows [start, stop) of the files' concatenation (validation shares); needs shuffle off."""
     row_id_col: str | None = None
@@ -82,6 +96,8 @@ class LoaderSpec:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.steps < 0 or self.workers_count < 1:
             raise ValueError(f"bad LoaderSpec for {self.shard}: batch_size, workers_count >= 1 and steps >= 0")
+        if self.reader_pool not in READER_POOLS:
+            raise ValueError(f"LoaderSpec.reader_pool must be one of {READER_POOLS}, got {self.reader_pool!r}")
         if self.row_range is not None and self.shuffle:
             raise ValueError("LoaderSpec.row_range selects rows in file order: it needs shuffle=False")
 
@@ -136,9 +152,16 @@ def build_loader_spec(
     world_size: int,
     cfg: TrainConfig,
     split: Literal["train", "validation"] = "train",
-    workers_count: int = 1,
+    workers_count: int | None = None,
 ) -> LoaderSpec:
-    """The spec of ``rank``'s data: its training shard(s), or its contiguous 1/world_size of validation rows."""
+    """The spec of ``rank``'s data: its training shard(s), or its contiguous 1/world_size of validation rows.
+
+    ``workers_count`` (Petastorm reader workers) defaults to ``cfg.reader_workers``.
+    """
+    if workers_count is None:
+        workers_count = cfg.reader_workers
+    if workers_count < 1:
+        raise LoaderError(f"train.reader_workers must be >= 1, got {workers_count}: set train.reader_workers=1 or more")
     common: dict[str, Any] = dict(
         features_col=manifest.features_col,
         feature_cols=tuple(manifest.feature_names),
@@ -198,47 +221,149 @@ class _ArrowTables:
             raise StopIteration from None
 
 
+class _SequencedArrowWorker:
+    """Petastorm's ``ArrowReaderWorker``, tagging each row group's table with its ventilation number.
+
+    Implements Petastorm's worker protocol (``worker_id``, ``publish_func``, ``process``, ``shutdown``,
+    ``new_results_queue_reader``); module-level so the process pool can pickle it by reference.
+    """
+
+    def __init__(self, worker_id: int, publish_func: Any, args: Any) -> None:
+        from petastorm.arrow_reader_worker import ArrowReaderWorker
+
+        self.worker_id = worker_id
+        self.publish_func = publish_func  # the thread pool also sends its 'processed' marker through it
+        self._seq = -1
+        self._published = False
+        self._inner = ArrowReaderWorker(worker_id, self._publish_tagged, args)
+
+    def process(self, piece_index: int, worker_predicate: Any, shuffle_row_drop_partition: Any, seq: int) -> None:
+        self._seq, self._published = seq, False
+        self._inner.process(piece_index, worker_predicate, shuffle_row_drop_partition)
+        if not self._published:  # Petastorm publishes nothing for a row group without rows; the order needs one
+            self._publish_tagged(pa.table({}))
+
+    def _publish_tagged(self, table: pa.Table) -> None:
+        self._published = True
+        self.publish_func(table.replace_schema_metadata({**(table.schema.metadata or {}), SEQ_KEY: b"%d" % self._seq}))
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    @staticmethod
+    def new_results_queue_reader() -> _ArrowTables:
+        return _ArrowTables()
+
+
+class _SequencedPool:
+    """A Petastorm workers pool (threads or processes) that adds ``seq`` = 0, 1, 2, ... to the row groups in
+    ventilation order; the rest of the pool protocol the ``Reader`` uses is forwarded as it is."""
+
+    def __init__(self, kind: str, workers_count: int) -> None:
+        from petastorm.reader_impl.arrow_table_serializer import ArrowTableSerializer
+        from petastorm.workers_pool.process_pool import ProcessPool
+        from petastorm.workers_pool.thread_pool import ThreadPool
+
+        self.workers_count = workers_count
+        self.started = False
+        self._seq = itertools.count()
+        self._pool = (
+            ThreadPool(workers_count, RESULTS_QUEUE_SIZE)
+            if kind == "thread"
+            else ProcessPool(workers_count, ArrowTableSerializer())
+        )
+
+    def start(self, worker_class: Any, worker_args: Any = None, ventilator: Any = None) -> None:
+        self.started = True  # before: a pool that failed half-way through starting must still be stopped
+        self._pool.start(worker_class, worker_args, ventilator=ventilator)
+
+    def ventilate(self, *args: Any, **kwargs: Any) -> None:
+        # Only the ventilator thread calls this, so the counter needs no lock.
+        self._pool.ventilate(*args, seq=next(self._seq), **kwargs)
+
+    def get_results(self) -> Any:
+        return self._pool.get_results()
+
+    def stop(self) -> None:
+        self._pool.stop()
+
+    def join(self) -> None:
+        self._pool.join()
+
+    @property
+    def diagnostics(self) -> dict[str, Any]:
+        return dict(self._pool.diagnostics)
+
+
 def _open_reader(spec: LoaderSpec, order_seed: int | None) -> Any:
-    from petastorm import make_batch_reader
-    from petastorm.arrow_reader_worker import ArrowReaderWorkerResultsQueueReader
+    """Petastorm's ``Reader`` (what ``make_batch_reader`` builds) with our worker class and numbered pool."""
+    from petastorm.fs_utils import get_filesystem_and_path_or_paths
+    from petastorm.reader import Reader, normalize_dataset_url_or_urls
 
     columns = [spec.features_col] if spec.features_col else list(spec.feature_cols)
-    reader = make_batch_reader(
-        list(spec.urls),
-        # Anchored: schema_fields are regexes and an unanchored 'f1' would also match f10 (and warn).
-        schema_fields=[re.escape(c) + "$" for c in [*columns, spec.label_col, *filter(None, [spec.row_id_col])]],
-        reader_pool_type="thread",
-        workers_count=spec.workers_count,
-        results_queue_size=RESULTS_QUEUE_SIZE,
-        shuffle_row_groups=order_seed is not None,
-        seed=order_seed,
-        num_epochs=1,
-    )
-    # The one private hook: skip the per-column pandas conversion (see the module doc). On another
-    # Petastorm version it is left alone and _to_numpy takes the namedtuples instead.
-    if type(getattr(reader, "_results_queue_reader", None)) is ArrowReaderWorkerResultsQueueReader:
-        reader._results_queue_reader = _ArrowTables()
-    return reader
+    filesystem, paths = get_filesystem_and_path_or_paths(normalize_dataset_url_or_urls(list(spec.urls)))
+    pool = _SequencedPool(spec.reader_pool, spec.workers_count)
+    try:
+        return Reader(
+            filesystem,
+            paths,
+            # Anchored: schema_fields are regexes and an unanchored 'f1' would also match f10 (and warn).
+            schema_fields=[re.escape(c) + "$" for c in [*columns, spec.label_col, *filter(None, [spec.row_id_col])]],
+            worker_class=_SequencedArrowWorker,
+            reader_pool=pool,
+            shuffle_row_groups=order_seed is not None,
+            seed=order_seed,
+            num_epochs=1,
+            is_batched_reader=True,
+        )
+    except BaseException:
+        if pool.started:  # e.g. a reader process that did not come up: stop the ones that did
+            pool.stop()
+            pool.join()
+        raise
 
 
-def _to_numpy(item: Any, spec: LoaderSpec) -> Chunk:
+def _in_ventilation_order(reader: Any, spec: LoaderSpec) -> Iterator[pa.Table]:
+    """The reader's tables in ventilation order, whatever order the workers finish in.
+
+    The ventilator keeps at most workers + 2 row groups outstanding, which bounds ``early``.
+    """
+    early: dict[int, pa.Table] = {}
+    expected = 0
+    for table in reader:
+        early[int(table.schema.metadata[SEQ_KEY])] = table
+        while expected in early:
+            ready = early.pop(expected)
+            expected += 1
+            if ready.num_columns:  # not the marker of a row group without rows
+                yield ready
+    if early:
+        raise LoaderError(
+            f"{spec.shard}: the reader ended after {expected} row groups with later ones {sorted(early)} "
+            "waiting: a row group was lost; check the files are readable and not being rewritten"
+        )
+
+
+def _to_numpy(table: pa.Table, spec: LoaderSpec) -> Chunk:
     """One row group -> (float32 [rows, features] C-contiguous, labels [rows] of ``spec.label_dtype``)."""
-    if not isinstance(item, pa.Table):  # Petastorm's namedtuple of numpy columns
-        cols = item._asdict()
-        names = [spec.features_col] if spec.features_col else list(spec.feature_cols)
-        x = np.column_stack([cols[n] for n in names]).astype(np.float32, copy=False)
-        return x, np.asarray(cols[spec.label_col], dtype=spec.label_dtype)
-    y = item.column(spec.label_col).to_numpy().astype(spec.label_dtype)
+    y = table.column(spec.label_col).to_numpy().astype(spec.label_dtype)
     if spec.features_col is None:
-        x = np.stack([item.column(c).to_numpy() for c in spec.feature_cols], axis=1)
+        x = np.stack([table.column(c).to_numpy() for c in spec.feature_cols], axis=1)
         return x.astype(np.float32, copy=False), y
-    col = item.column(spec.features_col)
+    col = table.column(spec.features_col)
     arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
     n = spec.num_features
     if len(arr) and (arr.null_count or pc.min_max(arr.value_lengths()).as_py() != {"min": n, "max": n}):
         raise LoaderError(f"{spec.shard}: column {spec.features_col!r} has a null or a row without {n} features")
     x = arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), n)  # zero-copy for float32
     return x.astype(np.float32, copy=False), y
+
+
+def _row_groups(
+    reader: Any, spec: LoaderSpec, convert: Callable[[pa.Table, LoaderSpec], Chunk] = _to_numpy
+) -> Iterator[Chunk]:
+    """``convert``ed row groups in ventilation order, windowed to ``spec.row_range``."""
+    return _window((convert(t, spec) for t in _in_ventilation_order(reader, spec)), spec.row_range)
 
 
 def _window(chunks: Iterator[Chunk], row_range: tuple[int, int] | None) -> Iterator[Chunk]:
@@ -301,6 +426,8 @@ def _shuffled(chunks: Iterator[Chunk], bs: int, buffer_rows: int, rng: np.random
 
 
 def _silence_readonly_warning() -> None:
+    import torch
+
     # Batches are zero-copy views of Arrow memory; torch warns once per process that it cannot mark them
     # read-only. Trigger that one warning here, silenced. Batches must not be written in place.
     a = np.zeros(1, np.float32)
@@ -340,7 +467,9 @@ def iterate_batches(spec: LoaderSpec, epoch: int) -> Iterator[Iterator[Batch]]:
     reader = _open_reader(spec, order_seed)
 
     def batches() -> Iterator[Batch]:
-        chunks = _window((_to_numpy(t, spec) for t in reader), spec.row_range)
+        import torch
+
+        chunks = _row_groups(reader, spec)
         if rng is None:
             stream = _in_order(chunks, spec.batch_size, spec.num_features)
         else:
@@ -360,7 +489,7 @@ def read_all(spec: LoaderSpec) -> tuple[np.ndarray, np.ndarray]:
     if spec.urls:
         reader = _open_reader(spec, None)
         try:
-            for x, y in _window((_to_numpy(t, spec) for t in reader), spec.row_range):
+            for x, y in _row_groups(reader, spec):
                 xs.append(x)
                 ys.append(y)
         finally:
@@ -370,15 +499,14 @@ def read_all(spec: LoaderSpec) -> tuple[np.ndarray, np.ndarray]:
 
 # ------------------------------------------------------------------ feature-parallel: same rows, other columns
 
-AlignedBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+AlignedBatch = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]
 
 
-def _with_row_ids(item: Any, spec: LoaderSpec) -> Chunk:
+def _with_row_ids(table: pa.Table, spec: LoaderSpec) -> Chunk:
     """``_to_numpy`` with the row ids riding along the labels in one structured array, so the unchanged
     batching and shuffle-buffer code moves label and row id of a row together."""
-    x, y = _to_numpy(item, spec)
-    col = spec.row_id_col or ""
-    ids = item.column(col).to_numpy() if isinstance(item, pa.Table) else np.asarray(item._asdict()[col])
+    x, y = _to_numpy(table, spec)
+    ids = table.column(spec.row_id_col or "").to_numpy()
     both = np.empty(len(y), np.dtype([("label", y.dtype), ("row_id", np.int64)]))
     both["label"], both["row_id"] = y, ids
     return x, both
@@ -400,7 +528,9 @@ def iterate_aligned_batches(spec: LoaderSpec, epoch: int) -> Iterator[Iterator[A
     reader = _open_reader(spec, None)
 
     def batches() -> Iterator[AlignedBatch]:
-        chunks = _window((_with_row_ids(t, spec) for t in reader), spec.row_range)
+        import torch
+
+        chunks = _row_groups(reader, spec, _with_row_ids)
         stream = _in_order(chunks, spec.batch_size, spec.num_features)
         if rng is not None:  # inputs are whole batch-size blocks, so the buffer's cuts match on every rank
             stream = _shuffled(stream, spec.batch_size, spec.shuffle_buffer_rows, rng)
@@ -423,6 +553,6 @@ def iterate_chunks(spec: LoaderSpec) -> Iterator[Iterator[Chunk]]:
         return
     reader = _open_reader(spec, None)
     try:
-        yield _window((_to_numpy(t, spec) for t in reader), spec.row_range)
+        yield _row_groups(reader, spec)
     finally:
         _close(reader)

@@ -7,12 +7,25 @@ import pickle
 import threading
 
 import numpy as np
+import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from sparkml_dist.config import TrainConfig, load_config
-from sparkml_dist.loader import LoaderError, build_loader_spec, iterate_batches, read_all, steps_per_epoch
+from sparkml_dist.loader import (
+    SEQ_KEY,
+    LoaderError,
+    LoaderSpec,
+    _in_ventilation_order,
+    build_loader_spec,
+    iterate_aligned_batches,
+    iterate_batches,
+    iterate_chunks,
+    read_all,
+    steps_per_epoch,
+)
 from sparkml_dist.manifest import Manifest, read_manifest
 from sparkml_dist.partition import partition
 from sparkml_dist.synthetic import write_dataset
@@ -146,3 +159,80 @@ def test_validation_shares_are_equal_contiguous_and_cover_the_split(manifest):
     assert max(len(p[1]) for p in parts) - min(len(p[1]) for p in parts) <= 1
     np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), whole_x)
     np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), whole_y)
+
+
+# ------------------------------------------------------------------ several reader workers: the same stream
+
+
+def _tagged(seq: int, rows: int) -> pa.Table:
+    return pa.table({"v": np.full(rows, seq)}).replace_schema_metadata({SEQ_KEY: str(seq).encode()})
+
+
+def test_the_reorder_buffer_releases_tables_in_ventilation_order():
+    """No Spark, no Petastorm: tables finishing out of order come out in order; a lost one is an error."""
+    spec = LoaderSpec("s", (), None, ("v",), "v", 1, steps=0, shuffle=False, shuffle_buffer_rows=0, seed=0, rank=0)
+    empty = pa.table({}).replace_schema_metadata({SEQ_KEY: b"3"})  # what a worker sends for a row group without rows
+    finished = [_tagged(2, 2), _tagged(0, 1), empty, _tagged(1, 3), _tagged(5, 2), _tagged(4, 1)]
+    assert [t.column("v")[0].as_py() for t in _in_ventilation_order(iter(finished), spec)] == [0, 1, 2, 4, 5]
+    with pytest.raises(LoaderError, match=r"after 1 row groups with later ones \[2, 3\] waiting"):
+        list(_in_ventilation_order(iter([_tagged(0, 1), _tagged(3, 1), _tagged(2, 1)]), spec))
+
+
+@pytest.mark.parametrize(("workers", "pool"), [(3, "thread"), (4, "thread"), (2, "process")])
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in_order", "shuffled"])
+def test_n_reader_workers_give_exactly_the_one_worker_stream(manifest, shuffle, workers, pool):
+    one = build_loader_spec(manifest, 0, 2, _train(shuffle=shuffle), workers_count=1)
+    many = dataclasses.replace(one, workers_count=workers, reader_pool=pool)
+    assert build_loader_spec(manifest, 0, 2, _train(shuffle=shuffle, reader_workers=workers)).workers_count == workers
+    for epoch in (0, 1):
+        with iterate_batches(one, epoch) as a, iterate_batches(many, epoch) as b:
+            pairs = list(zip(a, b, strict=True))
+        assert len(pairs) == one.steps
+        for (x1, y1), (xn, yn) in pairs:
+            assert torch.equal(x1, xn) and torch.equal(y1, yn)
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in_order", "shuffled"])
+def test_n_reader_workers_keep_aligned_batches_and_row_windows(manifest, shuffle):
+    one = dataclasses.replace(
+        build_loader_spec(manifest, 0, 1, _train(shuffle=shuffle), workers_count=1), row_id_col=manifest.row_id_col
+    )
+    many = dataclasses.replace(one, workers_count=4)
+    with iterate_aligned_batches(one, 2) as a, iterate_aligned_batches(many, 2) as b:
+        pairs = list(zip(a, b, strict=True))
+    assert len(pairs) == one.steps
+    for first, other in pairs:
+        assert all(torch.equal(u, v) for u, v in zip(first, other, strict=True))
+    for world in (1, 3):
+        for rank in range(world):
+            val = build_loader_spec(manifest, rank, world, _train(), split="validation", workers_count=1)
+            x1, y1 = read_all(val)
+            xn, yn = read_all(dataclasses.replace(val, workers_count=3))
+            np.testing.assert_array_equal(x1, xn)
+            np.testing.assert_array_equal(y1, yn)
+            with iterate_chunks(dataclasses.replace(val, workers_count=3)) as chunks:
+                np.testing.assert_array_equal(np.concatenate([x for x, _ in chunks]), x1)
+
+
+@pytest.mark.parametrize("pool", ["thread", "process"])
+def test_n_reader_workers_are_stopped_and_joined_on_early_exit(manifest, pool):
+    spec = dataclasses.replace(build_loader_spec(manifest, 0, 2, _train()), workers_count=3, reader_pool=pool)
+    me = psutil.Process()
+    threads, children = set(threading.enumerate()), {p.pid for p in me.children(recursive=True)}
+    with iterate_batches(spec, 0) as batches:
+        next(batches)
+        running = set(threading.enumerate()) - threads
+        started = {p.pid for p in me.children(recursive=True)} - children
+        assert len(running if pool == "thread" else started) >= 3  # the workers are up
+    assert set(threading.enumerate()) - threads == set()
+    assert {p.pid for p in me.children(recursive=True)} - children == set()
+    with pytest.raises(RuntimeError, match="boom"), iterate_batches(spec, 1) as batches:
+        next(batches)
+        raise RuntimeError("boom")
+    assert set(threading.enumerate()) - threads == set()
+    assert {p.pid for p in me.children(recursive=True)} - children == set()
+
+
+def test_reader_workers_must_be_positive(manifest):
+    with pytest.raises(LoaderError, match="train.reader_workers must be >= 1, got 0"):
+        build_loader_spec(manifest, 0, 2, _train(reader_workers=0))
