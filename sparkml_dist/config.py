@@ -270,6 +270,7 @@ class TrainConfig:
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.epochs", self.epochs)
         _check_positive("train.backward_passes_per_step", self.backward_passes_per_step)
+        _check_positive("train.reader_workers", self.reader_workers)
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         _check_fraction("train.dropout", self.dropout, allow_one=False)

@@ -187,6 +187,7 @@ def build_block_spec(manifest: Manifest, rank: int, cfg: TrainConfig, steps: int
         shuffle_buffer_rows=cfg.shuffle_buffer_rows,
         seed=cfg.seed,  # the same on every rank: the batches must be the same rows
         rank=rank,
+        workers_count=cfg.reader_workers,  # the order is restored whatever the count (loader._SequencedPool)
         row_id_col=manifest.row_id_col,
         label_dtype=label_dtype_of(manifest),
     )
