@@ -33,11 +33,18 @@ class SparkUserError(UserError):
     """Spark refused the job for a reason the user can fix (a path that does not exist, ...)."""
 
 
+QUIET_LOGGERS = ("py4j", "matplotlib")
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger().setLevel(getattr(logging, level))
+    # Libraries that log routine chatter at INFO (py4j's "Closing down clientserver connection" per gateway
+    # call, matplotlib's font cache): shown only when the job's own level asks for DEBUG.
+    for chatty in QUIET_LOGGERS:
+        logging.getLogger(chatty).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 
 
 def parse_config(description: str, argv: list[str] | None) -> JobConfig:

@@ -2,3 +2,12 @@
 launched in a Spark barrier stage and tracked in MLflow, beside iterative-MapReduce baselines."""
 
 __version__ = "0.1.0"
+
+import warnings as _warnings
+
+# Petastorm 0.12 drives pyarrow 14's legacy ParquetDataset API (the reason for the pins, README "Setup"), and
+# every such call warns that the API is deprecated: 120 lines per `make run`, none a user can act on. They are
+# silenced at their source only (warnings attributed to petastorm's own modules), in the driver and in every
+# Spark Python worker that imports this package; the same warnings from anywhere else still show.
+for _category in (FutureWarning, DeprecationWarning):
+    _warnings.filterwarnings("ignore", category=_category, module=r"petastorm(\.|$)")

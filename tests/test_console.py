@@ -1,0 +1,52 @@
+"""The console of `make run`: what a person needs, without third-party deprecation noise (issue 22 section 4).
+
+The main job runs as a user runs it (a subprocess with its own Spark, Petastorm readers in the executors'
+Python workers), on a tiny input, at the default log level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_main_job_console_has_no_deprecation_noise(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "jobs.main", "--config", "conf/local.yaml"]
+    for s in (f"paths.work_dir={tmp_path / 'work'}", "generate.rows=20000", "generate.features=8",
+              "train.epochs=1", "tracking.log_model=false"):  # fmt: skip
+        argv += ["--set", s]
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYTHONWARNINGS": ""}
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    noise = [ln for ln in proc.stderr.splitlines() if "FutureWarning" in ln or "DeprecationWarning" in ln]
+    assert not noise, f"{len(noise)} deprecation lines on the console, first: {noise[0]}"
+    assert "Closing down clientserver connection" not in proc.stderr
+    # what a person needs is still there: the stages, where the run is tracked, the JSON last line
+    assert "partitioned into 2 shards" in proc.stderr and "MLflow run" in proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["train"]["run_id"]
+
+
+def test_the_filter_is_petastorm_only() -> None:
+    """A FutureWarning raised by any other module still shows: the filter is not a blanket one."""
+    import sparkml_dist  # noqa: F401  (installs the filter)
+
+    with warnings.catch_warnings(record=True) as caught:
+        # keep the package's filters, drop pytest's blanket ignore for this block
+        warnings.filters[:] = [f for f in warnings.filters if "petastorm" in getattr(f[3], "pattern", f[3] or "")]
+        warnings.warn("from elsewhere", FutureWarning, stacklevel=1)
+        exec(
+            compile("import warnings\nwarnings.warn('from petastorm', FutureWarning)", "petastorm_fake", "exec"),
+            {"__name__": "petastorm.reader"},
+        )
+    messages = [str(w.message) for w in caught]
+    assert messages == ["from elsewhere"], messages
