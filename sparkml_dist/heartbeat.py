@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import secrets
 import threading
 import time
@@ -25,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 FORBIDDEN = 403
 MAX_BODY = 4096
@@ -140,11 +143,22 @@ class HeartbeatServer:
             for r, t, b in items
         }  # fmt: skip
 
+    def heard_from(self, attempt: int) -> bool:
+        """Whether any rank of ``attempt`` has reached this server."""
+        with self._server.lock:
+            return any(a == attempt for a, _ in self._server.beats)
+
     def stalled(self, attempt: int, timeout_s: float) -> list[Beat]:
         """Ranks of ``attempt`` that beat at least once, are not done, and were silent for > timeout_s."""
         return sorted(
             (b for b in self.beats(attempt).values() if not b.done and b.age_s > timeout_s), key=lambda b: b.rank
         )
+
+
+def public_address(url: str) -> str:
+    """``http://host:port`` of a heartbeat URL, without its per-run secret (safe to log)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
 def describe(beats: list[Beat]) -> str:
@@ -165,8 +179,9 @@ def _put(url: str, body: dict[str, Any], timeout_s: float) -> None:
 def beating(url: str | None, attempt: int, rank: int, host: str, interval_s: float) -> Iterator[None]:
     """Rank side: beat every ``interval_s`` while the block runs, then send a final 'done' beat.
 
-    Failures to reach the driver are ignored (the driver then never sees this rank, and never calls it
-    stalled): heartbeats must not be what breaks a run.
+    Heartbeats must not be what breaks a run, so a driver this rank cannot reach does not fail it; but the
+    first beat is sent before the block starts and, if it fails, a warning names the server's address (not its
+    secret): without beats the driver never sees this rank and cannot call it stalled.
     """
     if not url:
         yield
@@ -188,6 +203,15 @@ def beating(url: str | None, attempt: int, rank: int, host: str, interval_s: flo
             stop.wait(interval_s)
 
     _progress["step"] = -1
+    try:
+        _put(target, body(), timeout_s=max(1.0, interval_s))
+    except Exception as exc:  # noqa: BLE001 (reported, not raised: see above)
+        log.warning(
+            "rank %d on %s cannot reach the driver's heartbeat server at %s (%s): stall detection is off for this "
+            "rank. The driver listens on spark.driver.bindAddress / spark.driver.host; set it to an address the "
+            "executors can reach.",
+            rank, host, public_address(url), exc,
+        )  # fmt: skip
     thread = threading.Thread(target=loop, daemon=True, name=f"heartbeat-rank-{rank}")
     thread.start()
     try:

@@ -11,6 +11,7 @@ traceback; the stage runs in its own job group, which is cancelled on failure, i
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -32,6 +33,7 @@ from sparkml_dist.errors import InfraError, UserError
 from sparkml_dist.rank import RankContext, run_in_process
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 HOROVOD_RANK = "HOROVOD_RANK"
 HOROVOD_SIZE = "HOROVOD_SIZE"
@@ -216,6 +218,7 @@ def _run_attempt(
 
     worker = threading.Thread(target=collect, name=group, daemon=True)
     worker.start()
+    silence_warn_at = time.monotonic() + max(60.0, 2 * cfg.stall_timeout_s) if cfg.stall_timeout_s > 0 else None
     try:
         while worker.is_alive():
             worker.join(POLL_S)
@@ -228,6 +231,16 @@ def _run_attempt(
                     f"training stage ran longer than launch.job_timeout_s={cfg.job_timeout_s}; cancelled. "
                     "Raise launch.job_timeout_s or train on less data."
                 )
+            if silence_warn_at is not None and time.monotonic() > silence_warn_at:
+                silence_warn_at = None  # once per attempt
+                if not beats.heard_from(attempt):
+                    log.warning(
+                        "no rank of stage attempt %d has reached the heartbeat server at %s yet: either the stage "
+                        "still waits for %d free task slots, or the executors cannot reach the driver at that "
+                        "address (set spark.driver.host to one they can reach); until they do, a stalled rank "
+                        "cannot be detected",
+                        attempt, heartbeat.public_address(beats.url), world_size,
+                    )  # fmt: skip
             stalled = beats.stalled(attempt, cfg.stall_timeout_s) if cfg.stall_timeout_s > 0 else []
             if stalled:
                 sc.cancelJobGroup(group)

@@ -51,6 +51,31 @@ def _ensure_local_dirs(cfg: TrackingConfig) -> None:
         os.makedirs(cfg.artifact_url[len("file://") :], exist_ok=True)
 
 
+def does_not_exist(exc: BaseException) -> bool:
+    """True only when MLflow answered "no such run / model / version / alias".
+
+    Everything else (a server that does not answer, a permission error, a broken database) is a failure to
+    ask, and must never read as "nothing there": a champion that could not be read is not "no champion".
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    # the SQL registry answers a missing alias with INVALID_PARAMETER_VALUE "Registered model alias X not found."
+    return exc.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc.message)
+
+
+def store_failure(tracking_uri: str, what: str, exc: BaseException) -> TrackingError:
+    """The error for a lookup that failed for another reason than "does not exist"."""
+    return TrackingError(
+        f"could not read {what} from the MLflow store {tracking_uri}: {_first_line(exc)}. The store did not "
+        "answer, so nothing is known about it (this is not 'not found'): check the server is up and reachable "
+        "(make mlflow-ui for the local one) and run the job again"
+    )
+
+
 PREFLIGHT_TIMEOUT_S = 5.0
 
 
@@ -98,6 +123,8 @@ def start_run(cfg: JobConfig, tags: dict[str, str], kind: str, resume_run_id: st
         try:
             run = client.get_run(resume_run_id)
         except Exception as exc:
+            if not does_not_exist(exc):
+                raise store_failure(cfg.tracking.tracking_uri, f"run {resume_run_id!r}", exc) from exc
             raise TrackingError(
                 f"train.resume_run_id={resume_run_id!r} is not a run in {cfg.tracking.tracking_uri}"
             ) from exc
@@ -244,6 +271,8 @@ def get_run_record(cfg: TrackingConfig, run_id: str, keys: tuple[str, ...]) -> R
     try:
         run = client.get_run(run_id)
     except Exception as exc:
+        if not does_not_exist(exc):
+            raise store_failure(cfg.tracking_uri, f"run {run_id!r}", exc) from exc
         raise TrackingError(f"run id {run_id!r} does not exist in {cfg.tracking_uri}") from exc
     hist = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys}
     return RunRecord(
@@ -328,6 +357,8 @@ def model_spec(tracking_uri: str, model_uri: str) -> ModelSpec:
     try:
         info = mlflow.models.get_model_info(model_uri)
     except Exception as exc:
+        if not does_not_exist(exc):
+            raise store_failure(tracking_uri, f"model {model_uri!r}", exc) from exc
         raise TrackingError(
             f"model {model_uri!r} cannot be found in {tracking_uri} ({_first_line(exc)}); a training run logs "
             f"its model as {run_model_uri('<run id>')} unless tracking.log_model=false"
@@ -351,6 +382,8 @@ def _check_model_uri(client: Any, tracking_uri: str, model_uri: str) -> None:
         try:
             client.get_run(run_id)
         except Exception as exc:
+            if not does_not_exist(exc):
+                raise store_failure(tracking_uri, f"run {run_id!r}", exc) from exc
             raise TrackingError(f"model {model_uri!r}: run {run_id!r} does not exist in {tracking_uri}") from exc
         return
     name, alias, version = _parse_registry_uri(model_uri)
@@ -359,6 +392,8 @@ def _check_model_uri(client: Any, tracking_uri: str, model_uri: str) -> None:
     try:
         client.get_registered_model(name)
     except Exception as exc:
+        if not does_not_exist(exc):
+            raise store_failure(tracking_uri, f"registered model {name!r}", exc) from exc
         known = [m.name for m in client.search_registered_models(max_results=50)]
         raise TrackingError(
             f"model {model_uri!r}: no registered model {name!r} in {tracking_uri} (registered: {known}); "
@@ -374,6 +409,8 @@ def _check_model_uri(client: Any, tracking_uri: str, model_uri: str) -> None:
         try:
             client.get_model_version(name, version)
         except Exception as exc:
+            if not does_not_exist(exc):
+                raise store_failure(tracking_uri, f"version {version!r} of {name!r}", exc) from exc
             versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
             raise TrackingError(
                 f"model {model_uri!r}: registered model {name!r} has no version {version!r} (versions: {versions})"
@@ -416,12 +453,18 @@ def _version(mv: Any) -> ModelVersion:
 
 
 def get_alias(tracking_uri: str, name: str, alias: str) -> ModelVersion | None:
-    """The version ``alias`` points at, or None when the model or the alias does not exist."""
+    """The version ``alias`` points at, or None when the model or the alias does not exist.
+
+    Any other failure (unreachable server, broken registry) raises TrackingError: reading it as "no champion"
+    would promote the candidate as the first model.
+    """
     client = _client(tracking_uri)
     try:
         return _version(client.get_model_version_by_alias(name, alias))
-    except Exception:  # RESOURCE_DOES_NOT_EXIST for the model or the alias
-        return None
+    except Exception as exc:
+        if does_not_exist(exc):
+            return None
+        raise store_failure(tracking_uri, f"alias {name}@{alias}", exc) from exc
 
 
 def find_model_version(tracking_uri: str, name: str, run_id: str) -> ModelVersion | None:

@@ -312,3 +312,25 @@ def test_heartbeat_server_binds_loopback_needs_the_secret_and_stops_on_exit():
         assert [b.rank for b in hb.stalled(0, 1.0)] == [1]
         assert _status(hb.url) == 200 and _status(f"http://{host}:{port}/") == 403
     assert _refused(f"{host}:{port}")
+
+
+def test_a_heartbeat_server_the_rank_cannot_reach_is_a_warning_naming_the_address(caplog):
+    """Not a silently disabled stall detector (issue 19 section 4): the rank warns at start, without the secret."""
+    from sparkml_dist import heartbeat
+
+    with HeartbeatServer("127.0.0.1") as hb:
+        host, port = hb.address
+        url = hb.url
+    assert _refused(f"{host}:{port}")  # the server is gone: what an executor that cannot reach it sees
+    with caplog.at_level("WARNING", logger="sparkml_dist.heartbeat"):
+        with heartbeat.beating(url, attempt=0, rank=1, host="h1", interval_s=0.5):
+            pass
+    warned = [r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    assert f"http://{host}:{port}" in warned[0] and "rank 1 on h1" in warned[0]
+    assert url.rsplit("/", 1)[-1] not in warned[0]  # the per-run secret is never logged
+    with HeartbeatServer("127.0.0.1") as hb:  # a reachable one: no warning, and the first beat is already in
+        caplog.clear()
+        with heartbeat.beating(hb.url, attempt=0, rank=0, host="h0", interval_s=5.0):
+            assert hb.heard_from(0)
+        assert not [r for r in caplog.records if "cannot reach" in r.getMessage()]
