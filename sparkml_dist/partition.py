@@ -51,6 +51,8 @@ SHARD_COL = "shard"
 FEATURES_COL = "features"
 BUCKET_BYTES = 256 * 1024 * 1024
 _KEY, _BUCKET, _POS = "_key", "_bucket", "_pos"
+# Features per row above which a (sparse) vector is refused rather than densified: 4 bytes each per row.
+MAX_DENSE_WIDTH = 1 << 16
 _NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.DoubleType, T.DecimalType)
 _INTEGRAL = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
 
@@ -247,6 +249,7 @@ def _read_input(spark: SparkSession, dcfg: DataConfig) -> _Input:
         )
     features, names = feature_expr(df, fields, dcfg)
     _check_partition_columns(url, fields, file_columns, names, dcfg)
+    _check_nothing_left_out(fields, file_columns, names, dcfg)
     row_id = F.col(dcfg.row_id_col).cast("long") if ids_from_input else F.monotonically_increasing_id()
     # Class ids stay 64-bit until the range check has passed; only then are they written as int.
     label = F.col(dcfg.label_col).cast("double" if regression else "long")
@@ -319,27 +322,53 @@ def _check_input_files(input_url: str, urls: list[str], key: str = "data.input_u
     return [name for name, _ in first]
 
 
+def is_vector(dtype: T.DataType) -> bool:
+    """A Spark ML (or old MLlib) vector column: what VectorAssembler and every MLlib pipeline produce."""
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.mllib.linalg import VectorUDT as MllibVectorUDT
+
+    return isinstance(dtype, (VectorUDT, MllibVectorUDT))
+
+
+def is_feature_array(dtype: T.DataType | None) -> bool:
+    """An array or vector column that holds a whole feature vector per row."""
+    return dtype is not None and (isinstance(dtype, T.ArrayType) or is_vector(dtype))
+
+
 def feature_expr(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfig) -> tuple[Column, list[str]]:
     """The features as one array<float> expression and their names, picked as ``data.features_col`` /
     ``data.feature_cols`` say (the partition job and the scoring job both use it, so a model sees the
-    order it was trained on). Raises PartitionError naming a missing or non-numeric column."""
-    if dcfg.features_col is not None or (
-        dcfg.feature_cols is None and isinstance(fields.get(FEATURES_COL), T.ArrayType)
-    ):
+    order it was trained on). An array of numbers or a Spark ML vector (dense or sparse, densified here)
+    holds all features; otherwise scalar numeric columns. Raises PartitionError naming a missing or
+    non-numeric column."""
+    if dcfg.features_col is not None or (dcfg.feature_cols is None and is_feature_array(fields.get(FEATURES_COL))):
         name = dcfg.features_col or FEATURES_COL
         if name not in fields:
             raise PartitionError(
                 f"features column data.features_col={name!r} is not in the input; columns: {sorted(fields)}"
             )
         dtype = fields[name]
-        if not (isinstance(dtype, T.ArrayType) and isinstance(dtype.elementType, _NUMERIC)):
+        if is_vector(dtype):
+            from pyspark.ml.functions import vector_to_array
+
+            column = vector_to_array(F.col(name), "float32")
+        elif isinstance(dtype, T.ArrayType) and isinstance(dtype.elementType, _NUMERIC):
+            column = F.col(name).cast("array<float>")
+        else:
             raise PartitionError(
-                f"features column {name!r} has type {dtype.simpleString()}; it must be an array of numbers"
+                f"features column {name!r} has type {dtype.simpleString()}; it must be an array of numbers or a "
+                "Spark ML vector"
             )
-        first = df.select(F.size(name).alias("n")).where(F.col("n") > 0).first()
+        first = df.select(F.size(column).alias("n")).where(F.col("n") > 0).first()
         if first is None:
             raise PartitionError(f"data.input_url {dcfg.input_url} has no rows: the input is empty")
-        return F.col(name).cast("array<float>"), [f"{name}_{i}" for i in range(first["n"])]
+        if first["n"] > MAX_DENSE_WIDTH:
+            raise PartitionError(
+                f"features column {name!r} holds {first['n']} values per row; above {MAX_DENSE_WIDTH} the dense "
+                "layout this version trains on would not fit (sparse high-dimensional input is not supported yet): "
+                "reduce the dimension first (e.g. pyspark.ml.feature.FeatureHasher with fewer numFeatures)"
+            )
+        return column, [f"{name}_{i}" for i in range(first["n"])]
     names = dcfg.feature_cols or [
         n for n, t in fields.items() if isinstance(t, _NUMERIC) and n not in (dcfg.label_col, dcfg.row_id_col)
     ]
@@ -354,6 +383,31 @@ def feature_expr(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfig)
     if not names:
         raise PartitionError("the input has no numeric feature columns: set data.feature_cols or data.features_col")
     return F.array(*[F.col(n).cast("float") for n in names]), names
+
+
+def _check_nothing_left_out(
+    fields: dict[str, T.DataType], file_columns: list[str], names: list[str], dcfg: DataConfig
+) -> None:
+    """In auto mode (neither data.features_col nor data.feature_cols set), refuse a column that would be left
+    out silently: a string, boolean, date or map column beside numeric features, or any column beside a
+    features array. Naming the features is how a user says "leave the rest out"."""
+    if dcfg.features_col is not None or dcfg.feature_cols is not None:
+        return
+    used = {dcfg.label_col, dcfg.row_id_col, *names}
+    if names and names[0].startswith(f"{FEATURES_COL}_") and FEATURES_COL in fields:
+        used.add(FEATURES_COL)
+    left = [f"{n} ({fields[n].simpleString()})" for n in file_columns if n in fields and n not in used]
+    if left:
+        how = (
+            "data.features_col=features (to train on the features array alone)"
+            if FEATURES_COL in used
+            else f"data.feature_cols to the columns to train on, e.g. {names[:4]}"
+        )
+        raise PartitionError(
+            f"column(s) {left} would be left out of training silently (not numeric, or beside the features "
+            f"array): set {how}, which leaves the others out on purpose, or cast them to numbers. Categorical "
+            "and boolean encoding is not built yet"
+        )
 
 
 def valid_features(features: Column, n: int) -> Column:

@@ -51,6 +51,7 @@ from sparkml_dist.partition import (
     clean_invalid_row_error,
     corrupt_file_error,
     feature_expr,
+    is_feature_array,
     read_parquet_checked,
     valid_features,
 )
@@ -173,11 +174,7 @@ def _pick_features(
 ) -> tuple[Column, list[str]]:
     """The model's features from a data set, by name when the model records them."""
     if model_names is None:
-        if (
-            data.features_col is None
-            and data.feature_cols is None
-            and not isinstance(fields.get("features"), T.ArrayType)
-        ):
+        if data.features_col is None and data.feature_cols is None and not is_feature_array(fields.get("features")):
             raise ScoreError(
                 "the model does not record its feature names (it was not trained by jobs/train.py on a manifest "
                 "that tags them), so the input's numeric columns cannot be matched by name: set data.feature_cols "
