@@ -22,7 +22,8 @@ from sparkml_dist.config import ConfigError, load_config, url_to_path
 from sparkml_dist.fit import run_training
 from sparkml_dist.launch import RankUserError
 from sparkml_dist.loader import build_loader_spec, iterate_aligned_batches, read_all
-from sparkml_dist.manifest import MANIFEST_NAME, read_manifest
+from sparkml_dist.manifest import CHECKSUM_KEY, MANIFEST_NAME, read_manifest
+from sparkml_dist.manifest import _checksum as manifest_checksum
 from sparkml_dist.models import build_model, loss_fn, probabilities
 from sparkml_dist.models import build_optimizer as make_optimizer
 from sparkml_dist.partition import partition
@@ -173,11 +174,16 @@ def test_a_group_shard_in_another_row_order_fails_naming_rank_step_and_fix(spark
     dst = tmp_path / "misaligned"
     shutil.copytree(src, dst)
     raw = json.loads((dst / MANIFEST_NAME).read_text())
-    for entry in raw["feature_groups"][1]["shards"][0]["files"]:
+    shard = raw["feature_groups"][1]["shards"][0]
+    for entry in shard["files"]:
         path = dst / entry["path"]
         table = pq.read_table(path)
         pq.write_table(table.take(np.arange(table.num_rows)[::-1]), path)  # same rows, reversed
         entry["bytes"] = path.stat().st_size  # a consistent manifest: only the row order is wrong
+        entry["row_groups"] = pq.ParquetFile(path).metadata.num_row_groups
+    shard["bytes"] = sum(e["bytes"] for e in shard["files"])
+    raw.pop(CHECKSUM_KEY)
+    raw[CHECKSUM_KEY] = manifest_checksum(raw)  # re-sealed: only the row order is wrong
     (dst / MANIFEST_NAME).write_text(json.dumps(raw))
     cfg = _cfg(work, f"train.manifest_url={dst}", "train.shuffle=false", "tracking.log_model=false")
     with pytest.raises(RankUserError) as err:  # bad data: a user error, not retried

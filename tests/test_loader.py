@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from sparkml_dist.config import TrainConfig, load_config
+from sparkml_dist.config import ConfigError, TrainConfig, load_config
 from sparkml_dist.loader import (
     SEQ_KEY,
     LoaderError,
@@ -234,5 +234,9 @@ def test_n_reader_workers_are_stopped_and_joined_on_early_exit(manifest, pool):
 
 
 def test_reader_workers_must_be_positive(manifest):
+    with pytest.raises(ConfigError, match="train.reader_workers must be >= 1, got 0"):  # at config time
+        _train(reader_workers=0)
+    train = _train()
+    object.__setattr__(train, "reader_workers", 0)  # past the config check: the loader refuses it too
     with pytest.raises(LoaderError, match="train.reader_workers must be >= 1, got 0"):
-        build_loader_spec(manifest, 0, 2, _train(reader_workers=0))
+        build_loader_spec(manifest, 0, 2, train)
