@@ -118,10 +118,13 @@ class DataConfig:
     """classification: class labels (num_classes of them); regression: real-valued labels, written as
     double; the manifest then records num_classes=0 and the models are linear or mlp."""
     features_col: str | None = None
-    """Name of a fixed-length numeric array column holding the features; set this OR feature_cols."""
+    """Name of a fixed-length numeric array column, or a Spark ML vector column (dense or sparse: densified,
+    at most 65,536 values), holding the features; set this OR feature_cols. The input's other columns
+    (besides label and row id) are then left out on purpose."""
     feature_cols: list[str] | None = None
-    """Scalar numeric feature columns; None with features_col None means every numeric column except
-    the label and row_id."""
+    """Scalar numeric feature columns. None with features_col None (auto): a `features` array/vector column
+    if there is one, else every numeric column except the label and row_id; auto refuses an input with
+    columns it would leave out (strings, booleans, a column beside the features array), naming them."""
     num_classes: int = 2
     """classification only: declared number of classes; labels outside 0..num_classes-1 are rejected."""
     row_id_col: str = "row_id"

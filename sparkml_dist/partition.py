@@ -394,7 +394,7 @@ def _check_nothing_left_out(
     if dcfg.features_col is not None or dcfg.feature_cols is not None:
         return
     used = {dcfg.label_col, dcfg.row_id_col, *names}
-    if names and names[0].startswith(f"{FEATURES_COL}_") and FEATURES_COL in fields:
+    if is_feature_array(fields.get(FEATURES_COL)):  # auto mode took the `features` array / vector
         used.add(FEATURES_COL)
     left = [f"{n} ({fields[n].simpleString()})" for n in file_columns if n in fields and n not in used]
     if left:
