@@ -9,5 +9,12 @@ import warnings as _warnings
 # every such call warns that the API is deprecated: 120 lines per `make run`, none a user can act on. They are
 # silenced at their source only (warnings attributed to petastorm's own modules), in the driver and in every
 # Spark Python worker that imports this package; the same warnings from anywhere else still show.
-for _category in (FutureWarning, DeprecationWarning):
-    _warnings.filterwarnings("ignore", category=_category, module=r"petastorm(\.|$)")
+
+
+def quiet_petastorm_warnings() -> None:
+    """Install the filters (idempotent: an identical filter replaces the old one)."""
+    for category in (FutureWarning, DeprecationWarning):
+        _warnings.filterwarnings("ignore", category=category, module=r"petastorm(\.|$)")
+
+
+quiet_petastorm_warnings()
