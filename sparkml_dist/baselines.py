@@ -303,6 +303,7 @@ def run_baseline(spark: SparkSession, cfg: JobConfig, kind: str, data: BaselineD
         dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_name=name)), tags, kind
     )
     try:
+        tracking.log_manifest_input(run, m, context="training")
         runner = _mllib if mllib else _mapreduce
         result = runner(spark, cfg.baselines, kind, data, run)
         tracking.log_metrics(run, {f"final_{k}": v for k, v in result.final.items()}, step=result.iterations)

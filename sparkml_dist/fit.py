@@ -95,6 +95,7 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
             return _reused_result(cfg, previous, experiment_id, world, started, manifest.num_classes)
         resume_run_id = previous.run_id if previous is not None else None  # resume a failed attempt
     run = tracking.start_run(cfg, tags, kind=kind, resume_run_id=resume_run_id)
+    tracking.log_manifest_input(run, manifest, context="training")
     checkpoint_url = f"{cfg.train.runs_url.rstrip('/')}/{run.run_id}/checkpoints"
     tracking.set_tags(run, {"checkpoint_url": checkpoint_url})
     job = TrainJob(cfg.train, cfg.launch, manifest, run, checkpoint_url, steps, cfg.comm)

@@ -12,12 +12,15 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sparkml_dist.config import JobConfig, TrackingConfig
 from sparkml_dist.errors import InfraError
+
+if TYPE_CHECKING:
+    from sparkml_dist.manifest import Manifest
 
 MODEL_NAME = "model"
 RUN_KEY_TAG = "run_key"
@@ -135,7 +138,9 @@ def start_run(cfg: JobConfig, tags: dict[str, str], kind: str, resume_run_id: st
         for old in keyed_runs(cfg.tracking, kind):
             client.delete_run(old)
         tags = {**tags, RUN_KEY_TAG: key}
-    run = client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags={"kind": kind, **tags})
+    run = client.create_run(
+        experiment_id, run_name=cfg.tracking.run_name, tags={**standard_tags(), "kind": kind, **tags}
+    )
     params = [(k, v[:6000]) for k, v in cfg.flat().items()]
     from mlflow.entities import Param
 
@@ -143,6 +148,91 @@ def start_run(cfg: JobConfig, tags: dict[str, str], kind: str, resume_run_id: st
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params[i : i + 100]])
     client.log_text(run.info.run_id, cfg.dump(), "config.yaml")
     return RunHandle(cfg.tracking.tracking_uri, experiment_id, run.info.run_id)
+
+
+def standard_tags() -> dict[str, str]:
+    """MLflow's own Source, User and Git commit tags (MlflowClient.create_run does not fill them in, unlike
+    mlflow.start_run): the program that ran, who ran it, and the project's commit when it is a git checkout."""
+    import getpass
+    import subprocess
+    import sys
+
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid (some containers): the tag is left out
+        user = ""
+    tags = {MLFLOW_SOURCE_NAME: sys.argv[0] or "python", MLFLOW_SOURCE_TYPE: "JOB"}
+    if user:
+        tags[MLFLOW_USER] = user
+    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        done = subprocess.run(
+            ["git", "-C", project, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):  # no git on this machine: no commit tag
+        done = None
+    if done is not None and done.returncode == 0 and done.stdout.strip():
+        tags[MLFLOW_GIT_COMMIT] = done.stdout.strip()
+    return tags
+
+
+def log_dataset(
+    run: RunHandle, *, name: str, source_url: str, digest: str, profile: dict[str, Any], context: str
+) -> None:
+    """Record what a run read as an MLflow dataset input (the run page's Datasets section): where it is, a
+    digest that is the same for two runs on the same data, and a profile (row counts, columns). Logging the
+    same dataset again into a resumed run adds nothing."""
+    import json
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    class _Profiled(MetaDataset):
+        @property
+        def profile(self) -> dict[str, Any]:
+            return profile
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(profile, sort_keys=True)}
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": the same class registered twice
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(source_url)
+    dataset = _Profiled(source, name=name, digest=digest)._to_mlflow_entity()
+    _client(run.tracking_uri).log_inputs(
+        run.run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+    )
+
+
+def log_manifest_input(run: RunHandle, manifest: Manifest, context: str) -> None:
+    """The partition output a run read, as its MLflow dataset: the manifest's URL, its fingerprint as the
+    digest, and the row counts per split and the columns as the profile."""
+    from sparkml_dist.manifest import MANIFEST_NAME
+
+    log_dataset(
+        run,
+        name=f"partition {manifest.root_url.rstrip('/').rsplit('/', 1)[-1]}",
+        source_url=f"{manifest.root_url.rstrip('/')}/{MANIFEST_NAME}",
+        digest=manifest.fingerprint,
+        profile={
+            "input_url": manifest.input_url,
+            "input_rows": manifest.input_rows,
+            "dropped_rows": manifest.dropped_rows,
+            "train_rows": [s.rows for s in manifest.train],
+            "validation_rows": manifest.validation.rows,
+            "num_features": manifest.num_features,
+            "num_classes": manifest.num_classes,
+            "mode": manifest.mode,
+            "seed": manifest.seed,
+            "columns": manifest.schema,
+        },
+        context=context,
+    )
 
 
 def keyed_runs(cfg: TrackingConfig, kind: str) -> list[str]:

@@ -88,6 +88,7 @@ def test_each_baseline_is_an_mlflow_run_tagged_like_the_allreduce_runs(spark, da
         run = client.get_run(r.run_id)
         assert run.info.status == "FINISHED" and run.data.tags["kind"] == kind
         assert run.data.tags["manifest_fingerprint"] == manifest.fingerprint
+        assert [i.dataset.digest for i in run.inputs.dataset_inputs] == [manifest.fingerprint]  # same data
         assert run.data.tags["data_fingerprint"] == manifest.input_fingerprint
         assert run.data.tags["spark_app_id"] == spark.sparkContext.applicationId
         assert run.data.tags["world_size"] == "2" and run.data.tags["model"] == "logistic"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 
 import numpy as np
@@ -116,6 +117,16 @@ def test_converges_to_the_true_model_and_mlflow_holds_the_run(spark, work, data)
     assert run.data.params["train.lr"] == "0.05" and run.data.params["partition.num_shards"] == "2"
     assert run.data.tags["world_size"] == "2" and run.data.tags["manifest_fingerprint"] == manifest.fingerprint
     assert run.data.tags["spark_app_id"] == spark.sparkContext.applicationId
+    # MLflow-native lineage: the partition output as the run's dataset, and the standard Source/User/commit tags
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.digest == manifest.fingerprint and inp.dataset.source_type == "local"
+    assert json.loads(inp.dataset.source)["uri"] == f"{manifest.root_url.rstrip('/')}/_manifest.json"
+    profile = json.loads(inp.dataset.profile)
+    assert profile["train_rows"] == [s.rows for s in manifest.train] and profile["num_features"] == FEATURES
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
+    assert run.data.tags["mlflow.source.type"] == "JOB" and run.data.tags["mlflow.source.name"]
+    assert "mlflow.user" in run.data.tags
+    assert len(run.data.tags.get("mlflow.source.git.commit", "x" * 40)) == 40  # present in a git checkout
     history = client.get_metric_history(result.run_id, "val_log_loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert {"train_loss", "val_auc", "val_accuracy", "rows_per_s", "comm_s", "data_wait_s"} <= set(run.data.metrics)
@@ -138,12 +149,18 @@ def test_fp16_compression_still_converges(spark, work, data):
 
 
 def test_resume_after_an_interruption_ends_with_the_same_parameters(spark, work, data):
+    import mlflow
+
     sets = ("train.optimizer=adam", "train.lr=0.02", "train.max_steps_per_epoch=20", "tracking.log_model=false")
     straight = run_training(spark, _cfg(work, *sets, "train.epochs=3"))
     first = run_training(spark, _cfg(work, *sets, "train.epochs=1"))
     resumed_cfg = _cfg(work, *sets, "train.epochs=3", f"train.resume_run_id={first.run_id}")
     resumed = run_training(spark, resumed_cfg)
     assert resumed.run_id == first.run_id and resumed.resumed_from_epoch == 1 and resumed.epochs == 3
+    client = mlflow.tracking.MlflowClient(resumed_cfg.tracking.tracking_uri)
+    digests = [[i.dataset.digest for i in client.get_run(r).inputs.dataset_inputs] for r in (straight.run_id,
+                                                                                          resumed.run_id)]  # fmt: skip
+    assert digests[0] == digests[1] and len(digests[1]) == 1  # same data, same digest; a resume adds nothing
     a = _final_state(resumed_cfg, straight)
     b = _final_state(resumed_cfg, resumed)
     for name in a:
