@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from sparkml_dist.manifest import Manifest
 
 MODEL_NAME = "model"
+# MLflow 3's UI opens an experiment in the view its kind names; without the tag it guesses (GenAI, here)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 RUN_KEY_TAG = "run_key"
 
 
@@ -109,8 +112,14 @@ def ensure_experiment(cfg: TrackingConfig) -> str:
     try:
         exp = client.get_experiment_by_name(cfg.experiment)
         if exp is not None:
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # a kind someone chose is kept
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return str(exp.experiment_id)
-        return str(client.create_experiment(cfg.experiment, artifact_location=cfg.artifact_url))
+        return str(
+            client.create_experiment(
+                cfg.experiment, artifact_location=cfg.artifact_url, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
+        )
     except Exception as exc:  # mlflow raises many kinds (requests, sqlalchemy, MlflowException)
         raise TrackingError(
             f"MLflow tracking store tracking.tracking_uri={cfg.tracking_uri!r} cannot be used: {exc}. "

@@ -126,6 +126,8 @@ def test_converges_to_the_true_model_and_mlflow_holds_the_run(spark, work, data)
     assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
     assert run.data.tags["mlflow.source.type"] == "JOB" and run.data.tags["mlflow.source.name"]
     assert "mlflow.user" in run.data.tags
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
     assert len(run.data.tags.get("mlflow.source.git.commit", "x" * 40)) == 40  # present in a git checkout
     history = client.get_metric_history(result.run_id, "val_log_loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
