@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ from sparkml_dist.partition import partition
 from sparkml_dist.synthetic import read_truth, write_dataset
 
 FEATURES = 8
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +143,23 @@ def test_converges_to_the_true_model_and_mlflow_holds_the_run(spark, work, data)
     assert probs.shape == (50, 2)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert ((probs[:, 1] > 0.5) == y[:50]).mean() > 0.7
+    # the logged model loads where sparkml_dist is not importable: MLflow 3 saves a torch.export program
+    # (data/model.pt2), which holds the computation itself, not references to our classes
+    blocked = (
+        "import json, sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]\n"
+        f"sys.path[:] = [p for p in sys.path if p not in ('', {str(REPO)!r})]\n"
+        "try:\n    import sparkml_dist\nexcept ModuleNotFoundError:\n    pass\n"
+        "else:\n    sys.exit('sparkml_dist is still importable: the check proves nothing')\n"
+        "import mlflow, numpy as np\n"
+        f"mlflow.set_tracking_uri({cfg.tracking.tracking_uri!r})\n"
+        f"model = mlflow.pyfunc.load_model({result.model_uri!r})\n"
+        f"out = model.predict(np.asarray({x[:5].tolist()!r}, dtype=np.float32))\n"
+        "print(json.dumps(np.asarray(out).tolist()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", blocked], cwd=work, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(json.loads(proc.stdout.strip().splitlines()[-1]), probs[:5], atol=1e-6)
 
 
 def test_fp16_compression_still_converges(spark, work, data):
