@@ -36,10 +36,23 @@ class SparkUserError(UserError):
 QUIET_LOGGERS = ("py4j", "matplotlib")
 
 
+class ConsoleFormatter(logging.Formatter):
+    """Our INFO lines are what a person reads at the default level (stage banners, per-epoch progress, where
+    the run is tracked): the message alone. Anything else (warnings, other libraries, DEBUG) says when, how
+    bad and from where."""
+
+    OURS = ("sparkml_dist", "jobs", "__main__")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO and record.name.split(".")[0] in self.OURS and not record.exc_info:
+            return record.getMessage()
+        return super().format(record)
+
+
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(ConsoleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler])
     logging.getLogger().setLevel(getattr(logging, level))
     # Libraries that log routine chatter at INFO (py4j's "Closing down clientserver connection" per gateway
     # call, matplotlib's font cache): shown only when the job's own level asks for DEBUG.

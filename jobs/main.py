@@ -5,7 +5,7 @@ python -m jobs.main --config conf/local.yaml [--set train.epochs=5 ...]
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import asdict
 from typing import Any
 
@@ -16,19 +16,21 @@ from sparkml_dist.metrics import PRIMARY
 from sparkml_dist.partition import partition
 from sparkml_dist.synthetic import write_dataset
 
+log = logging.getLogger(__name__)
+
 
 def _body(cfg: JobConfig, spark: Any) -> dict[str, Any]:
     generated = write_dataset(spark, cfg.generate)
-    print(f"generated {generated.rows} rows at {generated.output_url}", file=sys.stderr)
+    log.info("generated %d rows at %s", generated.rows, generated.output_url)
     parts = partition(spark, cfg)
-    print(f"partitioned into {len(parts.train_rows)} shards: {parts.manifest_url}", file=sys.stderr)
+    log.info("partitioned into %d shards: %s", len(parts.train_rows), parts.manifest_url)
     trained = run_training(spark, cfg)
     key = f"val_{PRIMARY[cfg.data.task]}"
-    print(
-        f"\nMLflow run {trained.run_id}: final {key} {trained.final.get(key, float('nan')):.4f}"
-        f"\nOpen the MLflow UI with `make mlflow-ui` (http://127.0.0.1:5000), experiment {cfg.tracking.experiment!r}.",
-        file=sys.stderr,
-    )
+    log.info(
+        "MLflow run %s: final %s %.4f\nOpen the MLflow UI with `make mlflow-ui` (http://127.0.0.1:5000), "
+        "experiment %r.",
+        trained.run_id, key, trained.final.get(key, float("nan")), cfg.tracking.experiment,
+    )  # fmt: skip
     return {"generate": generated.to_dict(), "partition": asdict(parts), "train": asdict(trained)}
 
 

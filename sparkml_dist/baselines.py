@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import pickle
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -35,6 +35,8 @@ from sparkml_dist import storage, tracking
 from sparkml_dist.config import BASELINE_KINDS, BaselineConfig, ConfigError, JobConfig
 from sparkml_dist.manifest import Manifest, ManifestError, ShardEntry, read_manifest
 from sparkml_dist.metrics import REGRESSION, eval_sums, summarize
+
+log = logging.getLogger(__name__)
 
 Block = tuple[np.ndarray, np.ndarray]
 """One Spark partition's rows as numpy: features [n, d] float64 and labels [n] int64."""
@@ -315,7 +317,7 @@ def run_baseline(spark: SparkSession, cfg: JobConfig, kind: str, data: BaselineD
         tracking.finish_run(run, "FAILED")
         raise
     tracking.finish_run(run)
-    print(f"baseline {kind}: {result.iterations} iterations, {result.final} ({run.run_id})", file=sys.stderr)
+    log.info("baseline %s: %d iterations, %s (%s)", kind, result.iterations, result.final, run.run_id)
     return result
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import sys
+import logging
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +28,8 @@ from sparkml_dist.metrics import primary_metric
 from sparkml_dist.models import build_model, check_model_for_data, prediction_model
 from sparkml_dist.partition import verify_pages
 from sparkml_dist.train import TrainJob, train_rank
+
+log = logging.getLogger(__name__)
 
 PROGRESS_POLL_S = 2.0
 _LAUNCHERS = {"barrier": "spark-barrier+horovod-gloo (barrier)", "in_process": "threads of the driver (in_process)"}
@@ -91,7 +93,7 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     if not resume_run_id and cfg.tracking.run_key:  # a rerun or retry for the same key (e.g. logical date)
         previous = _previous_keyed_run(cfg, kind, tags[TRAIN_FINGERPRINT_TAG], manifest.num_classes)
         if previous is not None and previous.status == "FINISHED":
-            print(f"run {previous.run_id} already trained this for {cfg.tracking.run_key}; reusing it", file=sys.stderr)
+            log.info("run %s already trained this for %s; reusing it", previous.run_id, cfg.tracking.run_key)
             return _reused_result(cfg, previous, experiment_id, world, started, manifest.num_classes)
         resume_run_id = previous.run_id if previous is not None else None  # resume a failed attempt
     run = tracking.start_run(cfg, tags, kind=kind, resume_run_id=resume_run_id)
@@ -99,11 +101,10 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     checkpoint_url = f"{cfg.train.runs_url.rstrip('/')}/{run.run_id}/checkpoints"
     tracking.set_tags(run, {"checkpoint_url": checkpoint_url})
     job = TrainJob(cfg.train, cfg.launch, manifest, run, checkpoint_url, steps, cfg.comm)
-    print(
-        f"training run {run.run_id} ({world} ranks, {steps} steps/epoch, {cfg.train.epochs} epochs) "
-        f"tracked in {run.tracking_uri}",
-        file=sys.stderr,
-    )
+    log.info(
+        "training run %s (%d ranks, %d steps/epoch, %d epochs) tracked in %s",
+        run.run_id, world, steps, cfg.train.epochs, run.tracking_uri,
+    )  # fmt: skip
     stop = threading.Event()
     val_key = f"val_{primary_metric(manifest.num_classes)}"
     progress = threading.Thread(target=_show_progress, args=(run, cfg.train.epochs, val_key, stop), daemon=True)
@@ -213,7 +214,7 @@ def _note_restart(run: tracking.RunHandle, attempt: int, error: BaseException) -
     """The stage is about to run again (a rank was lost or stalled): say so in the run, which goes on."""
     first = str(error).splitlines()[0] if str(error) else type(error).__name__
     tracking.set_tags(run, {"restarts": str(attempt), f"restart_{attempt}_reason": first[:4000]})
-    print(f"  restart {attempt}: {first}", file=sys.stderr, flush=True)
+    log.warning("  restart %d: %s", attempt, first)
 
 
 def _show_progress(run: tracking.RunHandle, epochs: int, val_key: str, stop: threading.Event) -> None:
@@ -232,8 +233,6 @@ def _show_progress(run: tracking.RunHandle, epochs: int, val_key: str, stop: thr
             shown = step
             per_epoch = float(np.mean(list(times.values()))) if times else 0.0
             eta = per_epoch * (epochs - step)
-            print(
-                f"  epoch {step}/{epochs}  {val_key} {loss:.4f}  {rates.get(step, 0):,.0f} rows/s  ~{eta:.0f}s left",
-                file=sys.stderr,
-                flush=True,
+            log.info(
+                f"  epoch {step}/{epochs}  {val_key} {loss:.4f}  {rates.get(step, 0):,.0f} rows/s  ~{eta:.0f}s left"
             )

@@ -16,7 +16,6 @@ import os
 import re
 import secrets
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -165,12 +164,10 @@ def run_on_ranks(
                     if exc.retryable:
                         exc.args = (f"{exc.args[0]}\n(gave up after {attempts} attempt(s); raise launch.max_attempts)",)
                     raise
-                print(
-                    f"training stage attempt {attempt} failed: {str(exc).splitlines()[0]}; "
-                    f"retrying as attempt {attempt + 2} of {attempts}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                log.warning(
+                    "training stage attempt %d failed: %s; retrying as attempt %d of %d",
+                    attempt, str(exc).splitlines()[0], attempt + 2, attempts,
+                )  # fmt: skip
                 if on_retry is not None:
                     on_retry(attempt + 1, exc)
     raise AssertionError("unreachable")

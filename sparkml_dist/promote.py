@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
+import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -36,6 +36,8 @@ from sparkml_dist.errors import UserError
 from sparkml_dist.manifest import Manifest, read_manifest
 from sparkml_dist.metrics import LOWER_IS_BETTER, REGRESSION, SCORES, batch_sums, scores_of, summarize
 from sparkml_dist.score import PROBS, ScoreError, ScoreInput, manifest_input, model_feature_names, predict
+
+log = logging.getLogger(__name__)
 
 KIND = "promotion"
 STAGE_TAG = "promotion_stage"
@@ -98,7 +100,7 @@ def evaluate(spark: SparkSession, cfg: JobConfig) -> Evaluation:
     if existing is not None:
         record = tracking.get_run_record(cfg.tracking, existing, ())
         if record.tags.get(STAGE_TAG) == "decided" and record.tags.get("candidate_run_id") == candidate:
-            print(f"{name} {date}: already decided on candidate {candidate}; nothing to evaluate", file=sys.stderr)
+            log.info("%s %s: already decided on candidate %s; nothing to evaluate", name, date, candidate)
             return _evaluation_from(record, reused=True)
     champion = tracking.get_alias(cfg.tracking.tracking_uri, name, cfg.promote.alias)
     inp = manifest_input(spark, manifest, "validation")
@@ -214,7 +216,7 @@ def promote(cfg: JobConfig) -> Decision:
         )
     record = tracking.get_run_record(cfg.tracking, run_id, ())
     if record.tags.get(STAGE_TAG) == "decided":
-        print(f"{name} {date}: decision already recorded in run {run_id}; nothing to do", file=sys.stderr)
+        log.info("%s %s: decision already recorded in run %s; nothing to do", name, date, run_id)
         return _decision_from(record, alias, reused=True)
     candidate = record.tags["candidate_run_id"]
     evaluated_champion = record.tags["champion_version"]
