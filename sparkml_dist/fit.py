@@ -96,6 +96,8 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
             log.info("run %s already trained this for %s; reusing it", previous.run_id, cfg.tracking.run_key)
             return _reused_result(cfg, previous, experiment_id, world, started, manifest.num_classes)
         resume_run_id = previous.run_id if previous is not None else None  # resume a failed attempt
+    elif not resume_run_id:
+        _say_how_to_resume(cfg, tags[TRAIN_FINGERPRINT_TAG])
     run = tracking.start_run(cfg, tags, kind=kind, resume_run_id=resume_run_id)
     tracking.log_manifest_input(run, manifest, context="training")
     checkpoint_url = f"{cfg.train.runs_url.rstrip('/')}/{run.run_id}/checkpoints"
@@ -154,6 +156,21 @@ def comm_kind(comm: CommConfig) -> str:
     """The run kind (tag) of a data-parallel run: its strategy, plus its compressor unless none
     (``allreduce``, ``allreduce+fp16``, ``local_sgd+topk``): the compare job shows one line per kind."""
     return comm.strategy if comm.compression == "none" else f"{comm.strategy}+{comm.compression}"
+
+
+def _say_how_to_resume(cfg: JobConfig, fingerprint: str) -> None:
+    """Without a run key a rerun starts afresh; if the same training (same train section, same manifest) was
+    left unfinished (a killed driver leaves its run RUNNING), say which flag resumes it from its checkpoint.
+    Not done automatically: a RUNNING run may belong to a job that is still alive."""
+    left = tracking.unfinished_runs(cfg.tracking, TRAIN_FINGERPRINT_TAG, fingerprint)
+    if left:
+        run_id, status = left[0]
+        log.warning(
+            "run %s trained this same config on this manifest and did not finish (status %s); this job starts a "
+            "new run. To resume that one from its last checkpoint instead (if no other job is running it), rerun "
+            "with --set train.resume_run_id=%s (or set tracking.run_key to resume automatically)",
+            run_id, status, run_id,
+        )  # fmt: skip
 
 
 def train_fingerprint(cfg: JobConfig, manifest_fingerprint: str) -> str:

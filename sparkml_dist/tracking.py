@@ -258,6 +258,19 @@ def keyed_runs(cfg: TrackingConfig, kind: str) -> list[str]:
     return [r.info.run_id for r in found]
 
 
+def unfinished_runs(cfg: TrackingConfig, tag: str, value: str) -> list[tuple[str, str]]:
+    """(run id, status) of the experiment's runs tagged ``tag=value`` that did not finish (RUNNING: its
+    driver may have been killed; FAILED; KILLED), newest first."""
+    experiment_id = ensure_experiment(cfg)
+    found = _client(cfg.tracking_uri).search_runs(
+        [experiment_id],
+        filter_string=f"tags.{tag} = '{value}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=10,
+    )
+    return [(r.info.run_id, r.info.status) for r in found]
+
+
 def set_tags(run: RunHandle, tags: dict[str, str]) -> None:
     client = _client(run.tracking_uri)
     for k, v in tags.items():

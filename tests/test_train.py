@@ -256,3 +256,24 @@ def test_main_job_runs_end_to_end_and_prints_json(spark, tmp_path, capsys):
     assert json.loads(captured.out.strip().splitlines()[-1])["train"]["run_id"] == out["train"]["run_id"]
     assert "make mlflow-ui" in captured.err
     assert out["partition"]["train_rows"] and out["train"]["model_uri"]
+
+
+def test_a_rerun_names_the_unfinished_run_and_the_flag_that_resumes_it(spark, work, data, caplog):
+    """A killed driver leaves its run RUNNING; rerunning the same command (no run key) says which flag resumes
+    it instead of silently starting over."""
+    from sparkml_dist import tracking
+    from sparkml_dist.fit import TRAIN_FINGERPRINT_TAG, train_fingerprint
+
+    sets = ("train.epochs=1", "train.max_steps_per_epoch=5", "tracking.log_model=false", "train.lr=0.031")
+    cfg = _cfg(work, *sets)
+    fingerprint = train_fingerprint(cfg, read_manifest(cfg.train.manifest_url).fingerprint)
+    orphan = tracking.start_run(cfg, {TRAIN_FINGERPRINT_TAG: fingerprint}, kind="allreduce")  # never finished
+    with caplog.at_level("WARNING", logger="sparkml_dist.fit"):
+        fresh = run_training(spark, cfg)
+    assert fresh.run_id != orphan.run_id
+    said = [r.getMessage() for r in caplog.records if "did not finish" in r.getMessage()]
+    assert len(said) == 1 and f"--set train.resume_run_id={orphan.run_id}" in said[0], caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sparkml_dist.fit"):  # other settings: not the same training
+        run_training(spark, _cfg(work, *sets[:-1], "train.lr=0.032"))
+    assert not [r for r in caplog.records if "did not finish" in r.getMessage()]
