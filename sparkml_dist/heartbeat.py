@@ -194,13 +194,12 @@ def beating(url: str | None, attempt: int, rank: int, host: str, interval_s: flo
     def body(done: bool = False) -> dict[str, Any]:
         return {"rank": rank, "host": host, "pid": os.getpid(), "step": _progress["step"], "done": done}
 
-    def loop() -> None:
-        while not stop.is_set():
+    def loop() -> None:  # the first beat is sent below, before the block starts
+        while not stop.wait(interval_s):
             try:
                 _put(target, body(), timeout_s=max(1.0, interval_s))
             except Exception:  # noqa: BLE001 (best effort, see above)
                 pass
-            stop.wait(interval_s)
 
     _progress["step"] = -1
     try:

@@ -8,6 +8,7 @@ final model and plots when the stage returns. A resumed or retried run keeps log
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -163,7 +164,6 @@ def standard_tags() -> dict[str, str]:
     """MLflow's own Source, User and Git commit tags (MlflowClient.create_run does not fill them in, unlike
     mlflow.start_run): the program that ran, who ran it, and the project's commit when it is a git checkout."""
     import getpass
-    import subprocess
     import sys
 
     from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
@@ -175,16 +175,26 @@ def standard_tags() -> dict[str, str]:
     tags = {MLFLOW_SOURCE_NAME: sys.argv[0] or "python", MLFLOW_SOURCE_TYPE: "JOB"}
     if user:
         tags[MLFLOW_USER] = user
+    commit = _project_commit()
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
+@functools.lru_cache(maxsize=1)
+def _project_commit() -> str:
+    """The project checkout's git commit, asked once per process ('' when it is not a checkout or there is
+    no git: then no commit tag)."""
+    import subprocess
+
     project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         done = subprocess.run(
             ["git", "-C", project, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
         )
-    except (OSError, subprocess.TimeoutExpired):  # no git on this machine: no commit tag
-        done = None
-    if done is not None and done.returncode == 0 and done.stdout.strip():
-        tags[MLFLOW_GIT_COMMIT] = done.stdout.strip()
-    return tags
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def log_dataset(
@@ -248,27 +258,27 @@ def keyed_runs(cfg: TrackingConfig, kind: str) -> list[str]:
     """Ids of the experiment's live runs of ``kind`` tagged with ``cfg.run_key``, newest first ([] if no key)."""
     if not cfg.run_key:
         return []
-    experiment_id = ensure_experiment(cfg)
-    found = _client(cfg.tracking_uri).search_runs(
-        [experiment_id],
-        filter_string=f"tags.kind = '{kind}' and tags.{RUN_KEY_TAG} = '{cfg.run_key}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=100,
-    )
+    found = _search_runs(cfg, f"tags.kind = '{kind}' and tags.{RUN_KEY_TAG} = '{cfg.run_key}'", max_results=100)
     return [r.info.run_id for r in found]
 
 
 def unfinished_runs(cfg: TrackingConfig, tag: str, value: str) -> list[tuple[str, str]]:
     """(run id, status) of the experiment's runs tagged ``tag=value`` that did not finish (RUNNING: its
     driver may have been killed; FAILED; KILLED), newest first."""
-    experiment_id = ensure_experiment(cfg)
-    found = _client(cfg.tracking_uri).search_runs(
-        [experiment_id],
-        filter_string=f"tags.{tag} = '{value}' and attributes.status != 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=10,
-    )
+    found = _search_runs(cfg, f"tags.{tag} = '{value}' and attributes.status != 'FINISHED'", max_results=10)
     return [(r.info.run_id, r.info.status) for r in found]
+
+
+def _search_runs(cfg: TrackingConfig, filter_string: str, max_results: int) -> list[Any]:
+    """The experiment's live runs matching ``filter_string``, newest first."""
+    return list(
+        _client(cfg.tracking_uri).search_runs(
+            [ensure_experiment(cfg)],
+            filter_string=filter_string,
+            order_by=["attributes.start_time DESC"],
+            max_results=max_results,
+        )
+    )
 
 
 def set_tags(run: RunHandle, tags: dict[str, str]) -> None:
