@@ -132,6 +132,25 @@ class DataConfig:
     invalid_values: Literal["fail", "drop"] = "fail"
     """NaN/inf/null features or a null label: 'fail' the job, or 'drop' the rows and count them. Partition and
     score both apply it."""
+    input_format: Literal["parquet", "libsvm"] = "parquet"
+    """parquet; or libsvm: text files in the LIBSVM format, read with Spark's own libsvm source (label and a
+    sparse vector per line; data.dimension sets its width, else Spark finds the largest index in a pass).
+    Row ids are assigned (the format has none) and the layout is sparse."""
+    categorical_cols: list[str] | None = None
+    """String/integer/boolean columns encoded one-hot by the hashing trick, each in its own range of
+    data.hash_buckets indices after the numeric features; implies the sparse layout. A null is a category."""
+    hash_buckets: int = 1 << 16
+    """Buckets (indices) per categorical column: collisions inside a column merge categories."""
+    hash_seed: int = 0
+    """Seed of the categorical hash (stored with the manifest and the model, so scoring hashes alike)."""
+    indices_col: str | None = None
+    """An input array<int|long> column of per-row feature indices (ascending), with data.values_col and
+    data.dimension: the input is already sparse. Implies the sparse layout."""
+    values_col: str | None = None
+    """The array<number> column of values for data.indices_col (default 'values')."""
+    dimension: int | None = None
+    """Width of the sparse feature space (one more than the largest index): needed with data.indices_col; for
+    a vector column or libsvm input it overrides (and checks) the width found in the data."""
     duplicate_row_ids: Literal["fail", "rekey"] = "fail"
     """The input's row_id_col holds a null or repeated id (found in the partition job's counting pass):
     'fail' naming examples, or 'rekey': number the rows anew (the input's ids are not kept; the new ids
@@ -146,6 +165,20 @@ class DataConfig:
             raise ConfigError(
                 f"data.label_col={self.label_col!r} is also listed as a feature (data.feature_cols / "
                 "data.features_col): the model would see the answer. Remove it from the features"
+            )
+        if self.hash_buckets < 1:
+            raise ConfigError(f"data.hash_buckets must be >= 1, got {self.hash_buckets}")
+        if self.dimension is not None and self.dimension < 1:
+            raise ConfigError(f"data.dimension must be >= 1, got {self.dimension}")
+        if self.indices_col is not None and (self.features_col is not None or self.categorical_cols):
+            raise ConfigError(
+                "data.indices_col names an already-sparse input: set it OR data.features_col / data.categorical_cols"
+            )
+        if self.values_col is not None and self.indices_col is None:
+            raise ConfigError("data.values_col needs data.indices_col (the indices those values belong to)")
+        if self.label_col in (self.categorical_cols or []):
+            raise ConfigError(
+                f"data.label_col={self.label_col!r} is also in data.categorical_cols: the model would see the answer"
             )
         if self.feature_cols is not None and len(set(self.feature_cols)) != len(self.feature_cols):
             twice = sorted({c for c in self.feature_cols if self.feature_cols.count(c) > 1})
@@ -172,8 +205,10 @@ class PartitionConfig:
     """How features are assigned to groups."""
     explicit_groups: list[list[str]] | None = None
     """feature_grouping=explicit: the feature names of each group."""
-    feature_layout: Literal["array", "columns"] = "array"
-    """Layout of features in the output: one float32 array column (streams fastest) or scalar columns."""
+    feature_layout: Literal["array", "columns", "sparse"] = "array"
+    """Layout of features in the output: one float32 array column (streams fastest), scalar columns, or
+    sparse (per row an ascending list of feature indices and one of values, never densified: a Spark ML
+    vector column stays sparse; LIBSVM, data.indices_col and data.categorical_cols input always use it)."""
     row_group_mb: float = 8.0
     """Parquet row-group size in MB (Petastorm reads one row group at a time)."""
     min_row_groups: int = 1

@@ -24,8 +24,8 @@ from sparkml_dist.config import CommConfig, JobConfig
 from sparkml_dist.launch import run_on_ranks
 from sparkml_dist.loader import steps_per_epoch
 from sparkml_dist.manifest import Manifest, feature_tags, read_manifest
-from sparkml_dist.metrics import primary_metric
-from sparkml_dist.models import build_model, check_model_for_data, prediction_model
+from sparkml_dist.metrics import REGRESSION, primary_metric
+from sparkml_dist.models import build_model, check_model_for_data, prediction_model, split_first_layer
 from sparkml_dist.partition import verify_pages
 from sparkml_dist.train import TrainJob, train_rank
 
@@ -207,7 +207,7 @@ def _reused_result(
 
 
 def assemble_model(cfg: JobConfig, manifest: Manifest, state_dict: dict[str, np.ndarray]) -> torch.nn.Module:
-    model = build_model(cfg.train, manifest.num_features, manifest.num_classes)
+    model = build_model(cfg.train, manifest.num_features, manifest.num_classes, manifest.sparse is not None)
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()})
     return model.eval()
 
@@ -222,6 +222,13 @@ def _log_outcome(run: tracking.RunHandle, cfg: JobConfig, manifest: Manifest, ou
         tracking.log_plot(run, history, keys, "loss_curve.png")
     if not cfg.tracking.log_model:
         return None
+    if manifest.sparse is not None:
+        first, tail = split_first_layer(assemble_model(cfg, manifest, out["state_dict"]))
+        served = prediction_model(tail, manifest.num_classes)
+        outputs = 1 if manifest.num_classes == REGRESSION else manifest.num_classes
+        width = first.weight.shape[1]
+        sparse = manifest.sparse
+        return tracking.log_sparse_model(run, first, served, width, outputs, sparse.encoding, sparse.dimension)
     model = prediction_model(assemble_model(cfg, manifest, out["state_dict"]), manifest.num_classes)
     example = np.random.default_rng(0).standard_normal((5, manifest.num_features)).astype(np.float32)
     return tracking.log_torch_model(run, model, example)

@@ -43,6 +43,7 @@ from sparkml_dist.config import TrainConfig
 from sparkml_dist.errors import UserError
 from sparkml_dist.manifest import Manifest, ShardEntry
 from sparkml_dist.metrics import REGRESSION
+from sparkml_dist.sparse import SparseRows, concatenate, from_arrow, take, to_tensor
 
 if TYPE_CHECKING:  # torch is imported where batches are made: reader processes import this module without it
     import torch
@@ -55,7 +56,8 @@ SEQ_KEY = b"sparkml_dist.ventilation_seq"
 """Schema-metadata key of the number our worker tags each row group's table with (survives Arrow IPC)."""
 
 Batch = tuple["torch.Tensor", "torch.Tensor"]
-Chunk = tuple[np.ndarray, np.ndarray]
+Chunk = tuple[Any, np.ndarray]
+"""(features: float32 [rows, F] ndarray, or SparseRows for the sparse layout; labels [rows])."""
 
 
 class LoaderError(UserError):
@@ -92,6 +94,8 @@ class LoaderSpec:
     """Also read this row-key column; ``iterate_aligned_batches`` needs it and yields it with each batch."""
     label_dtype: str = "int64"
     """int64 class ids, or float32 values for regression (``label_dtype_of``)."""
+    sparse: tuple[str, str, int] | None = None
+    """Sparse layout: (indices column, values column, dimension); batches are then sparse CSR tensors."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.steps < 0 or self.workers_count < 1:
@@ -103,7 +107,13 @@ class LoaderSpec:
 
     @property
     def num_features(self) -> int:
-        return len(self.feature_cols)
+        return self.sparse[2] if self.sparse is not None else len(self.feature_cols)
+
+    def empty_features(self) -> Any:
+        """Zero rows of this spec's features (dense block or SparseRows)."""
+        if self.sparse is not None:
+            return SparseRows.empty(self.sparse[2])
+        return np.empty((0, self.num_features), np.float32)
 
 
 def label_dtype_of(manifest: Manifest) -> str:
@@ -171,6 +181,11 @@ def build_loader_spec(
         rank=rank,
         workers_count=workers_count,
         label_dtype=label_dtype_of(manifest),
+        sparse=(
+            None
+            if manifest.sparse is None
+            else (manifest.sparse.indices_col, manifest.sparse.values_col, manifest.sparse.dimension)
+        ),
     )
     if split == "train":
         shards = _rank_shards(manifest, rank, world_size)
@@ -300,7 +315,10 @@ def _open_reader(spec: LoaderSpec, order_seed: int | None) -> Any:
     from petastorm.fs_utils import get_filesystem_and_path_or_paths
     from petastorm.reader import Reader, normalize_dataset_url_or_urls
 
-    columns = [spec.features_col] if spec.features_col else list(spec.feature_cols)
+    if spec.sparse is not None:
+        columns = list(spec.sparse[:2])
+    else:
+        columns = [spec.features_col] if spec.features_col else list(spec.feature_cols)
     filesystem, paths = get_filesystem_and_path_or_paths(normalize_dataset_url_or_urls(list(spec.urls)))
     pool = _SequencedPool(spec.reader_pool, spec.workers_count)
     try:
@@ -347,6 +365,15 @@ def _in_ventilation_order(reader: Any, spec: LoaderSpec) -> Iterator[pa.Table]:
 def _to_numpy(table: pa.Table, spec: LoaderSpec) -> Chunk:
     """One row group -> (float32 [rows, features] C-contiguous, labels [rows] of ``spec.label_dtype``)."""
     y = table.column(spec.label_col).to_numpy().astype(spec.label_dtype)
+    if spec.sparse is not None:
+        indices_col, values_col, dimension = spec.sparse
+        try:
+            rows = from_arrow(
+                _one_chunk(table.column(indices_col)), _one_chunk(table.column(values_col)), dimension, spec.shard
+            )
+        except ValueError as exc:
+            raise LoaderError(str(exc)) from exc
+        return rows, y
     if spec.features_col is None:
         x = np.stack([table.column(c).to_numpy() for c in spec.feature_cols], axis=1)
         return x.astype(np.float32, copy=False), y
@@ -357,6 +384,10 @@ def _to_numpy(table: pa.Table, spec: LoaderSpec) -> Chunk:
         raise LoaderError(f"{spec.shard}: column {spec.features_col!r} has a null or a row without {n} features")
     x = arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), n)  # zero-copy for float32
     return x.astype(np.float32, copy=False), y
+
+
+def _one_chunk(col: pa.ChunkedArray) -> pa.Array:
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
 def _row_groups(
@@ -381,13 +412,13 @@ def _window(chunks: Iterator[Chunk], row_range: tuple[int, int] | None) -> Itera
             return
 
 
-def _in_order(chunks: Iterator[Chunk], bs: int, n: int) -> Iterator[Chunk]:
+def _in_order(chunks: Iterator[Chunk], bs: int, empty: Any) -> Iterator[Chunk]:
     """Full batches in stream order; views of the row group where possible, a copy only across groups."""
-    cx, cy = np.empty((0, n), np.float32), np.empty(0, np.int64)
+    cx, cy = empty, np.empty(0, np.int64)
     for x, y in chunks:
         if len(cy):
             k = bs - len(cy)
-            head_x, head_y = np.concatenate([cx, x[:k]]), np.concatenate([cy, y[:k]])
+            head_x, head_y = concatenate([cx, x[:k]]), np.concatenate([cy, y[:k]])
             x, y = x[k:], y[k:]
             if len(head_y) < bs:
                 cx, cy = head_x, head_y
@@ -403,7 +434,7 @@ def _shuffled(chunks: Iterator[Chunk], bs: int, buffer_rows: int, rng: np.random
     """A vectorized shuffle buffer: once ``buffer_rows`` rows are held, permute them and emit batches until
     half a buffer is left; that random half stays and mixes with the next row groups (no per-row Python)."""
     keep = max(buffer_rows, bs)
-    xs: list[np.ndarray] = []
+    xs: list[Any] = []
     ys: list[np.ndarray] = []
     held = 0
     for item in itertools.chain(chunks, [None]):
@@ -415,14 +446,14 @@ def _shuffled(chunks: Iterator[Chunk], bs: int, buffer_rows: int, rng: np.random
                 continue
         if not held:
             return
-        x, y = np.concatenate(xs), np.concatenate(ys)
+        x, y = concatenate(xs), np.concatenate(ys)
         perm = rng.permutation(held)
         emit = (held if item is None else held - keep // 2) // bs
         for i in range(emit):
             idx = perm[i * bs : (i + 1) * bs]
-            yield np.take(x, idx, axis=0), np.take(y, idx)
+            yield take(x, idx), np.take(y, idx)
         rest = perm[emit * bs :]
-        xs, ys, held = [np.take(x, rest, axis=0)], [np.take(y, rest)], len(rest)
+        xs, ys, held = [take(x, rest)], [np.take(y, rest)], len(rest)
 
 
 def _silence_readonly_warning() -> None:
@@ -471,11 +502,11 @@ def iterate_batches(spec: LoaderSpec, epoch: int) -> Iterator[Iterator[Batch]]:
 
         chunks = _row_groups(reader, spec)
         if rng is None:
-            stream = _in_order(chunks, spec.batch_size, spec.num_features)
+            stream = _in_order(chunks, spec.batch_size, spec.empty_features())
         else:
             stream = _shuffled(chunks, spec.batch_size, spec.shuffle_buffer_rows, rng)
         for x, y in _exactly_steps(stream, spec):
-            yield torch.from_numpy(x), torch.from_numpy(y)
+            yield to_tensor(x), torch.from_numpy(y)
 
     try:
         yield batches()
@@ -483,9 +514,10 @@ def iterate_batches(spec: LoaderSpec, epoch: int) -> Iterator[Iterator[Batch]]:
         _close(reader)
 
 
-def read_all(spec: LoaderSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Every row of the spec (its ``row_range``), in file order: (float32 [n, F], labels [n]). Small splits only."""
-    xs, ys = [np.empty((0, spec.num_features), np.float32)], [np.empty(0, spec.label_dtype)]
+def read_all(spec: LoaderSpec) -> tuple[Any, np.ndarray]:
+    """Every row of the spec (its ``row_range``), in file order: (float32 [n, F] or SparseRows, labels [n]).
+    Small splits only."""
+    xs, ys = [spec.empty_features()], [np.empty(0, spec.label_dtype)]
     if spec.urls:
         reader = _open_reader(spec, None)
         try:
@@ -494,7 +526,7 @@ def read_all(spec: LoaderSpec) -> tuple[np.ndarray, np.ndarray]:
                 ys.append(y)
         finally:
             _close(reader)
-    return np.concatenate(xs), np.concatenate(ys)
+    return concatenate(xs), np.concatenate(ys)
 
 
 # ------------------------------------------------------------------ feature-parallel: same rows, other columns
@@ -531,7 +563,7 @@ def iterate_aligned_batches(spec: LoaderSpec, epoch: int) -> Iterator[Iterator[A
         import torch
 
         chunks = _row_groups(reader, spec, _with_row_ids)
-        stream = _in_order(chunks, spec.batch_size, spec.num_features)
+        stream = _in_order(chunks, spec.batch_size, spec.empty_features())
         if rng is not None:  # inputs are whole batch-size blocks, so the buffer's cuts match on every rank
             stream = _shuffled(stream, spec.batch_size, spec.shuffle_buffer_rows, rng)
         for x, both in _exactly_steps(stream, spec):

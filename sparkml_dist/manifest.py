@@ -66,6 +66,20 @@ class FeatureGroup:
 
 
 @dataclass(frozen=True)
+class SparseLayout:
+    """The 'sparse' feature layout: per row, the feature indices (list<int>, ascending, each in
+    0..dimension-1) and their values (list<float>, same length), never densified on the way."""
+
+    dimension: int
+    """Width of the feature space the indices live in (the model's input width)."""
+    indices_col: str = "indices"
+    values_col: str = "values"
+    encoding: dict[str, Any] = field(default_factory=dict)
+    """How the input's columns became the feature space (``features.Encoding.to_dict``): scoring applies
+    exactly the same mapping."""
+
+
+@dataclass(frozen=True)
 class Manifest:
     root_url: str
     mode: str
@@ -80,13 +94,17 @@ class Manifest:
     features_col: str | None
     """Name of the array column holding the features in the output ('array' layout), else None."""
     feature_names: list[str]
-    """The feature names in model order (for the 'columns' layout, also the column names)."""
+    """The feature names in model order (for the 'columns' layout, also the column names); for the sparse
+    layout the input columns the feature space was built from, in order."""
     train: list[ShardEntry]
     validation: ShardEntry
     feature_groups: list[FeatureGroup] = field(default_factory=list)
     schema: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
+    sparse: SparseLayout | None = None
+    """Set for the sparse layout (``partition.feature_layout=sparse``): then ``features_col`` is None and the
+    shards hold ``sparse.indices_col`` and ``sparse.values_col`` instead of feature columns."""
 
     @property
     def num_shards(self) -> int:
@@ -94,7 +112,8 @@ class Manifest:
 
     @property
     def num_features(self) -> int:
-        return len(self.feature_names)
+        """The model's input width: the sparse layout's dimension, else the number of feature names."""
+        return self.sparse.dimension if self.sparse is not None else len(self.feature_names)
 
     @property
     def fingerprint(self) -> str:
@@ -142,6 +161,8 @@ class Manifest:
         raw["feature_groups"] = [
             FeatureGroup(g["group"], g["features"], [shard(s) for s in g["shards"]]) for g in raw["feature_groups"]
         ]
+        if raw.get("sparse") is not None:
+            raw["sparse"] = SparseLayout(**raw["sparse"])
         if root_url is not None:
             raw["root_url"] = root_url
         return cls(**raw)

@@ -1,13 +1,16 @@
 """nn.Modules for tabular data, and the loss/probability conventions every trainer shares.
 
-Convention: a model maps features [batch, n_features] to outputs [batch, k]: for classification the logits,
-k = 1 for binary data (the logit of class 1) and k = num_classes otherwise; for regression (a manifest with
-``num_classes == REGRESSION``, written by ``data.task=regression``) the predicted value, k = 1.
+Convention: a model maps features [batch, n_features] (dense, or for the sparse layout a torch
+``sparse_csr`` tensor that only the first layer, ``SparseLinear``, reads) to outputs [batch, k]: for
+classification the logits, k = 1 for binary data (the logit of class 1) and k = num_classes otherwise; for
+regression (a manifest with ``num_classes == REGRESSION``, written by ``data.task=regression``) the predicted
+value, k = 1.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -45,14 +48,58 @@ def check_model_for_data(model: str, num_classes: int) -> None:
         raise UserError(f"train.model=logistic is binary; the data has {num_classes} classes: use softmax")
 
 
+class SparseLinear(nn.Module):
+    """``x @ weight + bias`` whose cost grows with the non-zeros of a sparse CSR input [batch, in_features]:
+    an ``EmbeddingBag`` sum with the values as per-sample weights, so a 2^24-wide input never becomes a dense
+    [batch, 2^24] block. Dense inputs are accepted too. ``weight`` is [in_features, out_features] (the
+    embedding layout), initialised like ``nn.Linear``. Its gradient is dense (a [in_features, out] block per
+    step, what the communication strategies then send)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        bound = 1 / math.sqrt(in_features)
+        self.weight = nn.Parameter(torch.empty(in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.layout == torch.sparse_csr:
+            rows = x.crow_indices()
+            out = F.embedding_bag(
+                x.col_indices(), self.weight, rows[:-1], mode="sum", per_sample_weights=x.values().to(self.weight.dtype)
+            )
+            return out + self.bias
+        return x.to(self.weight.dtype) @ self.weight + self.bias
+
+
+def first_layer(in_features: int, out_features: int, sparse: bool) -> nn.Module:
+    """The layer that reads the features: ``SparseLinear`` for the sparse layout, else ``nn.Linear``."""
+    return SparseLinear(in_features, out_features) if sparse else nn.Linear(in_features, out_features)
+
+
+def split_first_layer(model: nn.Module) -> tuple[SparseLinear, nn.Module]:
+    """(the model's ``SparseLinear``, a copy of the model with that layer replaced by the identity): the tail
+    maps the first layer's output [rows, width] to the model's output. For logging a sparse model, whose
+    first layer is served as an ``embedding_bag`` over the non-zeros and the rest as an exported program."""
+    import copy
+
+    tail = copy.deepcopy(model)
+    found = [(name, m) for name, m in tail.named_modules() if isinstance(m, SparseLinear)]
+    if len(found) != 1:
+        raise UserError(f"{type(model).__name__} has {len(found)} SparseLinear layers; a sparse model has one")
+    name, first = found[0]
+    parent = tail.get_submodule(name.rpartition(".")[0]) if "." in name else tail
+    setattr(parent, name.rpartition(".")[2], nn.Identity())
+    return first, tail
+
+
 class LogisticRegression(nn.Module):
     """Binary logistic regression: one logit."""
 
-    def __init__(self, num_features: int, num_classes: int = 2) -> None:
+    def __init__(self, num_features: int, num_classes: int = 2, sparse: bool = False) -> None:
         super().__init__()
         if num_classes != 2:
             raise UserError(f"logistic regression is binary; data has {num_classes} classes: use model=softmax")
-        self.linear = nn.Linear(num_features, 1)
+        self.linear = first_layer(num_features, 1, sparse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
@@ -61,11 +108,11 @@ class LogisticRegression(nn.Module):
 class LinearRegression(nn.Module):
     """Least-squares linear regression: one real-valued output."""
 
-    def __init__(self, num_features: int, num_classes: int = REGRESSION) -> None:
+    def __init__(self, num_features: int, num_classes: int = REGRESSION, sparse: bool = False) -> None:
         super().__init__()
         if num_classes != REGRESSION:
             raise UserError(f"linear regression needs real-valued labels; data has {num_classes} classes")
-        self.linear = nn.Linear(num_features, 1)
+        self.linear = first_layer(num_features, 1, sparse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
@@ -74,9 +121,9 @@ class LinearRegression(nn.Module):
 class SoftmaxRegression(nn.Module):
     """Multinomial logistic regression: one logit per class."""
 
-    def __init__(self, num_features: int, num_classes: int) -> None:
+    def __init__(self, num_features: int, num_classes: int, sparse: bool = False) -> None:
         super().__init__()
-        self.linear = nn.Linear(num_features, num_classes)
+        self.linear = first_layer(num_features, num_classes, sparse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
@@ -95,33 +142,35 @@ class MLP(nn.Module):
         hidden_sizes: list[int] | tuple[int, ...] = (64, 32),
         activation: str = "relu",
         dropout: float = 0.0,
+        sparse: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = num_features
-        for h in hidden_sizes:
-            layers += [nn.Linear(width, h), _ACTIVATIONS[activation]()]
+        for i, h in enumerate(hidden_sizes):
+            layers += [first_layer(width, h, sparse and i == 0), _ACTIVATIONS[activation]()]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = h
-        layers.append(nn.Linear(width, output_width(num_classes)))
+        layers.append(first_layer(width, output_width(num_classes), sparse and not hidden_sizes))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
-MODELS: Registry[Callable[[TrainConfig, int, int], nn.Module]] = Registry("model", "train.model")
-"""name -> builder(cfg, num_features, num_classes); a new model is one registration in its own module."""
+MODELS: Registry[Callable[[TrainConfig, int, int, bool], nn.Module]] = Registry("model", "train.model")
+"""name -> builder(cfg, num_features, num_classes, sparse); a new model is one registration in its own module.
+``sparse``: the inputs are sparse CSR tensors (the sparse layout), so the first layer must read them."""
 OPTIMIZERS: Registry[Callable[[TrainConfig, Iterable[nn.Parameter]], torch.optim.Optimizer]] = Registry(
     "optimizer", "train.optimizer"
 )
 """name -> builder(cfg, parameters)."""
 
-MODELS.register("logistic")(lambda cfg, n, c: LogisticRegression(n, c))
-MODELS.register("softmax")(lambda cfg, n, c: SoftmaxRegression(n, c))
-MODELS.register("linear")(lambda cfg, n, c: LinearRegression(n, c))
-MODELS.register("mlp")(lambda cfg, n, c: MLP(n, c, cfg.hidden_sizes, cfg.activation, cfg.dropout))
+MODELS.register("logistic")(lambda cfg, n, c, sparse: LogisticRegression(n, c, sparse))
+MODELS.register("softmax")(lambda cfg, n, c, sparse: SoftmaxRegression(n, c, sparse))
+MODELS.register("linear")(lambda cfg, n, c, sparse: LinearRegression(n, c, sparse))
+MODELS.register("mlp")(lambda cfg, n, c, sparse: MLP(n, c, cfg.hidden_sizes, cfg.activation, cfg.dropout, sparse))
 OPTIMIZERS.register("sgd")(
     lambda cfg, params: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 )
@@ -134,15 +183,15 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return OPTIMIZERS.get(cfg.optimizer)(cfg, model.parameters())
 
 
-def build_model(cfg: TrainConfig, num_features: int, num_classes: int) -> nn.Module:
+def build_model(cfg: TrainConfig, num_features: int, num_classes: int, sparse: bool = False) -> nn.Module:
     """The model named by ``cfg.model``: a registered name (logistic, softmax, linear, mlp, ...) or
     'package.module:ClassName'.
 
     A user class is constructed as ``Class(num_features, num_classes)`` and must follow the logits
-    convention in this module's docstring.
+    convention in this module's docstring (on sparse data its forward receives sparse CSR tensors).
     """
     if ":" not in cfg.model:
-        return MODELS.get(cfg.model)(cfg, num_features, num_classes)
+        return MODELS.get(cfg.model)(cfg, num_features, num_classes, sparse)
     module_name, _, class_name = cfg.model.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)

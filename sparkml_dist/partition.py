@@ -29,6 +29,15 @@ from pyspark.sql import types as T
 
 from sparkml_dist.config import DataConfig, JobConfig, PartitionConfig
 from sparkml_dist.errors import UserError
+from sparkml_dist.features import (
+    INDICES,
+    VALUES,
+    Encoding,
+    FeatureError,
+    build_encoding,
+    is_sparse_input,
+    sparse_columns,
+)
 from sparkml_dist.manifest import (
     MANIFEST_NAME,
     FeatureGroup,
@@ -36,6 +45,7 @@ from sparkml_dist.manifest import (
     Manifest,
     ManifestError,
     ShardEntry,
+    SparseLayout,
     arrow_fs,
     manifest_files,
     verify_files,
@@ -100,6 +110,8 @@ class _Input:
     input_bytes: int
     ids_from_input: bool = True
     """row_id is the input's data.row_id_col (checked for nulls and duplicates), not assigned here."""
+    encoding: Encoding | None = None
+    """The sparse layout's encoding: then df holds indices and values columns instead of features."""
 
 
 def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
@@ -110,7 +122,7 @@ def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
     fs = HadoopFS(spark, out_url)
     inputs = {"data.input_url": dcfg.input_url}
     check_output(fs, out_url, PARTITION_OUTPUT, "partition.output_url", inputs)
-    inp = _read_input(spark, dcfg)
+    inp = _read_input(spark, dcfg, pcfg)
     settings = {"data": asdict(dcfg), "partition": asdict(pcfg)}
     settings["partition"].pop("output_url")
     existing = _existing_manifest(fs, out_url)
@@ -135,6 +147,11 @@ def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
     except Exception as exc:
         raise _clean_error(exc) from exc
 
+    if inp.encoding is not None and pcfg.feature_groups:
+        raise PartitionError(
+            f"partition.feature_groups={pcfg.feature_groups} with the sparse layout: feature-parallel training of "
+            "sparse data is not built yet; set partition.feature_groups=0 and train data-parallel"
+        )
     groups = _feature_groups(inp.feature_names, pcfg)
     if groups:
         assigned = assigned.persist(StorageLevel.MEMORY_AND_DISK)
@@ -142,14 +159,14 @@ def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
     try:
         with atomic_output(spark, out_url, PARTITION_OUTPUT, "partition.output_url", inputs) as tmp:
             spark.sparkContext.setJobDescription(f"partition: write {pcfg.num_shards} shards + validation")
-            _write(_layout(assigned, inp.feature_names, None, pcfg), f"{tmp}/train", block_bytes, pcfg.num_shards)
+            _write(_layout(assigned, inp, None, pcfg), f"{tmp}/train", block_bytes, pcfg.num_shards)
             if fs.exists(f"{tmp}/train/{SHARD_COL}=-1"):
                 fs.rename(f"{tmp}/train/{SHARD_COL}=-1", f"{tmp}/validation")
             else:  # validation_fraction 0 (or tiny data): an empty split, still a directory
                 fs.mkdirs(f"{tmp}/validation")
             for g, names in enumerate(groups):
                 spark.sparkContext.setJobDescription(f"partition: write feature group {g}")
-                sub = _layout(assigned, inp.feature_names, names, pcfg).filter(F.col(SHARD_COL) >= 0)
+                sub = _layout(assigned, inp, names, pcfg).filter(F.col(SHARD_COL) >= 0)
                 _write(sub, f"{tmp}/features/group={g}", block_bytes, pcfg.num_shards)
             manifest = _build_manifest(
                 fs, tmp, out_url, inp, groups, stats["input_rows"], stats["dropped_rows"], settings, cfg
@@ -194,9 +211,11 @@ def list_input(spark: SparkSession, input_url: str, key: str = "data.input_url")
     return files
 
 
-def read_parquet_checked(
-    spark: SparkSession, url: str, key: str = "data.input_url"
-) -> tuple[DataFrame, list[tuple[str, int, int]], list[str]]:
+_Read = tuple[DataFrame, list[tuple[str, int, int]], list[str]]
+"""A read input: the DataFrame, its files (URL, size, mtime) and the columns the files hold."""
+
+
+def read_parquet_checked(spark: SparkSession, url: str, key: str = "data.input_url") -> _Read:
     """Read a Parquet data set after checking every file's footer: (DataFrame with page-CRC verification
     on, the files, the columns the files hold). Columns Spark shows that neither the files nor Hive-style
     directory names hold are refused: they come from a stale ``org.apache.spark.sql.parquet.row.metadata``
@@ -219,9 +238,28 @@ def read_parquet_checked(
     return df, files, file_columns
 
 
-def _read_input(spark: SparkSession, dcfg: DataConfig) -> _Input:
+def _read_libsvm(spark: SparkSession, url: str, dcfg: DataConfig) -> _Read:
+    """LIBSVM text through Spark's own source: a double ``label`` and a sparse ``features`` vector per line."""
+    files = list_input(spark, url)
+    reader = spark.read.format("libsvm")
+    if dcfg.dimension is not None:
+        reader = reader.option("numFeatures", str(dcfg.dimension))
+    try:
+        df = reader.load(url)
+    except Exception as exc:
+        raise PartitionError(f"cannot read data.input_url {url} as LIBSVM (data.input_format=libsvm): {exc}") from exc
+    if dcfg.label_col != "label":
+        raise PartitionError(
+            f"data.label_col={dcfg.label_col!r}: LIBSVM input has its label in column 'label'; "
+            "leave data.label_col unset"
+        )
+    return df, files, list(df.columns)
+
+
+def _read_input(spark: SparkSession, dcfg: DataConfig, pcfg: PartitionConfig) -> _Input:
     url = dcfg.input_url.rstrip("/")
-    df, files, file_columns = read_parquet_checked(spark, url)
+    libsvm = dcfg.input_format == "libsvm"
+    df, files, file_columns = _read_libsvm(spark, url, dcfg) if libsvm else read_parquet_checked(spark, url)
     fields = {f.name: f.dataType for f in df.schema.fields}
     if dcfg.label_col not in fields:
         raise PartitionError(
@@ -234,7 +272,7 @@ def _read_input(spark: SparkSession, dcfg: DataConfig) -> _Input:
             f"label column {dcfg.label_col!r} has type {label_type.simpleString()}; data.task=regression needs "
             "a numeric label"
         )
-    if not regression and not isinstance(label_type, _INTEGRAL):
+    if not regression and not isinstance(label_type, _INTEGRAL) and not libsvm:
         hint = " (real-valued labels: set data.task=regression)" if isinstance(label_type, _NUMERIC) else ""
         raise PartitionError(
             f"label column {dcfg.label_col!r} has type {label_type.simpleString()}; "
@@ -247,18 +285,58 @@ def _read_input(spark: SparkSession, dcfg: DataConfig) -> _Input:
             f"{fields[dcfg.row_id_col].simpleString()}; it must hold integers (one distinct id per row): cast it "
             "to a long in the input, or set data.row_id_col to a name the input lacks to have rows numbered"
         )
-    features, names = feature_expr(df, fields, dcfg)
+    encoding = None
+    if pcfg.feature_layout == "sparse" or is_sparse_input(dcfg):
+        if pcfg.feature_layout == "columns":
+            raise PartitionError(
+                "partition.feature_layout=columns cannot hold sparse input (LIBSVM, data.indices_col or "
+                "data.categorical_cols): set partition.feature_layout=sparse"
+            )
+        try:
+            encoding = build_encoding(df, fields, dcfg, _vector_column(fields, dcfg))
+        except FeatureError as exc:
+            raise PartitionError(str(exc)) from exc
+        indices, values, valid_x = sparse_columns(encoding)
+        names = encoding.columns
+        feature_cols = [indices.alias(INDICES), values.alias(VALUES)]
+    else:
+        features, names = feature_expr(df, fields, dcfg)
+        valid_x = valid_features(features, len(names))
+        feature_cols = [features.alias(FEATURES_COL)]
     _check_partition_columns(url, fields, file_columns, names, dcfg)
     _check_nothing_left_out(fields, file_columns, names, dcfg)
     row_id = F.col(dcfg.row_id_col).cast("long") if ids_from_input else F.monotonically_increasing_id()
     # Class ids stay 64-bit until the range check has passed; only then are they written as int.
     label = F.col(dcfg.label_col).cast("double" if regression else "long")
+    if libsvm and not regression:  # LIBSVM labels are doubles: a class id must be a whole number
+        raw = F.col(dcfg.label_col)
+        label = F.when(raw == F.floor(raw), raw.cast("long")).otherwise(F.lit(None).cast("long"))
     finite_label = (~F.isnan(label) & (F.abs(label) != F.lit(float("inf")))) if regression else F.lit(True)
-    valid = label.isNotNull() & finite_label & valid_features(features, len(names))
-    out = df.select(row_id.alias("row_id"), features.alias(FEATURES_COL), label.alias("label"), valid.alias("_valid"))
+    valid = label.isNotNull() & finite_label & valid_x
+    out = df.select(row_id.alias("row_id"), *feature_cols, label.alias("label"), valid.alias("_valid"))
     rel = [(u[len(url) + 1 :] or u.rsplit("/", 1)[-1], size, mtime) for u, size, mtime in files]
     body = json.dumps([dcfg.input_url, rel])
-    return _Input(out, names, hashlib.sha256(body.encode()).hexdigest()[:16], sum(f[1] for f in files), ids_from_input)
+    fingerprint = hashlib.sha256(body.encode()).hexdigest()[:16]
+    return _Input(out, names, fingerprint, sum(f[1] for f in files), ids_from_input, encoding)
+
+
+def _vector_column(fields: dict[str, T.DataType], dcfg: DataConfig) -> str | None:
+    """The Spark ML vector column the sparse layout reads: data.features_col, or in auto mode a vector
+    column called ``features`` (what LIBSVM and VectorAssembler write); None: table columns."""
+    name = dcfg.features_col
+    if name is None:
+        auto = dcfg.feature_cols is None and dcfg.indices_col is None and not dcfg.categorical_cols
+        return FEATURES_COL if auto and FEATURES_COL in fields and is_vector(fields[FEATURES_COL]) else None
+    if name not in fields:
+        raise PartitionError(
+            f"features column data.features_col={name!r} is not in the input; columns: {sorted(fields)}"
+        )
+    if not is_vector(fields[name]):
+        raise PartitionError(
+            f"features column {name!r} has type {fields[name].simpleString()}; the sparse layout reads a Spark ML "
+            "vector column (or data.indices_col/values_col): use partition.feature_layout=array for a numeric array"
+        )
+    return name
 
 
 def _check_partition_columns(
@@ -370,16 +448,21 @@ def feature_expr(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfig)
             )
         return column, [f"{name}_{i}" for i in range(first["n"])]
     names = dcfg.feature_cols or [
-        n for n, t in fields.items() if isinstance(t, _NUMERIC) and n not in (dcfg.label_col, dcfg.row_id_col)
+        n
+        for n, t in fields.items()
+        if isinstance(t, (*_NUMERIC, T.BooleanType)) and n not in (dcfg.label_col, dcfg.row_id_col)
     ]
     missing = [n for n in names if n not in fields]
     if missing:
         raise PartitionError(
             f"feature column(s) {missing} from data.feature_cols are not in the input; columns: {sorted(fields)}"
         )
-    bad = [f"{n} ({fields[n].simpleString()})" for n in names if not isinstance(fields[n], _NUMERIC)]
+    bad = [f"{n} ({fields[n].simpleString()})" for n in names if not isinstance(fields[n], (*_NUMERIC, T.BooleanType))]
     if bad:
-        raise PartitionError(f"feature column(s) {bad} are not numeric: drop them from data.feature_cols or cast them")
+        raise PartitionError(
+            f"feature column(s) {bad} are not numeric: drop them from data.feature_cols, cast them, or list "
+            "categorical ones in data.categorical_cols (one-hot by hashing, sparse layout)"
+        )
     if not names:
         raise PartitionError("the input has no numeric feature columns: set data.feature_cols or data.features_col")
     return F.array(*[F.col(n).cast("float") for n in names]), names
@@ -391,7 +474,7 @@ def _check_nothing_left_out(
     """In auto mode (neither data.features_col nor data.feature_cols set), refuse a column that would be left
     out silently: a string, boolean, date or map column beside numeric features, or any column beside a
     features array. Naming the features is how a user says "leave the rest out"."""
-    if dcfg.features_col is not None or dcfg.feature_cols is not None:
+    if dcfg.features_col is not None or dcfg.feature_cols is not None or dcfg.indices_col is not None:
         return
     used = {dcfg.label_col, dcfg.row_id_col, *names}
     if is_feature_array(fields.get(FEATURES_COL)):  # auto mode took the `features` array / vector
@@ -405,8 +488,8 @@ def _check_nothing_left_out(
         )
         raise PartitionError(
             f"column(s) {left} would be left out of training silently (not numeric, or beside the features "
-            f"array): set {how}, which leaves the others out on purpose, or cast them to numbers. Categorical "
-            "and boolean encoding is not built yet"
+            f"array): set {how}, which leaves the others out on purpose, cast them to numbers, or list "
+            "categorical ones in data.categorical_cols (one-hot by hashing, sparse layout)"
         )
 
 
@@ -665,10 +748,13 @@ def _feature_groups(names: list[str], pcfg: PartitionConfig) -> list[list[str]]:
 # ------------------------------------------------------------------------------------------- writing
 
 
-def _layout(df: DataFrame, names: list[str], subset: list[str] | None, pcfg: PartitionConfig) -> DataFrame:
+def _layout(df: DataFrame, inp: _Input, subset: list[str] | None, pcfg: PartitionConfig) -> DataFrame:
     """Select row_id, the (subset of) features in the configured layout, label and shard."""
+    names = inp.feature_names
     idx = [names.index(n) for n in (subset if subset is not None else names)]
-    if pcfg.feature_layout == "array":
+    if inp.encoding is not None:
+        feats = [F.col(INDICES), F.col(VALUES)]
+    elif pcfg.feature_layout == "array":
         feats = [(_pick(idx) if subset is not None else F.col(FEATURES_COL)).alias(FEATURES_COL)]
     else:
         feats = [F.col(FEATURES_COL)[i].alias(names[i]) for i in idx]
@@ -762,7 +848,11 @@ def _build_manifest(
     ]
     regression = cfg.data.task == "regression"
     schema = {"row_id": "long", "label": "double" if regression else "int"}
-    if pcfg.feature_layout == "array":
+    sparse = None
+    if inp.encoding is not None:
+        schema.update({INDICES: f"array<int>[<{inp.encoding.dimension}]", VALUES: "array<float>"})
+        sparse = SparseLayout(inp.encoding.dimension, INDICES, VALUES, inp.encoding.to_dict())
+    elif pcfg.feature_layout == "array":
         schema[FEATURES_COL] = f"array<float>[{len(inp.feature_names)}]"
     else:
         schema.update({n: "float" for n in inp.feature_names})
@@ -777,13 +867,14 @@ def _build_manifest(
         num_classes=REGRESSION if regression else cfg.data.num_classes,
         label_col="label",
         row_id_col="row_id",
-        features_col=FEATURES_COL if pcfg.feature_layout == "array" else None,
+        features_col=FEATURES_COL if pcfg.feature_layout == "array" and sparse is None else None,
         feature_names=inp.feature_names,
         train=train,
         validation=shard("validation"),
         feature_groups=feature_groups,
         schema=schema,
         config=settings,
+        sparse=sparse,
     )
 
 

@@ -26,6 +26,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from functools import reduce
+from typing import Any
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -34,6 +35,7 @@ from pyspark.sql import types as T
 from sparkml_dist import tracking
 from sparkml_dist.config import DataConfig, JobConfig, ScoreConfig
 from sparkml_dist.errors import UserError
+from sparkml_dist.features import Encoding, FeatureError, check_scoring_columns, sparse_columns
 from sparkml_dist.manifest import (
     FEATURE_DIGEST_TAG,
     FEATURE_NAMES_TAG,
@@ -60,6 +62,8 @@ from sparkml_dist.storage import READ_VERIFY, WRITE_CHECKSUMS, HadoopFS, atomic_
 log = logging.getLogger(__name__)
 
 FEATURES = "_features"
+SPARSE_INDICES, SPARSE_VALUES = "_indices", "_values"
+"""A sparse model's input columns (the stored encoding applied to the input)."""
 PROBS = "_probs"
 PREDICTION = "prediction"
 PROB_PREFIX = "prob_"
@@ -84,6 +88,10 @@ class ScoreInput:
     description: str
     feature_names: list[str] | None = None
     """The input's feature names in the order of ``FEATURES``."""
+    valid: Column | None = None
+    """Sparse input: which rows are valid (indices in range, finite values); dense input: ``valid_features``."""
+    sparse: bool = False
+    """The features are ``SPARSE_INDICES`` and ``SPARSE_VALUES`` columns (a sparse model's input), not ``FEATURES``."""
 
 
 @dataclass(frozen=True)
@@ -137,18 +145,31 @@ def _array_prefix(names: list[str]) -> str | None:
 
 
 def read_input(
-    spark: SparkSession, url: str, data: DataConfig, split: str = "all", model_names: list[str] | None = None
+    spark: SparkSession,
+    url: str,
+    data: DataConfig,
+    split: str = "all",
+    model_names: list[str] | None = None,
+    encoding: dict[str, Any] | None = None,
 ) -> ScoreInput:
     """A data set or a partition output (detected by its manifest) as rows with a features array.
 
-    With ``model_names`` (the model's features in training order) the features are picked by name.
+    With ``model_names`` (the model's features in training order) the features are picked by name; with
+    ``encoding`` (a sparse model's) the stored encoding builds the indices and values from columns by name.
     """
     url = url.rstrip("/")
     fs = HadoopFS(spark, url)
     if not fs.exists(url):
         raise ScoreError(f"score.input_url {url} does not exist: run jobs/generate.py or fix the path")
     if fs.exists(f"{url}/{MANIFEST_NAME}"):
-        return manifest_input(spark, read_manifest(url), split, model_names)
+        manifest = read_manifest(url)
+        if encoding is not None and (manifest.sparse is None or manifest.sparse.encoding != encoding):
+            raise ScoreError(
+                f"the model was trained on a sparse feature space ({_describe(encoding)}), but {url} holds "
+                f"{_describe(manifest.sparse.encoding) if manifest.sparse else 'dense features'}: score the input "
+                "table itself (the model applies its own encoding) or a partition output made with the same settings"
+            )
+        return manifest_input(spark, manifest, split, model_names)
     if split != "all":
         raise ScoreError(f"score.split={split!r} needs a partition output; {url} has no {MANIFEST_NAME}")
     try:
@@ -161,12 +182,25 @@ def read_input(
             f"score.input_url {url} has no row key column data.row_id_col={data.row_id_col!r}; "
             f"columns: {sorted(fields)}. Set data.row_id_col to the input's key"
         )
+    label = data.label_col if data.label_col in fields else None
+    if encoding is not None:
+        enc = Encoding.from_dict(encoding)
+        try:
+            check_scoring_columns(enc, fields, f"score.input_url {url}")
+        except FeatureError as exc:
+            raise ScoreError(str(exc)) from exc
+        indices, values, valid = sparse_columns(enc)
+        sparse_df = df.withColumn(SPARSE_INDICES, indices).withColumn(SPARSE_VALUES, values)
+        return ScoreInput(sparse_df, data.row_id_col, enc.dimension, label, url, enc.columns, valid, sparse=True)
     try:
         features, names = _pick_features(df, fields, data, model_names)
     except PartitionError as exc:
         raise ScoreError(f"score.input_url {url}: {exc}") from exc
-    label = data.label_col if data.label_col in fields else None
     return ScoreInput(df.withColumn(FEATURES, features), data.row_id_col, len(names), label, url, names)
+
+
+def _describe(encoding: dict[str, Any]) -> str:
+    return f"{encoding.get('kind')} encoding of {encoding.get('columns')}, dimension {encoding.get('dimension')}"
 
 
 def _pick_features(
@@ -240,12 +274,18 @@ def manifest_input(
     df = reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True), frames)
     if manifest.mode == "random_sample" and split != "validation":
         df = df.dropDuplicates([manifest.row_id_col])  # a sampled row can sit in several shards
+    where = f"{manifest.root_url} ({split})"
+    if manifest.sparse is not None:
+        sp = manifest.sparse
+        df = df.withColumn(SPARSE_INDICES, F.col(sp.indices_col)).withColumn(SPARSE_VALUES, F.col(sp.values_col))
+        return ScoreInput(
+            df, manifest.row_id_col, sp.dimension, manifest.label_col, where, manifest.feature_names, F.lit(True), True
+        )
     features: Column = (
         F.col(manifest.features_col).cast("array<float>")
         if manifest.features_col
         else F.array(*[F.col(n).cast("float") for n in manifest.feature_names])
     )
-    where = f"{manifest.root_url} ({split})"
     return ScoreInput(
         df.withColumn(FEATURES, features),
         manifest.row_id_col,
@@ -265,8 +305,17 @@ def predict(spark: SparkSession, inp: ScoreInput, spec: tracking.ModelSpec) -> D
             f"{inp.num_features}: score data with the features the model was trained on, or pick them with "
             "data.features_col / data.feature_cols"
         )
+    if (spec.encoding is not None) != inp.sparse:
+        raise ScoreError(
+            f"model {spec.model_uri} takes {'sparse' if spec.encoding else 'dense'} features but {inp.description} "
+            f"holds {'sparse' if inp.sparse else 'dense'} ones: score it on data laid out as it was trained"
+        )
     udf = tracking.model_udf(spark, spec.model_uri)
-    scored = inp.df.withColumn(PROBS, udf(F.col(FEATURES)))
+    if inp.sparse:
+        sparse_in = F.struct(F.col(SPARSE_INDICES).alias("indices"), F.col(SPARSE_VALUES).alias("values"))
+        scored = inp.df.withColumn(PROBS, udf(sparse_in))
+    else:
+        scored = inp.df.withColumn(PROBS, udf(F.col(FEATURES)))
     if spec.regression:
         return scored.withColumn(PREDICTION, F.col(PROBS)[0].cast("double"))
     # Argmax with built-ins (first index of the maximum), so the UDF's output is not sent back to Python.
@@ -275,7 +324,7 @@ def predict(spark: SparkSession, inp: ScoreInput, spec: tracking.ModelSpec) -> D
 
 
 def output_columns(inp: ScoreInput, num_classes: int, keep_cols: list[str]) -> list[Column]:
-    have = set(inp.df.columns) - {FEATURES}
+    have = set(inp.df.columns) - {FEATURES, SPARSE_INDICES, SPARSE_VALUES}
     missing = [c for c in keep_cols if c not in have]
     if missing:
         raise ScoreError(f"score.keep_cols {missing} are not in {inp.description}; columns: {sorted(have)}")
@@ -294,10 +343,11 @@ def score(spark: SparkSession, cfg: JobConfig) -> ScoreResult:
     check_output(HadoopFS(spark, out_url), out_url, SCORE_OUTPUT, "score.output_url", inputs)
     model_uri = resolve_model_uri(cfg)
     spec = tracking.model_spec(cfg.tracking.tracking_uri, model_uri)
-    inp = read_input(spark, in_url, cfg.data, scfg.split, model_feature_names(cfg, spec))
+    inp = read_input(spark, in_url, cfg.data, scfg.split, model_feature_names(cfg, spec), spec.encoding)
     columns = output_columns(inp, spec.num_classes, scfg.keep_cols)
     policy = cfg.data.invalid_values
-    checked = inp.df.withColumn(_VALID, valid_features(F.col(FEATURES), inp.num_features))
+    valid = inp.valid if inp.valid is not None else valid_features(F.col(FEATURES), inp.num_features)
+    checked = inp.df.withColumn(_VALID, valid)
     if policy == "drop":
         checked = checked.persist()
     rows_in = apply_invalid_policy(checked, F.col(_VALID), inp.row_id_col, policy, "a null feature value")

@@ -327,6 +327,49 @@ def log_torch_model(run: RunHandle, model: Any, example: np.ndarray) -> str:
     return str(info.model_uri)
 
 
+SPARSE_METADATA_KEY = "sparkml_dist_sparse"
+"""MLmodel metadata of a model trained on the sparse layout: its dimension and the input encoding."""
+
+
+def log_sparse_model(
+    run: RunHandle, first: Any, tail: Any, width: int, outputs: int, encoding: dict[str, Any], dimension: int
+) -> str:
+    """Log a model trained on the sparse layout as a pyfunc of ``sparse_pyfunc.py`` (loads without
+    sparkml_dist): its first layer's weight [dimension, width] and bias as a tensor file, ``tail`` (first
+    layer's output [rows, width] -> probabilities or value [rows, outputs]) as a torch.export program.
+    The signature takes ``indices`` (list<long>) and ``values`` (list<double>: float32 and Python floats
+    both convert safely) columns. Returns its URI."""
+    import mlflow
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types.schema import Array
+
+    code = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sparse_pyfunc.py")
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(Array("long"), "indices"), ColSpec(Array("double"), "values")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, outputs))]),
+    )
+    batch = torch.export.Dim("rows", min=1)
+    with tempfile.TemporaryDirectory() as d:
+        first_path, tail_path = os.path.join(d, "first_layer.pt"), os.path.join(d, "tail.pt2")
+        weights = {"weight": first.weight.detach().cpu().contiguous(), "bias": first.bias.detach().cpu().contiguous()}
+        torch.save(weights, first_path)
+        example = torch.zeros(2, width)
+        program = torch.export.export(tail.eval(), (example,), dynamic_shapes=({0: batch},))
+        torch.export.save(program, tail_path)
+        with _active(run):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=code,
+                artifacts={"first_layer": first_path, "tail": tail_path},
+                signature=signature,
+                metadata={SPARSE_METADATA_KEY: {"dimension": dimension, "encoding": encoding}},
+                pip_requirements=pip_requirements(),
+            )
+    return str(info.model_uri)
+
+
 def pip_requirements() -> list[str]:
     """What serving the logged model needs, pinned to what trained it.
 
@@ -440,10 +483,13 @@ class ModelSpec:
 
     model_uri: str
     num_features: int
-    """Width of the float32 input tensor [rows, num_features]."""
+    """Width of the float32 input tensor [rows, num_features] (a sparse model: its dimension)."""
     num_classes: int
     """Width of the output: one probability per class (>= 2), or 1: a regression model's predicted value."""
     run_id: str | None
+    encoding: dict[str, Any] | None = None
+    """A model trained on the sparse layout: how its input columns become indices and values
+    (``features.Encoding``); it then takes ``indices`` and ``values`` columns instead of a tensor."""
 
     @property
     def regression(self) -> bool:
@@ -486,6 +532,10 @@ def model_spec(tracking_uri: str, model_uri: str) -> ModelSpec:
             f"its model as {run_model_uri('<run id>')} unless tracking.log_model=false"
         ) from exc
     sig = info.signature
+    sparse = (info.metadata or {}).get(SPARSE_METADATA_KEY)
+    if sparse is not None and sig is not None and sig.outputs is not None:
+        width = int(sig.outputs.inputs[0].shape[1])
+        return ModelSpec(model_uri, int(sparse["dimension"]), width, info.run_id, dict(sparse["encoding"]))
     inputs = sig.inputs.inputs if sig is not None and sig.inputs is not None else []
     outputs = sig.outputs.inputs if sig is not None and sig.outputs is not None else []
     shapes = [tuple(getattr(s, "shape", None) or ()) for s in (*inputs, *outputs)]

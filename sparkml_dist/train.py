@@ -37,6 +37,7 @@ from sparkml_dist.loop import (
 from sparkml_dist.metrics import batch_sums, empty_sums
 from sparkml_dist.models import build_model, loss_fn, predictions
 from sparkml_dist.rank import Collectives, RankContext
+from sparkml_dist.sparse import to_tensor
 
 __all__ = ["DataParallel", "TrainJob", "epoch_seed", "evaluate", "lr_at", "train_rank", "whole_optimizer_steps"]
 
@@ -49,7 +50,7 @@ class DataParallel(Workload):
     def __init__(self, ctx: RankContext, job: TrainJob, comm: Collectives, place: Placement) -> None:
         super().__init__(ctx, job, comm, place)
         cfg, m = job.cfg, job.manifest
-        self.model = place.module(build_model(cfg, m.num_features, m.num_classes))
+        self.model = place.module(build_model(cfg, m.num_features, m.num_classes, m.sparse is not None))
         self.steps = whole_optimizer_steps(cfg, job.steps_per_epoch)
         spec = build_loader_spec(m, ctx.rank, ctx.world_size, cfg, split="train")
         self.train_spec = dataclasses.replace(spec, steps=self.steps)
@@ -132,19 +133,20 @@ def _comm_spec(job: TrainJob) -> str:
 
 def evaluate(
     model: nn.Module,
-    x: np.ndarray,
+    x: Any,
     y: np.ndarray,
     num_classes: int,
     place: Placement | None = None,
     batch: int = 65536,
 ) -> np.ndarray:
-    """Additive metric sums (see metrics.batch_sums) of ``model`` on (x, y); chunks moved by ``place``."""
+    """Additive metric sums (see metrics.batch_sums) of ``model`` on (x, y) (x dense, or ``SparseRows``);
+    chunks moved by ``place``."""
     place = place or Placement()
     model.eval()
     total = empty_sums(num_classes)
     with torch.no_grad():
         for i in range(0, len(y), batch):
-            (chunk,) = place.batch(torch.from_numpy(x[i : i + batch]))
+            (chunk,) = place.batch(to_tensor(x[i : i + batch]))
             preds = predictions(model(chunk), num_classes).double().cpu().numpy()
             total = total + batch_sums(preds, y[i : i + batch], num_classes)
     model.train()

@@ -1,0 +1,224 @@
+"""Input columns -> the sparse feature space, as Spark expressions (the partition and scoring jobs both use it).
+
+Three input forms become one layout (per row: ascending feature ``indices`` and their ``values``):
+
+- a Spark ML vector column (``VectorAssembler``/``FeatureHasher`` output, dense or sparse) or Spark's
+  ``libsvm`` source (which reads into such a column): its indices and values as they are, read in the JVM
+  through the vector's SQL form (no Python UDF, no densifying);
+- explicit ``data.indices_col`` / ``data.values_col`` list columns with a declared ``data.dimension``;
+- table columns: numeric (and boolean, as 0/1) columns at indices 0..n-1, then each categorical column
+  one-hot in its own range of ``data.hash_buckets`` indices, the bucket a seeded 64-bit hash of the value
+  (the hashing trick). Per-column ranges keep every row's indices distinct and ascending by construction;
+  a null category is a category of its own.
+
+What was decided (kind, dimension, columns in order, buckets, seed) is an ``Encoding``: stored in the
+manifest and with the model, so scoring rebuilds exactly the same space from columns picked by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from sparkml_dist.config import DataConfig
+from sparkml_dist.errors import UserError
+
+INDICES, VALUES = "indices", "values"
+_NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.DoubleType, T.DecimalType)
+_NUMERIC_OR_BOOL = (*_NUMERIC, T.BooleanType)
+_CATEGORICAL = (T.StringType, T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.BooleanType)
+_VECTOR_JSON = "struct<v:struct<type:tinyint,size:int,indices:array<int>,values:array<double>>>"
+MAX_DIMENSION = (1 << 31) - 1
+"""Indices are stored as int32 (as Spark ML vectors hold them)."""
+
+
+class FeatureError(UserError):
+    """The input's columns cannot become the configured feature space; the message names the column and fix."""
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How input columns map to the sparse feature space; a pure function of this record and the row."""
+
+    kind: Literal["vector", "indices_values", "columns"]
+    dimension: int
+    columns: list[str]
+    """Input columns read, in order: the vector column; indices then values; or numeric then categorical."""
+    numeric: list[str] = field(default_factory=list)
+    """kind=columns: columns at indices 0..len-1 (booleans as 0/1)."""
+    categorical: list[str] = field(default_factory=list)
+    """kind=columns: hashed one-hot, column j in [len(numeric) + j * buckets, ... + buckets)."""
+    buckets: int = 0
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Encoding:
+        return cls(**d)
+
+
+def is_sparse_input(dcfg: DataConfig) -> bool:
+    """The input form itself is sparse (LIBSVM, indices/values columns, categorical columns)."""
+    return dcfg.input_format == "libsvm" or dcfg.indices_col is not None or bool(dcfg.categorical_cols)
+
+
+def build_encoding(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfig, vector_col: str | None) -> Encoding:
+    """Decide the encoding of ``df`` for the sparse layout: the named vector column, the explicit
+    indices/values columns, or numeric + categorical columns (``data.feature_cols`` or every numeric and
+    boolean column but the label and row key). Raises FeatureError naming a missing or mistyped column."""
+    if dcfg.indices_col is not None:
+        values_col = dcfg.values_col or VALUES
+        for name, kind in ((dcfg.indices_col, (T.IntegerType, T.LongType)), (values_col, _NUMERIC)):
+            dtype = fields.get(name)
+            if dtype is None:
+                raise FeatureError(f"sparse column {name!r} is not in the input; columns: {sorted(fields)}")
+            if not (isinstance(dtype, T.ArrayType) and isinstance(dtype.elementType, kind)):
+                raise FeatureError(
+                    f"sparse column {name!r} has type {dtype.simpleString()}; data.indices_col must be an array of "
+                    "integers and data.values_col an array of numbers"
+                )
+        if dcfg.dimension is None:
+            raise FeatureError(
+                "data.indices_col needs data.dimension (the width of the feature space: one more than the "
+                "largest index any row may hold)"
+            )
+        return Encoding("indices_values", dcfg.dimension, [dcfg.indices_col, values_col])
+    if vector_col is not None:
+        return Encoding("vector", _vector_dimension(df, vector_col, dcfg), [vector_col])
+    categorical = list(dcfg.categorical_cols or [])
+    numeric = dcfg.feature_cols or [
+        n
+        for n, t in fields.items()
+        if isinstance(t, _NUMERIC_OR_BOOL) and n not in (dcfg.label_col, dcfg.row_id_col, *categorical)
+    ]
+    numeric = [n for n in numeric if n not in categorical]
+    missing = [n for n in [*numeric, *categorical] if n not in fields]
+    if missing:
+        raise FeatureError(f"column(s) {missing} are not in the input; columns: {sorted(fields)}")
+    bad = [f"{n} ({fields[n].simpleString()})" for n in numeric if not isinstance(fields[n], _NUMERIC_OR_BOOL)]
+    if bad:
+        raise FeatureError(
+            f"column(s) {bad} are neither numeric nor boolean: list them in data.categorical_cols to encode them "
+            "one-hot, or leave them out of data.feature_cols"
+        )
+    bad = [f"{n} ({fields[n].simpleString()})" for n in categorical if not isinstance(fields[n], _CATEGORICAL)]
+    if bad:
+        raise FeatureError(
+            f"categorical column(s) {bad} must hold strings, integers or booleans: cast them, or drop them from "
+            "data.categorical_cols"
+        )
+    dimension = len(numeric) + len(categorical) * dcfg.hash_buckets
+    if dimension > MAX_DIMENSION:
+        raise FeatureError(
+            f"{len(categorical)} categorical columns x data.hash_buckets={dcfg.hash_buckets} make {dimension} "
+            f"features, above the {MAX_DIMENSION} an int32 index holds: lower data.hash_buckets"
+        )
+    if dimension == 0:
+        raise FeatureError("the input has no feature columns: set data.feature_cols or data.categorical_cols")
+    return Encoding(
+        "columns", dimension, [*numeric, *categorical], numeric, categorical, dcfg.hash_buckets, dcfg.hash_seed
+    )
+
+
+def _vector_dimension(df: DataFrame, name: str, dcfg: DataConfig) -> int:
+    """The vector column's size, from its first non-empty row (every row is checked against it)."""
+    if dcfg.dimension is not None:
+        return dcfg.dimension
+    size = _vector_struct(name).getField("size")
+    first = df.select(F.coalesce(size, F.size(_vector_struct(name).getField("values"))).alias("n")).first()
+    if first is None or first["n"] is None:
+        raise FeatureError(f"data.input_url {dcfg.input_url} has no rows: the input is empty")
+    return int(first["n"])
+
+
+def _vector_struct(name: str) -> Column:
+    """A Spark ML vector's SQL form (type 0 sparse: size, indices, values; type 1 dense: values), read in the
+    JVM: a UDT cannot be cast to its SQL type, but its JSON form is exactly that struct (doubles print in
+    their shortest round-tripping form, so the values come back exact)."""
+    return F.from_json(F.to_json(F.struct(F.col(name).alias("v"))), _VECTOR_JSON).getField("v")
+
+
+def sparse_columns(enc: Encoding) -> tuple[Column, Column, Column]:
+    """(indices array<int>, values array<float>, valid boolean) of the encoding, as expressions over the input.
+
+    Valid: indices and values of one length, every index in 0..dimension-1 and ascending, every value
+    finite (a null numeric column makes its row invalid: the invalid-value policy decides)."""
+    if enc.kind == "vector":
+        v = _vector_struct(enc.columns[0])
+        values = v.getField("values")
+        dense = F.sequence(F.lit(0), F.size(values) - 1)
+        # sequence(0, -1) is [0, -1]: an empty dense vector has no indices
+        indices = F.when(v.getField("type") == 1, F.when(F.size(values) > 0, dense).otherwise(F.array()))
+        indices = indices.otherwise(v.getField("indices")).cast("array<int>")
+        size = F.coalesce(v.getField("size"), F.size(values))
+        values = values.cast("array<float>")
+        valid = F.col(enc.columns[0]).isNotNull() & (size == F.lit(enc.dimension)) & _checked(indices, values, enc)
+        return indices, values, valid
+    if enc.kind == "indices_values":
+        indices = F.col(enc.columns[0]).cast("array<int>")
+        values = F.col(enc.columns[1]).cast("array<float>")
+        # A long index above 2^31 would wrap in the cast: check the uncast maximum too.
+        in_range = F.coalesce(F.array_max(F.col(enc.columns[0])) < F.lit(enc.dimension), F.lit(True))
+        return indices, values, in_range & _checked(indices, values, enc)
+    n = len(enc.numeric)
+    numeric_values = [F.col(c).cast("float") for c in enc.numeric]
+    hashed = [
+        F.lit(n + j * enc.buckets)
+        + F.pmod(F.xxhash64(F.col(c).cast("string"), F.lit(c), F.lit(enc.seed)), F.lit(enc.buckets)).cast("int")
+        for j, c in enumerate(enc.categorical)
+    ]
+    indices = F.array(*[F.lit(i) for i in range(n)], *hashed).cast("array<int>")
+    values = F.array(*numeric_values, *[F.lit(1.0).cast("float") for _ in hashed]).cast("array<float>")
+    return indices, values, _finite(values)
+
+
+def _checked(indices: Column, values: Column, enc: Encoding) -> Column:
+    lo, hi = F.array_min(indices), F.array_max(indices)
+    in_range = F.coalesce((lo >= 0) & (hi < F.lit(enc.dimension)), F.lit(True))  # empty rows have no min
+    ascending = (F.array_sort(indices) == indices) & (F.size(F.array_distinct(indices)) == F.size(indices))
+    return (
+        indices.isNotNull()
+        & values.isNotNull()
+        & (F.size(indices) == F.size(values))
+        & F.array_contains(indices, F.lit(None).cast("int")).isNull()  # no null index (isNull: no match found)
+        & in_range
+        & ascending
+        & _finite(values)
+    )
+
+
+def _finite(values: Column) -> Column:
+    """No null, NaN or infinite value (an empty array is fine). Built-ins only, as partition.valid_features."""
+    hi, lo = F.array_max(values), F.array_min(values)
+    checks = (
+        values.isNotNull()
+        & F.array_contains(values, F.lit(float("nan"))).isNotNull()
+        & ~F.isnan(hi)
+        & (hi != F.lit(float("inf")))
+        & (lo != F.lit(float("-inf")))
+    )
+    return F.when(F.size(values) == 0, values.isNotNull()).otherwise(checks)
+
+
+def check_scoring_columns(enc: Encoding, fields: dict[str, T.DataType], where: str) -> None:
+    """Scoring input holds every column the encoding reads, by name, with a usable type."""
+    missing = [c for c in enc.columns if c not in fields]
+    if missing:
+        raise FeatureError(
+            f"{where} lacks column(s) {missing} that the model's features are built from (it reads {enc.columns}); "
+            f"columns: {sorted(fields)}"
+        )
+    from sparkml_dist.partition import is_vector
+
+    if enc.kind == "vector" and not is_vector(fields[enc.columns[0]]):
+        raise FeatureError(f"{where}: column {enc.columns[0]!r} must be a Spark ML vector, as in training")
+    bad = [f"{c} ({fields[c].simpleString()})" for c in enc.numeric if not isinstance(fields[c], _NUMERIC_OR_BOOL)]
+    bad += [f"{c} ({fields[c].simpleString()})" for c in enc.categorical if not isinstance(fields[c], _CATEGORICAL)]
+    if bad:
+        raise FeatureError(f"{where}: column(s) {bad} do not have the types the model was trained on")
