@@ -93,8 +93,21 @@ class GenerateConfig:
     """Seed for the true model and every row (rows are deterministic for a seed)."""
     partitions: int = 8
     """Number of Spark partitions (= output files)."""
-    layout: Literal["columns", "array"] = "array"
-    """'array': one fixed-length float array column `features`; 'columns': f0..f{n-1} scalar columns."""
+    layout: Literal["columns", "array", "criteo"] = "array"
+    """'array': one fixed-length float array column `features`; 'columns': f0..f{n-1} scalar columns;
+    'criteo': Criteo-like binary click data, 13 count-like double columns i1..i13 (nullable, see null_fraction)
+    and 26 Zipf-distributed hex-string categorical columns c1..c26 (see zipf_exponent, max_cardinality).
+    With 'criteo', `features` is ignored (the 39 columns are fixed) and only task=classification with
+    classes=2 is accepted; positive_fraction, label_noise, weight_scale and seed apply as for the others."""
+    null_fraction: float = 0.0
+    """layout=criteo only: share of nulls in each numeric column i1..i13 (each cell independently, seeded), in
+    [0, 1). Categorical columns have no nulls."""
+    zipf_exponent: float = 1.1
+    """layout=criteo only: exponent s > 1 of the Zipf law of every categorical column, P(rank k) ~ k^-s over its
+    cardinality (larger = heavier head)."""
+    max_cardinality: int = 10_000_000
+    """layout=criteo only: cap on the per-column cardinalities of c1..c26, which are log-spaced from 10 to
+    10,000,000 (at most 2^32, the number of 8-hex-char tokens)."""
 
     def __post_init__(self) -> None:
         _check_positive("generate.rows", self.rows)
@@ -106,6 +119,27 @@ class GenerateConfig:
         _check_fraction("generate.label_noise", self.label_noise)
         if self.noise_std < 0:
             raise ConfigError(f"generate.noise_std must be >= 0, got {self.noise_std}")
+        _check_fraction("generate.null_fraction", self.null_fraction, allow_one=False)
+        if not self.zipf_exponent > 1:
+            raise ConfigError(
+                f"generate.zipf_exponent must be > 1 (a Zipf law with s <= 1 has no finite head), "
+                f"got {self.zipf_exponent}"
+            )
+        _check_positive("generate.max_cardinality", self.max_cardinality)
+        if self.max_cardinality > 2**32:
+            raise ConfigError(
+                f"generate.max_cardinality must be <= 2^32 (8 hex chars per category), got {self.max_cardinality}"
+            )
+        if self.layout == "criteo" and self.task != "classification":
+            raise ConfigError(
+                f"generate.layout=criteo makes binary click labels only; got generate.task={self.task!r}: "
+                "set generate.task=classification, or use generate.layout=array or columns for regression"
+            )
+        if self.layout == "criteo" and self.classes != 2:
+            raise ConfigError(
+                f"generate.layout=criteo makes binary click labels only; got generate.classes={self.classes}: "
+                "set generate.classes=2, or use generate.layout=array or columns for multi-class data"
+            )
 
 
 @dataclass(frozen=True)
