@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import re
 import types
@@ -185,6 +186,15 @@ class DataConfig:
     dimension: int | None = None
     """Width of the sparse feature space (one more than the largest index): needed with data.indices_col; for
     a vector column or libsvm input it overrides (and checks) the width found in the data."""
+    null_fill: dict[str, str] = field(default_factory=dict)
+    """Per numeric column, what replaces a null: 'mean' (the column's mean over the input, computed in one
+    pass and stored) or a constant, e.g. {i1: mean, i2: 0}. Columns not listed follow data.invalid_values
+    (fail naming the column and row id, or drop and count). Sparse layout (the stored value is applied again
+    at scoring); categorical nulls are a category of their own and need no fill."""
+    numeric_transform: Literal["none", "log1p", "standardize"] = "none"
+    """Sparse layout, numeric table columns: 'log1p' (log(1 + x), for counts: a negative value makes its row
+    invalid), or 'standardize' ((x - mean) / std over the input, computed in one pass and stored, so scoring
+    transforms alike). Applied after data.null_fill."""
     duplicate_row_ids: Literal["fail", "rekey"] = "fail"
     """The input's row_id_col holds a null or repeated id (found in the partition job's counting pass):
     'fail' naming examples, or 'rekey': number the rows anew (the input's ids are not kept; the new ids
@@ -208,6 +218,11 @@ class DataConfig:
             raise ConfigError(
                 "data.indices_col names an already-sparse input: set it OR data.features_col / data.categorical_cols"
             )
+        for column, fill in self.null_fill.items():
+            if fill != "mean" and not _is_number(fill):
+                raise ConfigError(
+                    f"data.null_fill[{column}]={fill!r}: use 'mean' or a number (the value that replaces a null)"
+                )
         if self.values_col is not None and self.indices_col is None:
             raise ConfigError("data.values_col needs data.indices_col (the indices those values belong to)")
         if self.label_col in (self.categorical_cols or []):
@@ -789,6 +804,13 @@ def _check_choice(key: str, value: Any, choices: tuple[Any, ...]) -> None:
 def _check_positive(key: str, value: int) -> None:
     if value < 1:
         raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _check_fraction(key: str, value: float, open_interval: bool = False, allow_one: bool = True) -> None:

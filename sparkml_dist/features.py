@@ -54,6 +54,12 @@ class Encoding:
     """kind=columns: hashed one-hot, column j in [len(numeric) + j * buckets, ... + buckets)."""
     buckets: int = 0
     seed: int = 0
+    fill: dict[str, float] = field(default_factory=dict)
+    """kind=columns: the value that replaces a null in these numeric columns (data.null_fill, means resolved)."""
+    transform: str = "none"
+    """kind=columns: data.numeric_transform (none, log1p, standardize), applied after the fill."""
+    scale: dict[str, list[float]] = field(default_factory=dict)
+    """transform=standardize: [mean, std] per numeric column, over the input (std 0 is stored as 1)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,6 +78,11 @@ def build_encoding(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfi
     """Decide the encoding of ``df`` for the sparse layout: the named vector column, the explicit
     indices/values columns, or numeric + categorical columns (``data.feature_cols`` or every numeric and
     boolean column but the label and row key). Raises FeatureError naming a missing or mistyped column."""
+    if dcfg.null_fill and (dcfg.indices_col is not None or vector_col is not None):
+        raise FeatureError(
+            "data.null_fill applies to numeric table columns; the input's features are a vector or indices/values "
+            "column: leave data.null_fill empty"
+        )
     if dcfg.indices_col is not None:
         values_col = dcfg.values_col or VALUES
         for name, kind in ((dcfg.indices_col, (T.IntegerType, T.LongType)), (values_col, _NUMERIC)):
@@ -121,9 +132,69 @@ def build_encoding(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfi
         )
     if dimension == 0:
         raise FeatureError("the input has no feature columns: set data.feature_cols or data.categorical_cols")
+    fill = _resolve_fill(df, fields, dcfg, numeric)
+    scale = {}
+    if dcfg.numeric_transform == "standardize" and numeric:
+        filled = [_filled(c, fill).cast("double") for c in numeric]
+        aggs = [F.avg(x).alias(f"m{i}") for i, x in enumerate(filled)]
+        aggs += [F.stddev_pop(x).alias(f"s{i}") for i, x in enumerate(filled)]
+        row = df.agg(*aggs).first()
+        assert row is not None
+        for i, c in enumerate(numeric):
+            mean, std = row[f"m{i}"], row[f"s{i}"]
+            if mean is None:
+                raise FeatureError(f"data.numeric_transform=standardize: column {c!r} holds no values")
+            scale[c] = [float(mean), float(std) if std else 1.0]
     return Encoding(
-        "columns", dimension, [*numeric, *categorical], numeric, categorical, dcfg.hash_buckets, dcfg.hash_seed
+        "columns",
+        dimension,
+        [*numeric, *categorical],
+        numeric,
+        categorical,
+        dcfg.hash_buckets,
+        dcfg.hash_seed,
+        fill,
+        dcfg.numeric_transform,
+        scale,
     )
+
+
+def _filled(c: str, fill: dict[str, float]) -> Column:
+    value = F.col(c).cast("float")
+    return F.coalesce(value, F.lit(fill[c]).cast("float")) if c in fill else value
+
+
+def _numeric(c: str, enc: Encoding) -> Column:
+    """Numeric column ``c`` as the encoding feeds it: filled, then transformed (float)."""
+    x = _filled(c, enc.fill).cast("double")
+    if enc.transform == "log1p":
+        x = F.when(x >= 0, F.log1p(x)).otherwise(F.lit(float("nan")))  # a negative count: an invalid row
+    elif enc.transform == "standardize":
+        mean, std = enc.scale[c]
+        x = (x - F.lit(mean)) / F.lit(std)
+    return x.cast("float")
+
+
+def _resolve_fill(
+    df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfig, numeric: list[str]
+) -> dict[str, float]:
+    """data.null_fill with every 'mean' replaced by the column's mean over the input (one pass, reading only
+    those columns); a column that is not a numeric feature is refused."""
+    bad = [c for c in dcfg.null_fill if c not in numeric]
+    if bad:
+        raise FeatureError(
+            f"data.null_fill names {bad}, which are not numeric feature columns (those are {numeric}); categorical "
+            "nulls are a category of their own: drop them from data.null_fill"
+        )
+    means = [c for c, how in dcfg.null_fill.items() if how == "mean"]
+    found = df.agg(*[F.avg(F.col(c).cast("double")).alias(c) for c in means]).first() if means else None
+    out = {}
+    for c, how in dcfg.null_fill.items():
+        value = found[c] if how == "mean" and found is not None else float(how)
+        if value is None:
+            raise FeatureError(f"data.null_fill[{c}]=mean: column {c!r} holds no values to average; give a constant")
+        out[c] = float(value)
+    return out
 
 
 def _vector_dimension(df: DataFrame, name: str, dcfg: DataConfig) -> int:
@@ -167,7 +238,7 @@ def sparse_columns(enc: Encoding) -> tuple[Column, Column, Column]:
         in_range = F.coalesce(F.array_max(F.col(enc.columns[0])) < F.lit(enc.dimension), F.lit(True))
         return indices, values, in_range & _checked(indices, values, enc)
     n = len(enc.numeric)
-    numeric_values = [F.col(c).cast("float") for c in enc.numeric]
+    numeric_values = [_numeric(c, enc) for c in enc.numeric]
     hashed = [
         F.lit(n + j * enc.buckets)
         + F.pmod(F.xxhash64(F.col(c).cast("string"), F.lit(c), F.lit(enc.seed)), F.lit(enc.buckets)).cast("int")
@@ -176,6 +247,15 @@ def sparse_columns(enc: Encoding) -> tuple[Column, Column, Column]:
     indices = F.array(*[F.lit(i) for i in range(n)], *hashed).cast("array<int>")
     values = F.array(*numeric_values, *[F.lit(1.0).cast("float") for _ in hashed]).cast("array<float>")
     return indices, values, _finite(values)
+
+
+def null_columns(enc: Encoding) -> Column | None:
+    """For messages: the names of the numeric columns that are null (and not filled) in a row, comma-separated;
+    None where the encoding has no such columns."""
+    open_cols = [c for c in enc.numeric if c not in enc.fill] if enc.kind == "columns" else []
+    if not open_cols:
+        return None
+    return F.concat_ws(", ", *[F.when(F.col(c).isNull(), F.lit(c)) for c in open_cols])
 
 
 def _checked(indices: Column, values: Column, enc: Encoding) -> Column:

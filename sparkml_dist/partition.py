@@ -36,6 +36,7 @@ from sparkml_dist.features import (
     FeatureError,
     build_encoding,
     is_sparse_input,
+    null_columns,
     sparse_columns,
 )
 from sparkml_dist.manifest import (
@@ -61,6 +62,8 @@ SHARD_COL = "shard"
 FEATURES_COL = "features"
 BUCKET_BYTES = 256 * 1024 * 1024
 _KEY, _BUCKET, _POS = "_key", "_bucket", "_pos"
+_NULLS = "_nulls"
+"""Sparse table input: the numeric columns that are null in the row (named in the fail message)."""
 # Features per row above which a (sparse) vector is refused rather than densified: 4 bytes each per row.
 MAX_DENSE_WIDTH = 1 << 16
 _NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.DoubleType, T.DecimalType)
@@ -299,6 +302,14 @@ def _read_input(spark: SparkSession, dcfg: DataConfig, pcfg: PartitionConfig) ->
         indices, values, valid_x = sparse_columns(encoding)
         names = encoding.columns
         feature_cols = [indices.alias(INDICES), values.alias(VALUES)]
+        nulls = null_columns(encoding)
+        if nulls is not None:  # which column was null, for the fail message
+            feature_cols.append(nulls.alias(_NULLS))
+    elif dcfg.null_fill:
+        raise PartitionError(
+            "data.null_fill is applied in the sparse layout (stored there, so scoring fills alike): set "
+            "partition.feature_layout=sparse, or clean the nulls in the input"
+        )
     else:
         features, names = feature_expr(df, fields, dcfg)
         valid_x = valid_features(features, len(names))
@@ -587,8 +598,9 @@ def _bucket_of(b: int) -> Column:
 
 def _fail_invalid(df: DataFrame, dcfg: DataConfig) -> DataFrame:
     """Rows with NaN/inf/missing features or a null label: fail the write (policy fail) or drop them."""
+    detail = F.col(_NULLS) if _NULLS in df.columns else None
     return apply_invalid_policy(
-        df, F.col("_valid"), "row_id", dcfg.invalid_values, "a null (or, for regression, NaN/infinite) label"
+        df, F.col("_valid"), "row_id", dcfg.invalid_values, "a null (or, for regression, NaN/infinite) label", detail
     )
 
 
@@ -596,16 +608,24 @@ _INVALID = "has a NaN/infinite feature"
 _INVALID_END = "drop and count such rows"
 
 
-def apply_invalid_policy(df: DataFrame, valid: Column, row_id_col: str, policy: str, also: str) -> DataFrame:
+def apply_invalid_policy(
+    df: DataFrame, valid: Column, row_id_col: str, policy: str, also: str, nulls: Column | None = None
+) -> DataFrame:
     """Keep the rows where ``valid``; under policy 'fail' the first other row fails the Spark job with a
-    message naming its id (``clean_invalid_row_error`` turns that into a PartitionError)."""
+    message naming its id (``clean_invalid_row_error`` turns that into a PartitionError) and, given ``nulls``
+    (a string column of the names of null feature columns), the null columns."""
     if policy == "drop":
         return df.filter(valid)
+    named = F.lit("")
+    if nulls is not None:
+        named = F.when(nulls != F.lit(""), F.concat(F.lit("(null in column(s) "), nulls, F.lit(") "))).otherwise("")
     msg = F.concat(
         F.lit(f"{row_id_col} "),
         F.col(row_id_col).cast("string"),
+        F.lit(" "),
+        named,
         F.lit(
-            f" {_INVALID}, a null feature, a features array of the wrong length or {also}; "
+            f"{_INVALID}, a null feature, a features array of the wrong length or {also}; "
             f"clean the input or set data.invalid_values=drop to {_INVALID_END}"
         ),
     )
