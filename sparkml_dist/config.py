@@ -186,6 +186,9 @@ class DataConfig:
     dimension: int | None = None
     """Width of the sparse feature space (one more than the largest index): needed with data.indices_col; for
     a vector column or libsvm input it overrides (and checks) the width found in the data."""
+    ignore_cols: list[str] = field(default_factory=list)
+    """Input columns left out on purpose: auto mode does not refuse them, and the manifest records them as
+    ignored. Naming a column the input lacks, or one that is also the label, row key or a feature, is an error."""
     null_fill: dict[str, str] = field(default_factory=dict)
     """Per numeric column, what replaces a null: 'mean' (the column's mean over the input, computed in one
     pass and stored) or a constant, e.g. {i1: mean, i2: 0}. Columns not listed follow data.invalid_values
@@ -218,6 +221,13 @@ class DataConfig:
             raise ConfigError(
                 "data.indices_col names an already-sparse input: set it OR data.features_col / data.categorical_cols"
             )
+        clash = [
+            c
+            for c in self.ignore_cols
+            if c in (self.label_col, *(self.feature_cols or []), *(self.categorical_cols or []))
+        ]
+        if clash:
+            raise ConfigError(f"data.ignore_cols lists {clash}, which are also the label or features: list them once")
         for column, fill in self.null_fill.items():
             if fill != "mean" and not _is_number(fill):
                 raise ConfigError(

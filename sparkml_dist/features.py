@@ -106,7 +106,8 @@ def build_encoding(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfi
     numeric = dcfg.feature_cols or [
         n
         for n, t in fields.items()
-        if isinstance(t, _NUMERIC_OR_BOOL) and n not in (dcfg.label_col, dcfg.row_id_col, *categorical)
+        if isinstance(t, _NUMERIC_OR_BOOL)
+        and n not in (dcfg.label_col, dcfg.row_id_col, *categorical, *dcfg.ignore_cols)
     ]
     numeric = [n for n in numeric if n not in categorical]
     missing = [n for n in [*numeric, *categorical] if n not in fields]

@@ -102,6 +102,8 @@ class Manifest:
     schema: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
+    columns: dict[str, str] = field(default_factory=dict)
+    """Every input column and what became of it (label, row key, feature, categorical, ignored, not used)."""
     sparse: SparseLayout | None = None
     """Set for the sparse layout (``partition.feature_layout=sparse``): then ``features_col`` is None and the
     shards hold ``sparse.indices_col`` and ``sparse.values_col`` instead of feature columns."""

@@ -115,6 +115,8 @@ class _Input:
     """row_id is the input's data.row_id_col (checked for nulls and duplicates), not assigned here."""
     encoding: Encoding | None = None
     """The sparse layout's encoding: then df holds indices and values columns instead of features."""
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Every input column and its role (``column_roles``)."""
 
 
 def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
@@ -264,6 +266,9 @@ def _read_input(spark: SparkSession, dcfg: DataConfig, pcfg: PartitionConfig) ->
     libsvm = dcfg.input_format == "libsvm"
     df, files, file_columns = _read_libsvm(spark, url, dcfg) if libsvm else read_parquet_checked(spark, url)
     fields = {f.name: f.dataType for f in df.schema.fields}
+    unknown = [c for c in dcfg.ignore_cols if c not in fields]
+    if unknown:
+        raise PartitionError(f"data.ignore_cols lists {unknown}, which the input lacks; columns: {sorted(fields)}")
     if dcfg.label_col not in fields:
         raise PartitionError(
             f"label column data.label_col={dcfg.label_col!r} is not in the input; columns: {sorted(fields)}"
@@ -328,7 +333,46 @@ def _read_input(spark: SparkSession, dcfg: DataConfig, pcfg: PartitionConfig) ->
     rel = [(u[len(url) + 1 :] or u.rsplit("/", 1)[-1], size, mtime) for u, size, mtime in files]
     body = json.dumps([dcfg.input_url, rel])
     fingerprint = hashlib.sha256(body.encode()).hexdigest()[:16]
-    return _Input(out, names, fingerprint, sum(f[1] for f in files), ids_from_input, encoding)
+    roles = column_roles(file_columns, names, encoding, dcfg, ids_from_input)
+    log.info("input columns: %s", summarize_roles(roles))
+    return _Input(out, names, fingerprint, sum(f[1] for f in files), ids_from_input, encoding, roles)
+
+
+def column_roles(
+    file_columns: list[str], names: list[str], enc: Encoding | None, dcfg: DataConfig, ids_from_input: bool
+) -> dict[str, str]:
+    """What became of each input column: the manifest records it and the job prints it."""
+    roles = {}
+    categorical = set(enc.categorical) if enc is not None else set()
+    for c in file_columns:
+        if c == dcfg.label_col:
+            roles[c] = "label"
+        elif c == dcfg.row_id_col and ids_from_input:
+            roles[c] = "row key"
+        elif c in categorical:
+            roles[c] = f"categorical feature (hashed one-hot, {enc.buckets if enc else 0} buckets)"
+        elif c in names and enc is not None and enc.kind == "vector":
+            roles[c] = f"features (vector, dimension {enc.dimension}, kept sparse)"
+        elif c in names:
+            filled = enc is not None and c in enc.fill
+            roles[c] = f"feature (null -> {enc.fill[c]:g})" if enc is not None and filled else "feature"
+        elif c in dcfg.ignore_cols:
+            roles[c] = "ignored (data.ignore_cols)"
+        else:
+            roles[c] = "not used (the features were named in the config)"
+    return roles
+
+
+def summarize_roles(roles: dict[str, str]) -> str:
+    """'label: label; feature: a, b; ...' with long lists shortened."""
+    by_role: dict[str, list[str]] = {}
+    for c, role in roles.items():
+        by_role.setdefault(role, []).append(c)
+    parts = []
+    for role, cols in by_role.items():
+        shown = ", ".join(cols[:6]) + (f" ... ({len(cols)} columns)" if len(cols) > 6 else "")
+        parts.append(f"{role}: {shown}")
+    return "; ".join(parts)
 
 
 def _vector_column(fields: dict[str, T.DataType], dcfg: DataConfig) -> str | None:
@@ -461,7 +505,7 @@ def feature_expr(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfig)
     names = dcfg.feature_cols or [
         n
         for n, t in fields.items()
-        if isinstance(t, (*_NUMERIC, T.BooleanType)) and n not in (dcfg.label_col, dcfg.row_id_col)
+        if isinstance(t, (*_NUMERIC, T.BooleanType)) and n not in (dcfg.label_col, dcfg.row_id_col, *dcfg.ignore_cols)
     ]
     missing = [n for n in names if n not in fields]
     if missing:
@@ -487,7 +531,7 @@ def _check_nothing_left_out(
     features array. Naming the features is how a user says "leave the rest out"."""
     if dcfg.features_col is not None or dcfg.feature_cols is not None or dcfg.indices_col is not None:
         return
-    used = {dcfg.label_col, dcfg.row_id_col, *names}
+    used = {dcfg.label_col, dcfg.row_id_col, *names, *dcfg.ignore_cols}
     if is_feature_array(fields.get(FEATURES_COL)):  # auto mode took the `features` array / vector
         used.add(FEATURES_COL)
     left = [f"{n} ({fields[n].simpleString()})" for n in file_columns if n in fields and n not in used]
@@ -499,8 +543,8 @@ def _check_nothing_left_out(
         )
         raise PartitionError(
             f"column(s) {left} would be left out of training silently (not numeric, or beside the features "
-            f"array): set {how}, which leaves the others out on purpose, cast them to numbers, or list "
-            "categorical ones in data.categorical_cols (one-hot by hashing, sparse layout)"
+            f"array): set {how}, which leaves the others out on purpose, list them in data.ignore_cols, cast them "
+            "to numbers, or list categorical ones in data.categorical_cols (one-hot by hashing, sparse layout)"
         )
 
 
@@ -895,6 +939,7 @@ def _build_manifest(
         schema=schema,
         config=settings,
         sparse=sparse,
+        columns=inp.columns,
     )
 
 

@@ -194,6 +194,13 @@ def test_a_string_column_not_declared_categorical_is_named(spark, tmp_path: Path
     _clicks(spark, 300).write.parquet(f"file://{src}")
     with pytest.raises(UserError, match=r"site \(string\).*data.categorical_cols"):
         partition(spark, _cfg(tmp_path, src, "out", "data.categorical_cols=[device]"))
+    # listed in data.ignore_cols: left out on purpose, and the manifest says what became of every column
+    partition(spark, _cfg(tmp_path, src, "out", "data.categorical_cols=[device]", "data.ignore_cols=[site]"))
+    roles = read_manifest(f"file://{tmp_path / 'out'}").columns
+    assert roles["site"] == "ignored (data.ignore_cols)" and roles["label"] == "label" and roles["row_id"] == "row key"
+    assert roles["device"].startswith("categorical feature") and roles["price"] == roles["promo"] == "feature"
+    with pytest.raises(UserError, match=r"data.ignore_cols lists \['nope'\]"):
+        partition(spark, _cfg(tmp_path, src, "out2", "data.categorical_cols=[device]", "data.ignore_cols=[nope]"))
 
 
 def test_loader_memory_follows_non_zeros_not_the_dimension(spark, tmp_path: Path) -> None:
