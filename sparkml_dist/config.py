@@ -154,7 +154,8 @@ class DataConfig:
     double; the manifest then records num_classes=0 and the models are linear or mlp."""
     features_col: str | None = None
     """Name of a fixed-length numeric array column, or a Spark ML vector column (dense or sparse: densified,
-    at most 65,536 values), holding the features; set this OR feature_cols. The input's other columns
+    at most 65,536 values, unless partition.feature_layout=sparse keeps it sparse), holding the features; set
+    this OR feature_cols. The input's other columns
     (besides label and row id) are then left out on purpose."""
     feature_cols: list[str] | None = None
     """Scalar numeric feature columns. None with features_col None (auto): a `features` array/vector column

@@ -498,8 +498,8 @@ def feature_expr(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfig)
         if first["n"] > MAX_DENSE_WIDTH:
             raise PartitionError(
                 f"features column {name!r} holds {first['n']} values per row; above {MAX_DENSE_WIDTH} the dense "
-                "layout this version trains on would not fit (sparse high-dimensional input is not supported yet): "
-                "reduce the dimension first (e.g. pyspark.ml.feature.FeatureHasher with fewer numFeatures)"
+                "layout would not fit: set partition.feature_layout=sparse to keep it sparse (indices and values per "
+                "row, never densified)"
             )
         return column, [f"{name}_{i}" for i in range(first["n"])]
     names = dcfg.feature_cols or [

@@ -1,0 +1,177 @@
+"""Sparse, high-dimensional data end to end: a Criteo-like table hashed to ~2^20 dimensions, MLlib against
+the AllReduce trainer on the same sparse shards, and the loader's memory against the dimension.
+
+    .venv/bin/python bench/sparse.py [--rows 10000000] [--buckets 40329] [--time-cap 900] [--epochs 2]
+
+1. ``jobs.generate`` (generate.layout=criteo: 13 numeric columns with nulls, 26 Zipf categorical columns),
+   ``jobs.partition`` with the 26 columns hashed one-hot into ``--buckets`` each (13 + 26 x 40,329 =
+   1,048,567 ~ 2^20 dimensions), numeric nulls filled with the mean, log1p counts: the sparse layout.
+2. ``jobs.baseline`` MLlib LogisticRegression on SparseVectors built from those shards (capped at
+   ``--time-cap`` seconds); its final validation log-loss x 1.01 is the target.
+3. ``jobs.train`` data-parallel AllReduce (2 ranks, sparse first layer) on the same shards; time to the
+   target read from the runs (``compare``), both clocks as in bench/compare.py.
+4. Loader: one rank's rows/s into torch (sparse CSR batches) and the peak RSS of a process that only
+   streams, on the same rows partitioned at 2^16, 2^20 and 2^24 dimensions (``--loader-rows`` rows each).
+
+Prints one JSON object (goal: >= 5x faster than MLlib to the same log-loss; loader RSS flat in the dimension).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CATEGORICAL = "[" + ",".join(f"c{i}" for i in range(1, 27)) + "]"
+FILL = "{" + ", ".join(f"i{i}: mean" for i in range(1, 14)) + "}"
+
+
+def _job(module: str, sets: list[str]) -> tuple[dict, float]:
+    args = [sys.executable, "-m", module, "--config", "conf/local.yaml"]
+    for s in sets:
+        args += ["--set", s]
+    t0 = time.monotonic()
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=7200)
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), wall
+
+
+def _base(work: Path, rows: int, buckets: int, out: str = "partitioned") -> list[str]:
+    return [
+        f"paths.work_dir={work}",
+        "generate.layout=criteo",
+        f"generate.rows={rows}",
+        "generate.partitions=8",
+        "generate.null_fraction=0.05",
+        f"data.categorical_cols={CATEGORICAL}",
+        f"data.null_fill={FILL}",
+        "data.numeric_transform=log1p",
+        f"data.hash_buckets={buckets}",
+        f"partition.output_url={work / out}",
+        f"train.manifest_url={work / out}",
+        "partition.num_shards=2",
+        "partition.validation_fraction=0.02",
+        "partition.row_group_mb=8",
+        "spark.log_level=ERROR",
+        "spark.conf={spark.ui.enabled: 'false', spark.driver.memory: 10g, spark.sql.shuffle.partitions: '16', "
+        "spark.driver.host: 127.0.0.1, spark.driver.bindAddress: 127.0.0.1}",
+    ]
+
+
+def stream(manifest_url: str, batch_size: int) -> dict:
+    """In a fresh process: stream rank 0 of 2's shard once; rows/s into torch and the process's peak RSS."""
+    from sparkml_dist.config import TrainConfig
+    from sparkml_dist.loader import build_loader_spec, iterate_batches
+    from sparkml_dist.manifest import read_manifest
+
+    manifest = read_manifest(manifest_url)
+    spec = build_loader_spec(manifest, 0, 2, TrainConfig(batch_size=batch_size, shuffle=True))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rows, nnz = 0, 0
+    t0 = time.monotonic()
+    with iterate_batches(spec, epoch=0) as batches:
+        for x, y in batches:
+            rows += len(y)
+            nnz += int(x.values().numel())
+    seconds = time.monotonic() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "dimension": manifest.num_features,
+        "rows": rows,
+        "nnz_per_row": round(nnz / max(rows, 1), 2),
+        "rows_per_s": round(rows / seconds),
+        "peak_rss_mb": round(peak / 1024, 1),
+        "rss_before_stream_mb": round(before / 1024, 1),
+    }
+
+
+def _stream_in_child(manifest_url: str, batch_size: int) -> dict:
+    code = f"import json, bench.sparse as b; print(json.dumps(b.stream({manifest_url!r}, {batch_size})))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"loader stream failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--buckets", type=int, default=40329, help="per categorical column (26 of them)")
+    parser.add_argument("--loader-rows", type=int, default=1_000_000)
+    parser.add_argument("--time-cap", type=float, default=900.0)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--work-dir", default="/tmp/sparkml-bench-sparse")
+    parser.add_argument("--skip-training", action="store_true", help="loader part only")
+    args = parser.parse_args()
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    from sparkml_dist.compare import compare
+    from sparkml_dist.config import load_config
+
+    work = Path(args.work_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    out: dict = {"benchmark": "sparse", "rows": args.rows, "dimension": 13 + 26 * args.buckets}
+
+    # Loader: the same rows at three dimensions (hash buckets per column chosen for 2^16, 2^20, 2^24).
+    loader = []
+    small = work / "loader"
+    _job("jobs.generate", _base(small, args.loader_rows, 1))
+    for bits in (16, 20, 24):
+        buckets = ((1 << bits) - 13) // 26
+        sets = _base(small, args.loader_rows, buckets, out=f"dim{bits}")
+        _job("jobs.partition", sets)
+        loader.append(_stream_in_child(f"file://{small / f'dim{bits}'}", args.batch_size))
+    out["loader"] = loader
+    rss = [x["peak_rss_mb"] for x in loader]
+    out["loader_rss_flat"] = max(rss) <= 1.2 * min(rss)
+    if args.skip_training:
+        print(json.dumps(out))
+        return
+
+    base = _base(work, args.rows, args.buckets)
+    gen, gen_wall = _job("jobs.generate", base)
+    part, part_wall = _job("jobs.partition", base)
+    out.update(generate_s=round(gen_wall, 1), partition_s=round(part_wall, 1), train_rows=part["train_rows"])
+    out["loader_full"] = _stream_in_child(f"file://{work / 'partitioned'}", args.batch_size)
+    capped = [*base, f"baselines.time_cap_s={args.time_cap}", "baselines.max_iterations=100"]
+    mllib, mllib_wall = _job("jobs.baseline", [*capped, "baselines.kinds=[mllib_lr]"])
+    m = mllib["baselines"][0]
+    target = m["final"]["val_log_loss"] * 1.01
+    out.update(mllib_final_val_log_loss=m["final"]["val_log_loss"], target_log_loss=target)
+    train = [f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "train.optimizer=adam"]
+    trained, train_wall = _job("jobs.train", [*base, *train, "train.lr=0.005", "tracking.log_model=false"])
+    cfg = load_config(None, base)
+    report = compare(cfg, [m["run_id"], trained["run_id"]], None, target, str(work / "report"))
+    by_id = {r["run_id"]: r for r in report["runs"]}
+    ours = by_id[trained["run_id"]]
+    out["mllib"] = {
+        "seconds": m["seconds"],
+        "job_wall_s": round(mllib_wall, 1),
+        "capped": m["seconds"] >= args.time_cap,
+    }
+    out["allreduce"] = {
+        "time_to_target_s": ours["time_to_target_s"],
+        "final_val_log_loss": ours["final_val_log_loss"],
+        "rows_per_s": ours["rows_per_s"],
+        "bytes_per_step": ours["bytes_per_step_measured"],
+        "job_wall_s": round(train_wall, 1),
+    }
+    t = ours["time_to_target_s"]
+    out["speedup_vs_mllib"] = round(m["seconds"] / t, 2) if t else None
+    out["goal_5x_met"] = bool(t and m["seconds"] / t >= 5.0)
+    print(json.dumps(out, default=str))
+
+
+if __name__ == "__main__":
+    main()
