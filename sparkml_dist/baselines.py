@@ -9,6 +9,12 @@ Kinds (numpy + pyspark only, never torch; the driver holds the parameters):
 * ``mllib_lr`` / ``mllib_mlp``: Spark ML's LogisticRegression (L-BFGS over treeAggregate) and
   MultilayerPerceptronClassifier, the incumbent a Spark team would use today.
 
+The sparse layout (``manifest.sparse``: per row ascending feature indices and their values in a space of
+``dimension`` features, possibly 2^20 and more) is never densified: the numpy kinds read each partition as
+one scipy CSR matrix (gradients are X^T r, averaging's local steps touch only a batch's columns), and MLlib
+gets ``SparseVector`` rows built by an Arrow map (no per-row Python). Only the parameters are dense. An MLlib
+kind whose model cannot fit the memory Spark has (the MLP densifies its input layer) is refused up front.
+
 The linear model is binary logistic regression (one logit) or softmax regression when num_classes > 2,
 held as ``theta`` of shape [k, features + 1] with the bias in the last column. Every metric goes through
 metrics.eval_sums + summarize, summed over partitions, exactly as the trainer computes it.
@@ -21,6 +27,7 @@ import functools
 import logging
 import math
 import pickle
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -38,8 +45,9 @@ from sparkml_dist.metrics import REGRESSION, eval_sums, summarize
 
 log = logging.getLogger(__name__)
 
-Block = tuple[np.ndarray, np.ndarray]
-"""One Spark partition's rows as numpy: features [n, d] float64 and labels [n] int64."""
+Block = tuple[Any, np.ndarray]
+"""One Spark partition's rows: features [n, d] float64 (a numpy array, or a scipy CSR array for the sparse
+layout) and labels [n] int64."""
 
 
 @dataclass(frozen=True)
@@ -107,11 +115,18 @@ def load_data(
         n = partitions_per_shard
         return df.coalesce(1) if n == 1 else df.repartition(n)  # coalesce: no shuffle, one task reads the files
 
+    if manifest.sparse is None:
+        to_blocks: Callable[..., Iterator] = functools.partial(_arrow_blocks, manifest=manifest)
+        schema, concat = "x binary, y binary", _concat_blocks
+    else:
+        to_blocks = functools.partial(_arrow_sparse_blocks, manifest=manifest)
+        schema = "indptr binary, indices binary, values binary, y binary"
+        concat = functools.partial(_concat_sparse_blocks, dimension=manifest.num_features)
+
     def split(shards: list[ShardEntry]) -> tuple[RDD, int, DataFrame | None]:
         frames = [read(s) for s in shards]
-        to_blocks = functools.partial(_arrow_blocks, manifest=manifest)
         rdd = spark.sparkContext.union(
-            [df.mapInArrow(to_blocks, "x binary, y binary").rdd.mapPartitions(_concat_blocks) for df in frames]
+            [df.mapInArrow(to_blocks, schema).rdd.mapPartitions(concat) for df in frames]
         ).persist(StorageLevel.MEMORY_AND_DISK)
         rows = int(rdd.map(lambda b: len(b[1])).sum())
         if rows != sum(s.rows for s in shards):
@@ -158,11 +173,110 @@ def _concat_blocks(rows: Iterable[Any]) -> Iterator[Block]:
         yield np.concatenate([p[0] for p in parts]).reshape(len(y), -1), y
 
 
+def _sparse_parts(batch: Any, manifest: Manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A sparse-layout Arrow batch as CSR pieces: indptr int64 from 0, indices int32, values float64.
+
+    Checked, vectorized, so that no kind reinterprets bad rows (CSR would sum a repeated index, MLlib refuses
+    it): no nulls, as many values as indices per row, indices strictly ascending inside 0..dimension-1.
+    """
+    assert manifest.sparse is not None
+    sp = manifest.sparse
+    ind, val = batch.column(sp.indices_col), batch.column(sp.values_col)
+    flat_i, flat_v = ind.flatten(), val.flatten()  # flatten honours a sliced batch's offsets
+    where = f"{manifest.root_url}: the sparse layout's {sp.indices_col}/{sp.values_col}"
+    fix = "the partition output is damaged or was not written by jobs/partition.py: re-run it"
+    if ind.null_count or val.null_count or flat_i.null_count or flat_v.null_count:
+        raise ManifestError(f"{where} hold a null; {fix}")
+    offsets, value_offsets = ind.offsets.to_numpy(), val.offsets.to_numpy()
+    indptr = (offsets - offsets[0]).astype(np.int64)
+    if not np.array_equal(indptr, value_offsets - value_offsets[0]):
+        raise ManifestError(f"{where}: a row has a different number of indices and values; {fix}")
+    idx = flat_i.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    values = flat_v.to_numpy(zero_copy_only=False).astype(np.float64)
+    if len(idx):
+        bad = None
+        if idx.min() < 0 or idx.max() >= sp.dimension:
+            bad = int(np.flatnonzero((idx < 0) | (idx >= sp.dimension))[0])
+            what = f"an index outside 0..{sp.dimension - 1} (the manifest's sparse.dimension)"
+        else:
+            rising = np.diff(idx) > 0  # entry j+1 vs entry j ...
+            starts = indptr[1:-1]
+            rising[starts[(starts > 0) & (starts < len(idx))] - 1] = True  # ... except across rows
+            if not rising.all():
+                bad = int(np.flatnonzero(~rising)[0]) + 1
+                what = "indices that are not strictly ascending"
+        if bad is not None:
+            row = int(np.searchsorted(indptr, bad, side="right")) - 1
+            key = batch.column(manifest.row_id_col)[row].as_py() if manifest.row_id_col in batch.schema.names else row
+            raise ManifestError(f"{where}: row {manifest.row_id_col}={key} has {what}; {fix}")
+    return indptr, idx, values
+
+
+def _arrow_sparse_blocks(batches: Iterable[Any], manifest: Manifest) -> Iterator[Any]:
+    """Sparse-layout Arrow batches -> one row of raw CSR pieces (int64 indptr, int32 indices, float64 values)
+    and int64 labels per batch."""
+    import pyarrow as pa
+
+    for batch in batches:
+        indptr, idx, values = _sparse_parts(batch, manifest)
+        y = batch.column(manifest.label_col).to_numpy(zero_copy_only=False).astype(np.int64)
+        cols = {"indptr": indptr, "indices": idx, "values": values, "y": y}
+        yield pa.RecordBatch.from_pydict({k: [v.tobytes()] for k, v in cols.items()})
+
+
+def _concat_sparse_blocks(rows: Iterable[Any], dimension: int) -> Iterator[Block]:
+    """A partition's batches of CSR pieces -> one scipy CSR array [n, dimension] and its labels."""
+    from scipy.sparse import csr_array
+
+    rows = list(rows)
+    if rows:
+        y = np.concatenate([np.frombuffer(r.y, np.int64) for r in rows])
+        counts = np.concatenate([np.diff(np.frombuffer(r.indptr, np.int64)) for r in rows])
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+        small = indptr[-1] < np.iinfo(np.int32).max  # int32 indices as long as the entries' count allows
+        indptr = indptr.astype(np.int32 if small else np.int64)
+        idx = np.concatenate([np.frombuffer(r.indices, np.int32) for r in rows]).astype(indptr.dtype, copy=False)
+        values = np.concatenate([np.frombuffer(r.values, np.float64) for r in rows])
+        yield csr_array((values, idx, indptr), shape=(len(y), dimension)), y
+
+
+def _arrow_sparse_vectors(batches: Iterable[Any], manifest: Manifest) -> Iterator[Any]:
+    """Sparse-layout Arrow batches -> MLlib (features: SparseVector, label: double) batches, vectorized.
+
+    The vector column is written as VectorUDT's storage struct (type 0 = sparse, size, indices, values);
+    Spark's Arrow conversion maps a user-defined type to that struct on both sides (pyspark 3.5 and 4.0),
+    and MLlib deserializes it into ``SparseVector(size, indices, values)``. A Python UDF returning
+    ``SparseVector`` gives the same rows at several times the cost (a pickled object per row).
+    """
+    import pyarrow as pa
+
+    assert manifest.sparse is not None
+    for batch in batches:
+        indptr, idx, values = _sparse_parts(batch, manifest)
+        n, offsets = batch.num_rows, pa.array(indptr.astype(np.int32))  # a batch holds < 2^31 entries
+        vectors = pa.StructArray.from_arrays(
+            [
+                pa.array(np.zeros(n, np.int8)),
+                pa.array(np.full(n, manifest.sparse.dimension, np.int32)),
+                pa.ListArray.from_arrays(offsets, pa.array(idx)),
+                pa.ListArray.from_arrays(offsets, pa.array(values)),
+            ],
+            names=["type", "size", "indices", "values"],
+        )
+        label = batch.column(manifest.label_col).cast(pa.float64())
+        yield pa.RecordBatch.from_arrays([vectors, label], names=["features", "label"])
+
+
 def _vector_frame(frames: list[DataFrame], manifest: Manifest) -> DataFrame:
     from pyspark.ml.feature import VectorAssembler
     from pyspark.ml.functions import array_to_vector
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql.types import DoubleType, StructField, StructType
 
     df = functools.reduce(DataFrame.unionAll, frames)
+    if manifest.sparse is not None:
+        schema = StructType([StructField("features", VectorUDT()), StructField("label", DoubleType())])
+        return df.mapInArrow(functools.partial(_arrow_sparse_vectors, manifest=manifest), schema)
     label = F.col(manifest.label_col).cast("double").alias("label")
     if manifest.features_col is not None:
         return df.select(array_to_vector(F.col(manifest.features_col)).alias("features"), label)
@@ -173,8 +287,9 @@ def _vector_frame(frames: list[DataFrame], manifest: Manifest) -> DataFrame:
 # ------------------------------------------------------------------------------- numpy on executors
 
 
-def loss_grad(theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    """Summed log-loss and its gradient w.r.t. theta [k, d+1] (k = 1: logistic, else softmax)."""
+def loss_grad(theta: np.ndarray, x: Any, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Summed log-loss and its gradient w.r.t. theta [k, d+1] (k = 1: logistic, else softmax); x is a
+    numpy block or a scipy CSR one (then the weight gradient is the sparse product X^T r)."""
     z = x @ theta[:, :-1].T + theta[:, -1]
     if theta.shape[0] == 1:
         z1 = z[:, 0]
@@ -186,10 +301,11 @@ def loss_grad(theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[float, n
         loss = float((lse - z[np.arange(len(y)), y]).sum())
         r = np.exp(z - lse[:, None])
         r[np.arange(len(y)), y] -= 1.0
-    return loss, np.hstack([r.T @ x, r.sum(axis=0)[:, None]])
+    grad_w = r.T @ x if isinstance(x, np.ndarray) else (x.T @ r).T
+    return loss, np.hstack([grad_w, r.sum(axis=0)[:, None]])
 
 
-def probabilities(theta: np.ndarray, x: np.ndarray) -> np.ndarray:
+def probabilities(theta: np.ndarray, x: Any) -> np.ndarray:
     """Class probabilities [n, num_classes] of the linear model (the trainer's convention)."""
     z = x @ theta[:, :-1].T + theta[:, -1]
     if theta.shape[0] == 1:
@@ -218,6 +334,11 @@ def _local_sgd_task(part: int, blocks: Iterable[Block], theta_bc: Any, cfg: Base
     lr = cfg.local_lr / math.sqrt(rnd)
     rng = np.random.default_rng([cfg.seed, rnd, part])
     for x, y in blocks:
+        if not isinstance(x, np.ndarray):
+            theta, loss_sum = _local_sgd_sparse(theta, x, y, cfg, lr, rng)
+            out[0] += loss_sum
+            out[1] += len(y)
+            continue
         for _ in range(cfg.local_epochs):
             order = rng.permutation(len(y))
             for start in range(0, len(y), cfg.local_batch_size):
@@ -228,6 +349,39 @@ def _local_sgd_task(part: int, blocks: Iterable[Block], theta_bc: Any, cfg: Base
         out[1] += len(y)
     out[2:] = out[1] * theta.ravel()
     yield out
+
+
+def _local_sgd_sparse(
+    theta: np.ndarray, x: Any, y: np.ndarray, cfg: BaselineConfig, lr: float, rng: np.random.Generator
+) -> tuple[np.ndarray, float]:
+    """_local_sgd_task's steps on a CSR block, each touching only its mini-batch's columns.
+
+    The same steps as the dense loop (same row order, same update theta -= lr * (grad / n + reg * W)), but
+    the weights are held as ``scale * v``: the L2 shrink of every weight, (1 - lr * reg), is one multiply of
+    ``scale``, and the gradient, non-zero only on the batch's columns, updates those columns of ``v``.
+    A step costs O(non-zeros of the batch), not O(dimension). Returns the new theta and the summed loss / epochs.
+    """
+    from scipy.sparse import csr_array
+
+    v, bias, scale, loss_sum = theta[:, :-1].copy(), theta[:, -1].copy(), 1.0, 0.0
+    shrink = 1.0 - lr * cfg.reg_param
+    for _ in range(cfg.local_epochs):
+        order = rng.permutation(len(y))
+        for start in range(0, len(y), cfg.local_batch_size):
+            idx = order[start : start + cfg.local_batch_size]
+            xb = x[idx]
+            cols, local = np.unique(xb.indices, return_inverse=True)
+            xc = csr_array((xb.data, local, xb.indptr), shape=(len(idx), len(cols)))
+            loss, grad = loss_grad(np.hstack([scale * v[:, cols], bias[:, None]]), xc, y[idx])
+            if shrink <= 0.0 or abs(scale * shrink) < 1e-100:  # fold the scale in (rare), not divide by ~0
+                v *= scale * shrink
+                scale = 1.0
+            else:
+                scale *= shrink
+            v[:, cols] -= (lr / len(idx) / scale) * grad[:, :-1]
+            bias -= (lr / len(idx)) * grad[:, -1]
+            loss_sum += loss / cfg.local_epochs
+    return np.hstack([scale * v, bias[:, None]]), loss_sum
 
 
 def _eval_task(blocks: Iterable[Block], theta_bc: Any, num_classes: int) -> Iterator[np.ndarray]:
@@ -264,6 +418,100 @@ def tree_aggregate_levels(partitions: int, depth: int) -> list[int]:
     return levels
 
 
+# ------------------------------------------------------------------------------------- size limits
+
+_JAVA_MAX_ARRAY = 2**31 - 1
+"""Int.MaxValue: MLlib sizes its weight vector and the MLP's stacked blocks with Int arithmetic in Java arrays."""
+_MLP_BLOCK_ROWS = 128
+"""MultilayerPerceptronClassifier's blockSize (we keep the default): rows densified into one block per task."""
+_LBFGS_PAIRS = 10
+"""Correction pairs MLlib's L-BFGS keeps (LogisticRegression's and the MLP's optimizer alike), two
+weight-sized vectors each, beside the weights and the gradient."""
+
+
+def mllib_weights(manifest: Manifest, b: BaselineConfig, kind: str) -> int:
+    """Number of parameters the MLlib kind fits on ``manifest``'s feature space."""
+    if kind == "mllib_lr":
+        return (1 if manifest.num_classes == 2 else manifest.num_classes) * (manifest.num_features + 1)
+    layers = [manifest.num_features, *b.mlp_hidden_sizes, manifest.num_classes]
+    return sum(n_in * n_out + n_out for n_in, n_out in zip(layers, layers[1:], strict=False))
+
+
+def _memory_bytes(text: str | None) -> int | None:
+    """A Spark memory setting (MiB without a unit, as spark.driver.memory) in bytes; None if unreadable."""
+    match = re.fullmatch(r"(\d+)\s*([kmgtp]?b?)", (text or "").strip().lower())
+    if match is None:
+        return None
+    unit = match[2]
+    return int(match[1]) * (2**20 if unit == "" else 1 if unit == "b" else 1024 ** ("kmgtp".index(unit[0]) + 1))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_fits(spark: SparkSession, manifest: Manifest, b: BaselineConfig, kind: str) -> None:
+    """Refuse an MLlib kind that cannot run on ``manifest``'s feature space with this Spark's memory.
+
+    Only certain failures are refused (lower bounds of what MLlib allocates, against the JVM heaps):
+    the weights past Java's array limit, MLlib's L-BFGS state past spark.driver.memory, and for the MLP,
+    which densifies its input, one block of 128 dense rows past Java's array limit or an executor's memory.
+    The numpy kinds (gd, sgd, averaging) hold O(dimension) parameters and always run.
+    """
+    if not kind.startswith("mllib"):
+        return
+    conf, d = spark.sparkContext.getConf(), manifest.num_features
+    weights = mllib_weights(manifest, b, kind)
+    copies = 2 * min(_LBFGS_PAIRS, b.max_iterations - 1) + 2  # on the driver, at the least
+    driver = _memory_bytes(conf.get("spark.driver.memory", "1g"))
+    local = re.fullmatch(r"local(\[.*\])?", spark.sparkContext.master or "") is not None  # tasks in the driver
+    executor = driver if local else _memory_bytes(conf.get("spark.executor.memory", "1g"))
+    block = _MLP_BLOCK_ROWS * (d + manifest.num_classes)
+    what = (
+        f"the sparse feature space of dimension {d:,} (sparse.dimension of {manifest.root_url})"
+        if manifest.sparse is not None
+        else f"{d:,} features"
+    )
+    mlp = kind == "mllib_mlp"
+    fit = f"fits {weights:,} coefficients"
+    if mlp:
+        fit = f"with baselines.mlp_hidden_sizes={b.mlp_hidden_sizes} fits {weights:,} weights"
+    problem, memory_key, need = None, "", 0
+    if weights > _JAVA_MAX_ARRAY:
+        problem = f"{kind} on {what} {fit}, past Java's array limit of {_JAVA_MAX_ARRAY:,}"
+    elif mlp and block > _JAVA_MAX_ARRAY:
+        problem = (
+            f"mllib_mlp densifies its input in blocks of {_MLP_BLOCK_ROWS} rows: on {what} one block has "
+            f"{block:,} values, past Java's array limit of {_JAVA_MAX_ARRAY:,}"
+        )
+    elif driver is not None and copies * weights * 8 > driver:
+        need, memory_key = copies * weights * 8, "spark.driver.memory"
+        problem = (
+            f"{kind} on {what} {fit} and MLlib's L-BFGS keeps at least "
+            f"{copies} copies of them on the driver ({_gib(need)}), more than spark.driver.memory="
+            f"{conf.get('spark.driver.memory', '1g')}"
+        )
+    elif mlp and executor is not None and (block + 2 * weights) * 8 > executor:
+        need = (block + 2 * weights) * 8
+        memory_key = "spark.driver.memory" if local else "spark.executor.memory"
+        problem = (
+            f"mllib_mlp densifies its input: on {what} a task holds a dense block of {_MLP_BLOCK_ROWS} rows, the "
+            f"weights and their gradient ({_gib(need)}), more than {memory_key}={conf.get(memory_key, '1g')}"
+        )
+    if problem is None:
+        return
+    fixes = [f"drop {kind} from baselines.kinds"]
+    if manifest.sparse is not None:
+        fixes[0] += " (gd, sgd, averaging" + (" and mllib_lr" if mlp else "") + " train sparse)"
+    if mlp and block <= _JAVA_MAX_ARRAY:  # the hidden sizes set the weights, not the block
+        fixes.append("use smaller baselines.mlp_hidden_sizes")
+    if manifest.sparse is not None:
+        fixes.append("partition into a smaller feature space (data.dimension, data.hash_buckets)")
+    if memory_key:
+        fixes.append(f"raise {memory_key} to at least {_gib(need * 1.25)}")
+    raise ConfigError(f"{problem}. Fix: {', or '.join(fixes)}")
+
+
 # ------------------------------------------------------------------------------------------ running
 
 
@@ -275,6 +523,8 @@ def run_baselines(spark: SparkSession, cfg: JobConfig) -> list[BaselineResult]:
             f"{manifest.root_url} holds regression data (real-valued labels); the baselines compare classifiers "
             "(log-loss to a target): run them on classification data, and train regression with train.model=linear"
         )
+    for kind in cfg.baselines.kinds:  # before any run or Spark job, as a bad URL
+        check_fits(spark, manifest, cfg.baselines, kind)
     tracking.ensure_experiment(cfg.tracking)
     mllib = any(k.startswith("mllib") for k in cfg.baselines.kinds)
     data = load_data(spark, manifest, cfg.baselines.partitions_per_shard, with_vectors=mllib)
@@ -288,6 +538,7 @@ def run_baseline(spark: SparkSession, cfg: JobConfig, kind: str, data: BaselineD
     """One baseline as one MLflow run tagged like the AllReduce runs (kind=<kind>)."""
     if kind not in BASELINE_KINDS:
         raise ConfigError(f"unknown baseline kind {kind!r}; valid kinds: {', '.join(BASELINE_KINDS)}")
+    check_fits(spark, data.manifest, cfg.baselines, kind)
     m, sc, mllib = data.manifest, spark.sparkContext, kind.startswith("mllib")
     tags = {
         "spark_app_id": sc.applicationId,
