@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from sparkml_dist.baselines import run_baselines
 from sparkml_dist.config import load_config
 from sparkml_dist.errors import UserError
 from sparkml_dist.fit import run_training
@@ -110,6 +111,9 @@ def test_libsvm_written_by_spark_trains_on_two_ranks(spark, tmp_path: Path) -> N
     losses = _val_losses(run_training(spark, cfg))
     base = _base_rate_logloss(manifest, cfg)
     assert losses[-1] < base - 0.05, (losses, base)
+    # MLlib's LogisticRegression on SparseVectors of the same shards: ours is at least as good, within 1%
+    (mllib,) = run_baselines(spark, load_config(None, [*_cfg_sets(tmp_path, src), "baselines.kinds=[mllib_lr]"]))
+    assert losses[-1] <= 1.01 * mllib.final["val_log_loss"], (losses, mllib.final)
 
 
 def _val_losses(result) -> list[float]:
