@@ -8,8 +8,9 @@ the AllReduce trainer on the same sparse shards, and the loader's memory against
    1,048,567 ~ 2^20 dimensions), numeric nulls filled with the mean, log1p counts: the sparse layout.
 2. ``jobs.baseline`` MLlib LogisticRegression on SparseVectors built from those shards (capped at
    ``--time-cap`` seconds); its final validation log-loss x 1.01 is the target.
-3. ``jobs.train`` data-parallel AllReduce (2 ranks, sparse first layer) on the same shards; time to the
-   target read from the runs (``compare``), both clocks as in bench/compare.py.
+3. ``jobs.train`` data-parallel AllReduce (2 ranks, sparse first layer) on the same shards, sending the
+   dense gradient (comm.compression=none) and only its non-zero entries (nonzero); time to the target read
+   from the runs (``compare``), both clocks as in bench/compare.py, and the bytes each sends per step.
 4. Loader: one rank's rows/s into torch (sparse CSR batches) and the peak RSS of a process that only
    streams, on the same rows partitioned at 2^16, 2^20 and 2^24 dimensions (``--loader-rows`` rows each).
 
@@ -150,26 +151,32 @@ def main() -> None:
     target = m["final"]["val_log_loss"] * 1.01
     out.update(mllib_final_val_log_loss=m["final"]["val_log_loss"], target_log_loss=target)
     train = [f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "train.optimizer=adam"]
-    trained, train_wall = _job("jobs.train", [*base, *train, "train.lr=0.005", "tracking.log_model=false"])
+    train += ["train.lr=0.005", "tracking.log_model=false"]
+    runs = {}
+    for name, sets in (("allreduce", []), ("allreduce+nonzero", ["comm.compression=nonzero"])):
+        trained, wall = _job("jobs.train", [*base, *train, *sets])
+        runs[name] = (trained["run_id"], wall)
     cfg = load_config(None, base)
-    report = compare(cfg, [m["run_id"], trained["run_id"]], None, target, str(work / "report"))
+    report = compare(cfg, [m["run_id"], *[r for r, _ in runs.values()]], None, target, str(work / "report"))
     by_id = {r["run_id"]: r for r in report["runs"]}
-    ours = by_id[trained["run_id"]]
     out["mllib"] = {
         "seconds": m["seconds"],
         "job_wall_s": round(mllib_wall, 1),
         "capped": m["seconds"] >= args.time_cap,
     }
-    out["allreduce"] = {
-        "time_to_target_s": ours["time_to_target_s"],
-        "final_val_log_loss": ours["final_val_log_loss"],
-        "rows_per_s": ours["rows_per_s"],
-        "bytes_per_step": ours["bytes_per_step_measured"],
-        "job_wall_s": round(train_wall, 1),
-    }
-    t = ours["time_to_target_s"]
-    out["speedup_vs_mllib"] = round(m["seconds"] / t, 2) if t else None
-    out["goal_5x_met"] = bool(t and m["seconds"] / t >= 5.0)
+    for name, (run_id, wall) in runs.items():
+        ours = by_id[run_id]
+        t = ours["time_to_target_s"]
+        out[name] = {
+            "time_to_target_s": t,
+            "speedup_vs_mllib": round(m["seconds"] / t, 2) if t else None,
+            "final_val_log_loss": ours["final_val_log_loss"],
+            "rows_per_s": ours["rows_per_s"],
+            "bytes_per_step": ours["bytes_per_step_measured"],
+            "job_wall_s": round(wall, 1),
+        }
+    best = max((out[k]["speedup_vs_mllib"] or 0) for k in runs)
+    out["goal_5x_met"] = best >= 5.0
     print(json.dumps(out, default=str))
 
 

@@ -143,6 +143,10 @@ class GenerateConfig:
             )
 
 
+MAX_VOCABULARY_ENTRIES = 200_000
+"""Categorical vocabularies are stored inline (manifest, model metadata): their total size is capped."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     input_url: str = "{work_dir}/data/raw"
@@ -177,6 +181,13 @@ class DataConfig:
     data.hash_buckets indices after the numeric features; implies the sparse layout. A null is a category."""
     hash_buckets: int = 1 << 16
     """Buckets (indices) per categorical column: collisions inside a column merge categories."""
+    categorical_encoding: Literal["hash", "vocabulary"] = "hash"
+    """hash: the hashing trick (data.hash_buckets per column, no pass over the data); vocabulary: the
+    data.vocabulary_size most frequent values of each column (counted in one distributed pass, ties by value)
+    get their own index, every other value (and any value first seen at scoring) one out-of-vocabulary index."""
+    vocabulary_size: int = 1000
+    """categorical_encoding=vocabulary: values kept per column (the vocabularies travel with the manifest and
+    the model, so at most 200,000 over all columns: hash beyond that)."""
     hash_seed: int = 0
     """Seed of the categorical hash (stored with the manifest and the model, so scoring hashes alike)."""
     indices_col: str | None = None
@@ -216,6 +227,15 @@ class DataConfig:
             )
         if self.hash_buckets < 1:
             raise ConfigError(f"data.hash_buckets must be >= 1, got {self.hash_buckets}")
+        if self.vocabulary_size < 1:
+            raise ConfigError(f"data.vocabulary_size must be >= 1, got {self.vocabulary_size}")
+        total = self.vocabulary_size * len(self.categorical_cols or [])
+        if self.categorical_encoding == "vocabulary" and total > MAX_VOCABULARY_ENTRIES:
+            raise ConfigError(
+                f"data.vocabulary_size={self.vocabulary_size} x {len(self.categorical_cols or [])} categorical columns "
+                f"= {total} entries, above the {MAX_VOCABULARY_ENTRIES} stored with the manifest and the model: lower "
+                "data.vocabulary_size, or use data.categorical_encoding=hash"
+            )
         if self.dimension is not None and self.dimension < 1:
             raise ConfigError(f"data.dimension must be >= 1, got {self.dimension}")
         if self.indices_col is not None and (self.features_col is not None or self.categorical_cols):
@@ -448,7 +468,9 @@ class CommConfig:
     (local_steps optimizer steps per rank, then the parameters are averaged)."""
     compression: str = "none"
     """What is sent, a registered compressor: none (fp32), fp16 (half precision), topk (the topk_ratio
-    largest-magnitude entries of each tensor, with their indices)."""
+    largest-magnitude entries of each tensor, with their indices), nonzero (exactly the non-zero entries
+    with their indices: exact, and small for models on sparse input, whose first-layer gradient is zero
+    outside the features a batch touched)."""
     topk_ratio: float = 0.01
     """topk only: share of each tensor's entries sent per round (at least one)."""
     error_feedback: bool = True

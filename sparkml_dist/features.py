@@ -7,9 +7,10 @@ Three input forms become one layout (per row: ascending feature ``indices`` and 
   through the vector's SQL form (no Python UDF, no densifying);
 - explicit ``data.indices_col`` / ``data.values_col`` list columns with a declared ``data.dimension``;
 - table columns: numeric (and boolean, as 0/1) columns at indices 0..n-1, then each categorical column
-  one-hot in its own range of ``data.hash_buckets`` indices, the bucket a seeded 64-bit hash of the value
-  (the hashing trick). Per-column ranges keep every row's indices distinct and ascending by construction;
-  a null category is a category of its own.
+  one-hot in its own range of indices: ``data.hash_buckets`` of them, the bucket a seeded 64-bit hash of the
+  value (the hashing trick), or its vocabulary (the most frequent values, counted in one distributed pass)
+  plus one out-of-vocabulary index. Per-column ranges keep every row's indices distinct and ascending by
+  construction; a null category is a category of its own.
 
 What was decided (kind, dimension, columns in order, buckets, seed) is an ``Encoding``: stored in the
 manifest and with the model, so scoring rebuilds exactly the same space from columns picked by name.
@@ -60,6 +61,23 @@ class Encoding:
     """kind=columns: data.numeric_transform (none, log1p, standardize), applied after the fill."""
     scale: dict[str, list[float]] = field(default_factory=dict)
     """transform=standardize: [mean, std] per numeric column, over the input (std 0 is stored as 1)."""
+    vocabularies: dict[str, list[str]] = field(default_factory=dict)
+    """Vocabulary encoding: per categorical column its values (as strings, most frequent first); value i of
+    column j takes index offsets[j] + i, any other value offsets[j] + len(vocabulary)."""
+
+    def widths(self) -> list[int]:
+        """Indices each categorical column takes: its buckets, or its vocabulary plus the OOV index."""
+        if self.vocabularies:
+            return [len(self.vocabularies[c]) + 1 for c in self.categorical]
+        return [self.buckets] * len(self.categorical)
+
+    def offsets(self) -> list[int]:
+        """First index of each categorical column's range."""
+        out, at = [], len(self.numeric)
+        for w in self.widths():
+            out.append(at)
+            at += w
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,6 +152,11 @@ def build_encoding(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfi
     if dimension == 0:
         raise FeatureError("the input has no feature columns: set data.feature_cols or data.categorical_cols")
     fill = _resolve_fill(df, fields, dcfg, numeric)
+    vocabularies = (
+        _vocabularies(df, categorical, dcfg.vocabulary_size) if dcfg.categorical_encoding == "vocabulary" else {}
+    )
+    if vocabularies:
+        dimension = len(numeric) + sum(len(v) + 1 for v in vocabularies.values())
     scale = {}
     if dcfg.numeric_transform == "standardize" and numeric:
         filled = [_filled(c, fill).cast("double") for c in numeric]
@@ -157,7 +180,49 @@ def build_encoding(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfi
         fill,
         dcfg.numeric_transform,
         scale,
+        vocabularies,
     )
+
+
+NULL_CATEGORY = "\x00null"
+"""How a null categorical value is counted and looked up in a vocabulary (a category of its own)."""
+_VOCAB_INDEX = "_vocab_{}"
+
+
+def _category(c: str) -> Column:
+    return F.coalesce(F.col(c).cast("string"), F.lit(NULL_CATEGORY))
+
+
+def _vocabularies(df: DataFrame, categorical: list[str], size: int) -> dict[str, list[str]]:
+    """The ``size`` most frequent values of every categorical column (ties by value), in one distributed
+    pass: (column, value) pairs counted, ranked per column, the top collected (at most size per column)."""
+    from pyspark.sql.window import Window
+
+    if not categorical:
+        return {}
+    pairs = F.array(*[F.struct(F.lit(j).alias("j"), _category(c).alias("v")) for j, c in enumerate(categorical)])
+    counts = df.select(F.explode(pairs).alias("p")).select("p.j", "p.v").groupBy("j", "v").count()
+    rank = F.row_number().over(Window.partitionBy("j").orderBy(F.desc("count"), F.asc("v")))
+    top = counts.withColumn("r", rank).filter(F.col("r") <= size).select("j", "v", "r").collect()
+    out: dict[str, list[str]] = {c: [] for c in categorical}
+    for row in sorted(top, key=lambda r: (r["j"], r["r"])):
+        out[categorical[row["j"]]].append(row["v"])
+    return out
+
+
+def with_vocabulary_indices(df: DataFrame, enc: Encoding) -> DataFrame:
+    """``df`` with each vocabulary-encoded column's index inside its vocabulary (OOV: its length) as a column
+    ``_vocab_<j>``, by a broadcast join per column (the big side keeps its partitioning and row order)."""
+    if not enc.vocabularies:
+        return df
+    spark = df.sparkSession
+    for j, c in enumerate(enc.categorical):
+        words = enc.vocabularies[c]
+        key, idx = f"_vocab_key_{j}", _VOCAB_INDEX.format(j)
+        table = spark.createDataFrame(list(enumerate(words)), f"{idx}_i int, {key}_v string")
+        df = df.withColumn(key, _category(c)).join(F.broadcast(table), F.col(key) == F.col(f"{key}_v"), "left")
+        df = df.withColumn(idx, F.coalesce(F.col(f"{idx}_i"), F.lit(len(words)))).drop(key, f"{key}_v", f"{idx}_i")
+    return df
 
 
 def _filled(c: str, fill: dict[str, float]) -> Column:
@@ -240,11 +305,14 @@ def sparse_columns(enc: Encoding) -> tuple[Column, Column, Column]:
         return indices, values, in_range & _checked(indices, values, enc)
     n = len(enc.numeric)
     numeric_values = [_numeric(c, enc) for c in enc.numeric]
-    hashed = [
-        F.lit(n + j * enc.buckets)
-        + F.pmod(F.xxhash64(F.col(c).cast("string"), F.lit(c), F.lit(enc.seed)), F.lit(enc.buckets)).cast("int")
-        for j, c in enumerate(enc.categorical)
-    ]
+    if enc.vocabularies:  # with_vocabulary_indices added each column's index inside its vocabulary
+        hashed = [F.lit(at) + F.col(_VOCAB_INDEX.format(j)) for j, at in enumerate(enc.offsets())]
+    else:
+        hashed = [
+            F.lit(n + j * enc.buckets)
+            + F.pmod(F.xxhash64(F.col(c).cast("string"), F.lit(c), F.lit(enc.seed)), F.lit(enc.buckets)).cast("int")
+            for j, c in enumerate(enc.categorical)
+        ]
     indices = F.array(*[F.lit(i) for i in range(n)], *hashed).cast("array<int>")
     values = F.array(*numeric_values, *[F.lit(1.0).cast("float") for _ in hashed]).cast("array<float>")
     return indices, values, _finite(values)

@@ -38,6 +38,7 @@ from sparkml_dist.features import (
     is_sparse_input,
     null_columns,
     sparse_columns,
+    with_vocabulary_indices,
 )
 from sparkml_dist.manifest import (
     MANIFEST_NAME,
@@ -304,6 +305,7 @@ def _read_input(spark: SparkSession, dcfg: DataConfig, pcfg: PartitionConfig) ->
             encoding = build_encoding(df, fields, dcfg, _vector_column(fields, dcfg))
         except FeatureError as exc:
             raise PartitionError(str(exc)) from exc
+        df = with_vocabulary_indices(df, encoding)
         indices, values, valid_x = sparse_columns(encoding)
         names = encoding.columns
         feature_cols = [indices.alias(INDICES), values.alias(VALUES)]
@@ -349,6 +351,8 @@ def column_roles(
             roles[c] = "label"
         elif c == dcfg.row_id_col and ids_from_input:
             roles[c] = "row key"
+        elif c in categorical and enc is not None and enc.vocabularies:
+            roles[c] = f"categorical feature (vocabulary of {len(enc.vocabularies[c])} + out-of-vocabulary)"
         elif c in categorical:
             roles[c] = f"categorical feature (hashed one-hot, {enc.buckets if enc else 0} buckets)"
         elif c in names and enc is not None and enc.kind == "vector":

@@ -35,7 +35,13 @@ from pyspark.sql import types as T
 from sparkml_dist import tracking
 from sparkml_dist.config import DataConfig, JobConfig, ScoreConfig
 from sparkml_dist.errors import UserError
-from sparkml_dist.features import Encoding, FeatureError, check_scoring_columns, sparse_columns
+from sparkml_dist.features import (
+    Encoding,
+    FeatureError,
+    check_scoring_columns,
+    sparse_columns,
+    with_vocabulary_indices,
+)
 from sparkml_dist.manifest import (
     FEATURE_DIGEST_TAG,
     FEATURE_NAMES_TAG,
@@ -190,7 +196,9 @@ def read_input(
         except FeatureError as exc:
             raise ScoreError(str(exc)) from exc
         indices, values, valid = sparse_columns(enc)
-        sparse_df = df.withColumn(SPARSE_INDICES, indices).withColumn(SPARSE_VALUES, values)
+        sparse_df = (
+            with_vocabulary_indices(df, enc).withColumn(SPARSE_INDICES, indices).withColumn(SPARSE_VALUES, values)
+        )
         return ScoreInput(sparse_df, data.row_id_col, enc.dimension, label, url, enc.columns, valid, sparse=True)
     try:
         features, names = _pick_features(df, fields, data, model_names)

@@ -77,6 +77,18 @@ def test_topk_at_ratio_one_is_the_exact_mean_and_sends_values_plus_indices():
         torch.testing.assert_close(d, s, atol=1e-7, rtol=0)
 
 
+def test_nonzero_is_the_exact_mean_and_sends_only_each_ranks_nonzeros():
+    torch.manual_seed(1)
+    vs = [torch.zeros(1000), torch.zeros(1000)]
+    vs[0][[3, 500, 999]] = torch.tensor([1.5, -2.0, 0.25])
+    vs[1][[3, 7]] = torch.tensor([0.5, 4.0])  # a different count per rank: the allgather sizes differ
+    dense = _mean_via("none", vs, [600, 400])
+    sparse = _mean_via("nonzero", vs, [600, 400])
+    for (d, _), (s, _) in zip(dense, sparse, strict=True):
+        torch.testing.assert_close(d, s, atol=0, rtol=0)
+    assert sparse[0][0][3] == 1.0 and sparse[0][0][7] == 2.0
+
+
 def test_topk_selects_per_tensor_and_error_feedback_keeps_what_was_not_sent():
     v = torch.tensor([0.1, -5.0, 0.2, 0.3, 0.0, 0.0, 3.0, 0.0, 0.0, 1.0])  # tensors of 4 and 6 entries
     ((mean, comp),) = _mean_via("topk", [v], [4, 6], topk_ratio=0.25)  # k = 1 of 4, round(1.5) = 2 of 6

@@ -108,9 +108,15 @@ def test_libsvm_written_by_spark_trains_on_two_ranks(spark, tmp_path: Path) -> N
     assert manifest.sparse is not None and manifest.sparse.dimension == DIM
     assert manifest.input_rows == 6000
 
-    losses = _val_losses(run_training(spark, cfg))
+    dense_sent = run_training(spark, cfg)
+    losses = _val_losses(dense_sent)
     base = _base_rate_logloss(manifest, cfg)
     assert losses[-1] < base - 0.05, (losses, base)
+    # comm.compression=nonzero sends only the touched gradient entries: the same training, far fewer bytes
+    nonzero = run_training(spark, load_config(None, [*_cfg_sets(tmp_path, src), "comm.compression=nonzero"]))
+    assert np.allclose(_val_losses(nonzero), losses, rtol=0, atol=1e-5), (_val_losses(nonzero), losses)
+    sent, dense = nonzero.final["comm_bytes_per_step"], dense_sent.final["comm_bytes_per_step"]
+    assert sent < dense / 20, (sent, dense)
     # MLlib's LogisticRegression on SparseVectors of the same shards: ours is at least as good, within 1%
     (mllib,) = run_baselines(spark, load_config(None, [*_cfg_sets(tmp_path, src), "baselines.kinds=[mllib_lr]"]))
     assert losses[-1] <= 1.01 * mllib.final["val_log_loss"], (losses, mllib.final)
@@ -303,3 +309,39 @@ def test_criteo_like_table_with_nulls_hashing_and_imputation(spark, tmp_path: Pa
     assert filled["i5"] == pytest.approx(raw)
     losses = _val_losses(run_training(spark, cfg))
     assert losses[-1] < _base_rate_logloss(manifest, cfg) - 0.02, losses
+
+
+def test_vocabulary_indexing_keeps_the_most_frequent_values_and_scores_unseen_ones_out_of_vocabulary(
+    spark, tmp_path: Path
+) -> None:
+    src = tmp_path / "clicks"
+    clicks = _clicks(spark, 6000, seed=3)
+    clicks.write.parquet(f"file://{src}")
+    sets = ["data.categorical_cols=[site,device]", "data.categorical_encoding=vocabulary", "data.vocabulary_size=50"]
+    cfg = _cfg(tmp_path, src, "out", *sets)
+    partition(spark, cfg)
+    manifest = read_manifest(cfg.partition.output_url)
+    assert manifest.sparse is not None
+    vocab = manifest.sparse.encoding["vocabularies"]
+    counts = clicks.groupBy("site").count().collect()
+    expected = [r["site"] for r in sorted(counts, key=lambda r: (-r["count"], r["site"]))[:50]]
+    assert vocab["site"] == expected and sorted(vocab["device"]) == ["0", "1", "2", "3"]
+    assert manifest.sparse.dimension == 2 + 51 + 5
+    table = pq.read_table(tmp_path / "out" / "train").to_pydict()
+    raw = {r["row_id"]: r for r in clicks.collect()}
+    for row_id, idx in list(zip(table["row_id"], table["indices"], strict=True))[:300]:
+        site = raw[row_id]["site"]
+        assert idx[2] == 2 + (vocab["site"].index(site) if site in vocab["site"] else 50)
+        assert idx[3] == 2 + 51 + vocab["device"].index(str(raw[row_id]["device"]))
+    result = run_training(spark, cfg)
+    assert _val_losses(result)[-1] < _base_rate_logloss(manifest, cfg) - 0.05
+    # a site never seen in training scores through the out-of-vocabulary index
+    unseen = tmp_path / "unseen"
+    spark.createDataFrame(
+        [(1, "never-seen", 2, True, 0.3, 1), (2, vocab["site"][0], 2, True, 0.3, 1)],
+        "row_id long, site string, device int, promo boolean, price double, label long",
+    ).write.parquet(f"file://{unseen}")
+    sets = [f"score.model_uri={result.model_uri}", f"score.input_url=file://{unseen}"]
+    score(spark, load_config(None, [*_cfg_sets(tmp_path, src), *sets, f"score.output_url=file://{tmp_path / 's'}"]))
+    probs = pq.read_table(tmp_path / "s").to_pydict()
+    assert sorted(probs["row_id"]) == [1, 2] and all(0 < p < 1 for p in probs["prob_1"])
