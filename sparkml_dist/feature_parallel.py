@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from sparkml_dist import checkpoint
 from sparkml_dist.comm import COMPRESSORS, Strategy
@@ -64,6 +65,7 @@ from sparkml_dist.manifest import FeatureGroup, Manifest, arrow_fs
 from sparkml_dist.metrics import batch_sums, empty_sums
 from sparkml_dist.models import check_model_for_data, loss_fn, output_width, predictions
 from sparkml_dist.rank import Collectives, RankContext
+from sparkml_dist.sparse import SparseRows, to_tensor
 
 MODE = "feature_parallel"
 DIGEST_BYTES = 4
@@ -91,8 +93,10 @@ def check_manifest(manifest: Manifest, cfg: TrainConfig) -> int:
         )
     if [g.group for g in groups] != list(range(m)):
         raise UserError(f"{manifest.root_url}: feature groups {[g.group for g in groups]} are not 0..{m - 1}")
-    columns = [i for g in groups for i in block_columns(manifest, g)]
-    if sorted(columns) != list(range(manifest.num_features)):
+    cover = np.zeros(manifest.num_features, np.int32)
+    for g in groups:
+        np.add.at(cover, block_columns(manifest, g), 1)
+    if not (cover == 1).all():
         raise UserError(f"{manifest.root_url}: the feature groups do not cover every feature exactly once")
     for g in groups:
         rows = [s.rows for s in g.shards]
@@ -118,13 +122,18 @@ def steps_per_epoch(manifest: Manifest, cfg: TrainConfig) -> int:
     return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch > 0 else steps
 
 
-def block_columns(manifest: Manifest, group: FeatureGroup) -> list[int]:
+def block_columns(manifest: Manifest, group: FeatureGroup) -> np.ndarray:
     """Positions of a group's features in the manifest's (= the assembled model's) feature order."""
+    if group.sparse_index is not None:
+        stride, offset, width = group.sparse_index
+        if offset + stride * (width - 1) >= manifest.num_features or width < 1:
+            raise UserError(f"{manifest.root_url}: sparse feature group {group.group} lies outside the dimension")
+        return np.arange(offset, offset + stride * width, stride, dtype=np.int64)
     index = {name: i for i, name in enumerate(manifest.feature_names)}
     missing = [n for n in group.features if n not in index]
     if missing:
         raise UserError(f"{manifest.root_url}: feature group {group.group} names unknown features {missing[:5]}")
-    return [index[n] for n in group.features]
+    return np.asarray([index[n] for n in group.features], np.int64)
 
 
 def assemble_state_dict(manifest: Manifest, block_urls: list[str]) -> dict[str, np.ndarray]:
@@ -145,6 +154,8 @@ def assemble_state_dict(manifest: Manifest, block_urls: list[str]) -> dict[str, 
             bias = block["bias"].numpy()
     if bias is None or np.isnan(weight).any():
         raise UserError(f"the blocks {block_urls} do not make a whole model (a bias or some features missing)")
+    if manifest.sparse is not None:  # models.SparseLinear holds its weight as [features, outputs]
+        return {"linear.weight": np.ascontiguousarray(weight.T), "linear.bias": bias}
     return {"linear.weight": weight, "linear.bias": bias}
 
 
@@ -168,13 +179,22 @@ class LinearBlock(nn.Module):
         self.bias = nn.Parameter(torch.zeros(outputs)) if with_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x @ self.weight.T
+        if x.layout == torch.sparse_csr:  # the sparse layout: a sum over the non-zeros (models.SparseLinear)
+            rows = x.crow_indices()
+            out = F.embedding_bag(
+                x.col_indices(), self.weight.t(), rows[:-1], mode="sum", per_sample_weights=x.values()
+            )
+        else:
+            out = x @ self.weight.T
         return out + self.bias if self.bias is not None else out
 
 
 def build_block_spec(manifest: Manifest, rank: int, cfg: TrainConfig, steps: int) -> LoaderSpec:
     """Rank ``rank`` streams feature group ``rank`` of every training shard, shard 0 first, in file order."""
     group = manifest.feature_groups[rank]
+    sparse = None
+    if manifest.sparse is not None:
+        sparse = (manifest.sparse.indices_col, manifest.sparse.values_col, group.num_features)
     return LoaderSpec(
         shard=f"features/group={group.group}",
         urls=tuple(u for s in group.shards for u in manifest.file_urls(s)),
@@ -190,10 +210,11 @@ def build_block_spec(manifest: Manifest, rank: int, cfg: TrainConfig, steps: int
         workers_count=cfg.reader_workers,  # the order is restored whatever the count (loader._SequencedPool)
         row_id_col=manifest.row_id_col,
         label_dtype=label_dtype_of(manifest),
+        sparse=sparse,
     )
 
 
-def read_validation_block(manifest: Manifest, rank: int, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+def read_validation_block(manifest: Manifest, rank: int, cfg: TrainConfig) -> tuple[Any, np.ndarray]:
     """Every validation row, only group ``rank``'s columns: (float32 [n, F_r], labels [n]), in file order.
 
     The partition job writes no feature groups for the validation split: the 'columns' layout reads just
@@ -201,7 +222,15 @@ def read_validation_block(manifest: Manifest, rank: int, cfg: TrainConfig) -> tu
     """
     group = manifest.feature_groups[rank]
     spec = build_loader_spec(manifest, 0, 1, cfg, split="validation")
-    cols: list[int] | None = block_columns(manifest, group)
+    if group.sparse_index is not None:  # the sparse layout: the group's entries of every row, re-indexed
+        stride, offset, width = group.sparse_index
+        xs_sparse, ys_sparse = [SparseRows.empty(width)], [np.empty(0, spec.label_dtype)]
+        with iterate_chunks(spec) as chunks:
+            for x, y in chunks:
+                xs_sparse.append(x.feature_block(stride, offset, width))
+                ys_sparse.append(y)
+        return SparseRows.concatenate(xs_sparse), np.concatenate(ys_sparse)
+    cols: np.ndarray | None = block_columns(manifest, group)
     if spec.features_col is None:
         spec, cols = dataclasses.replace(spec, feature_cols=tuple(group.features)), None
     xs = [np.empty((0, len(group.features)), np.float32)]
@@ -260,7 +289,7 @@ class FeatureParallel(Workload):
             )
         self.outputs = output_width(m.num_classes)
         group = m.feature_groups[ctx.rank]
-        self.model = place.module(LinearBlock(len(group.features), self.outputs, with_bias=ctx.master))
+        self.model = place.module(LinearBlock(group.num_features, self.outputs, with_bias=ctx.master))
         self.steps = whole_optimizer_steps(cfg, job.steps_per_epoch)
         self.block_dir = f"{job.checkpoint_url.rstrip('/')}/block={ctx.rank}"
         self.block_urls: list[str] = []
@@ -343,7 +372,7 @@ class FeatureParallel(Workload):
 
 
 def evaluate_blocks(
-    comm: Collectives, place: Placement, block: nn.Module, x: np.ndarray, y: np.ndarray, num_classes: int, name: str
+    comm: Collectives, place: Placement, block: nn.Module, x: Any, y: np.ndarray, num_classes: int, name: str
 ) -> np.ndarray:
     """Additive metric sums (metrics.eval_sums) of the whole model on the validation rows every rank holds a
     column block of: one allreduce of partial logits per EVAL_ROWS rows. Every rank must call it."""
@@ -351,7 +380,7 @@ def evaluate_blocks(
     total = empty_sums(num_classes)
     with torch.no_grad():
         for i in range(0, len(y), EVAL_ROWS):
-            (chunk,) = place.batch(torch.from_numpy(x[i : i + EVAL_ROWS]))
+            (chunk,) = place.batch(to_tensor(x[i : i + EVAL_ROWS]))
             outputs = comm.allreduce(block(chunk), average=False, name=f"{name}.{i}")
             preds = predictions(outputs, num_classes).double().cpu().numpy()
             total = total + batch_sums(preds, y[i : i + EVAL_ROWS], num_classes)

@@ -568,7 +568,7 @@ def iterate_aligned_batches(spec: LoaderSpec, epoch: int) -> Iterator[Iterator[A
             stream = _shuffled(stream, spec.batch_size, spec.shuffle_buffer_rows, rng)
         for x, both in _exactly_steps(stream, spec):
             labels, ids = np.ascontiguousarray(both["label"]), np.ascontiguousarray(both["row_id"])
-            yield torch.from_numpy(x), torch.from_numpy(labels), torch.from_numpy(ids)
+            yield to_tensor(x), torch.from_numpy(labels), torch.from_numpy(ids)
 
     try:
         yield batches()

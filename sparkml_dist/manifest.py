@@ -63,6 +63,22 @@ class FeatureGroup:
     """Input feature names in this group, in order."""
     shards: list[ShardEntry]
     """The group's data for each sample shard (same rows, same order as the sample shard)."""
+    sparse_index: list[int] | None = None
+    """Sparse layout: the global feature indices the group holds, as [stride, offset, width]: the indices
+    offset, offset + stride, ..., offset + (width - 1) x stride, global index i at local index
+    (i - offset) / stride. Contiguous groups have stride 1 (an index range); hashed groups stride M (index i
+    goes to group i mod M). ``features`` is then empty: a sparse space has no per-index names."""
+
+    @property
+    def num_features(self) -> int:
+        return self.sparse_index[2] if self.sparse_index is not None else len(self.features)
+
+    def global_indices(self) -> range:
+        """The sparse group's global feature indices, in local order."""
+        if self.sparse_index is None:
+            raise ValueError("global_indices is for sparse feature groups")
+        stride, offset, width = self.sparse_index
+        return range(offset, offset + stride * width, stride)
 
 
 @dataclass(frozen=True)
@@ -161,7 +177,8 @@ class Manifest:
         raw["train"] = [shard(s) for s in raw["train"]]
         raw["validation"] = shard(raw["validation"])
         raw["feature_groups"] = [
-            FeatureGroup(g["group"], g["features"], [shard(s) for s in g["shards"]]) for g in raw["feature_groups"]
+            FeatureGroup(g["group"], g["features"], [shard(s) for s in g["shards"]], g.get("sparse_index"))
+            for g in raw["feature_groups"]
         ]
         if raw.get("sparse") is not None:
             raw["sparse"] = SparseLayout(**raw["sparse"])

@@ -153,12 +153,8 @@ def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
     except Exception as exc:
         raise _clean_error(exc) from exc
 
-    if inp.encoding is not None and pcfg.feature_groups:
-        raise PartitionError(
-            f"partition.feature_groups={pcfg.feature_groups} with the sparse layout: feature-parallel training of "
-            "sparse data is not built yet; set partition.feature_groups=0 and train data-parallel"
-        )
-    groups = _feature_groups(inp.feature_names, pcfg)
+    sparse_groups = _sparse_groups(inp.encoding.dimension, pcfg) if inp.encoding is not None else None
+    groups = [[] for _ in sparse_groups] if sparse_groups is not None else _feature_groups(inp.feature_names, pcfg)
     if groups:
         assigned = assigned.persist(StorageLevel.MEMORY_AND_DISK)
     block_bytes = str(int(pcfg.row_group_mb * 1024 * 1024))
@@ -172,10 +168,13 @@ def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
                 fs.mkdirs(f"{tmp}/validation")
             for g, names in enumerate(groups):
                 spark.sparkContext.setJobDescription(f"partition: write feature group {g}")
-                sub = _layout(assigned, inp, names, pcfg).filter(F.col(SHARD_COL) >= 0)
+                if sparse_groups is not None:
+                    sub = _sparse_group_layout(assigned, *sparse_groups[g]).filter(F.col(SHARD_COL) >= 0)
+                else:
+                    sub = _layout(assigned, inp, names, pcfg).filter(F.col(SHARD_COL) >= 0)
                 _write(sub, f"{tmp}/features/group={g}", block_bytes, pcfg.num_shards)
             manifest = _build_manifest(
-                fs, tmp, out_url, inp, groups, stats["input_rows"], stats["dropped_rows"], settings, cfg
+                fs, tmp, out_url, inp, groups, stats["input_rows"], stats["dropped_rows"], settings, cfg, sparse_groups
             )
             _check_row_groups(manifest, pcfg)
             fs.write_text(f"{tmp}/{MANIFEST_NAME}", manifest.to_json())
@@ -816,6 +815,43 @@ def _feature_groups(names: list[str], pcfg: PartitionConfig) -> list[list[str]]:
 # ------------------------------------------------------------------------------------------- writing
 
 
+def _sparse_groups(dimension: int, pcfg: PartitionConfig) -> list[list[int]] | None:
+    """The sparse layout's feature groups as [stride, offset, width] (``FeatureGroup.sparse_index``):
+    contiguous index ranges, or hashed as index mod M; None without feature groups."""
+    m = pcfg.feature_groups
+    if m == 0:
+        return None
+    if m > dimension:
+        raise PartitionError(f"partition.feature_groups={m} is more than the {dimension} features")
+    if pcfg.feature_grouping == "explicit":
+        raise PartitionError(
+            "partition.feature_grouping=explicit names features, which a sparse space does not have: use "
+            "contiguous (index ranges) or hashed (index mod M)"
+        )
+    if pcfg.feature_grouping == "hashed":
+        return [[m, g, (dimension - g + m - 1) // m] for g in range(m)]
+    size, extra = divmod(dimension, m)
+    out, start = [], 0
+    for g in range(m):
+        width = size + (1 if g < extra else 0)
+        out.append([1, start, width])
+        start += width
+    return out
+
+
+def _sparse_group_layout(df: DataFrame, stride: int, offset: int, width: int) -> DataFrame:
+    """row_id, the group's entries (local indices, ascending like the global ones), label and shard."""
+    pairs = F.arrays_zip(F.col(INDICES).alias("i"), F.col(VALUES).alias("v"))
+    if stride == 1:
+        kept = F.filter(pairs, lambda e: (e["i"] >= offset) & (e["i"] < offset + width))
+    else:
+        kept = F.filter(pairs, lambda e: F.pmod(e["i"], F.lit(stride)) == offset)
+    local = F.transform(kept, lambda e: ((e["i"] - offset) / stride).cast("int"))  # exact: ints below 2^31
+    label = F.col("label") if dict(df.dtypes)["label"] == "double" else F.col("label").cast("int").alias("label")
+    values = F.transform(kept, lambda e: e["v"])
+    return df.select("row_id", local.alias(INDICES), values.alias(VALUES), label, SHARD_COL)
+
+
 def _layout(df: DataFrame, inp: _Input, subset: list[str] | None, pcfg: PartitionConfig) -> DataFrame:
     """Select row_id, the (subset of) features in the configured layout, label and shard."""
     names = inp.feature_names
@@ -890,6 +926,7 @@ def _build_manifest(
     dropped: int,
     settings: dict,
     cfg: JobConfig,
+    sparse_groups: list[list[int]] | None = None,
 ) -> Manifest:
     pcfg = cfg.partition
     listing = fs.list_files(tmp, suffix=".parquet")
@@ -911,7 +948,12 @@ def _build_manifest(
             "partition.validation_fraction or use more data"
         )
     feature_groups = [
-        FeatureGroup(g, names, [shard(f"features/group={g}/{SHARD_COL}={k}") for k in range(pcfg.num_shards)])
+        FeatureGroup(
+            g,
+            names,
+            [shard(f"features/group={g}/{SHARD_COL}={k}") for k in range(pcfg.num_shards)],
+            sparse_groups[g] if sparse_groups is not None else None,
+        )
         for g, names in enumerate(groups)
     ]
     regression = cfg.data.task == "regression"

@@ -77,6 +77,16 @@ class SparseRows:
             parts[0].dimension,
         )
 
+    def feature_block(self, stride: int, offset: int, width: int) -> SparseRows:
+        """The entries of global features offset, offset + stride, ... (``width`` of them), re-indexed
+        0..width-1: what a feature group of the sparse layout holds (``FeatureGroup.sparse_index``)."""
+        idx = self.indices
+        keep = (idx >= offset) & (idx < offset + stride * width) & ((idx - offset) % stride == 0)
+        rows = np.repeat(np.arange(len(self)), np.diff(self.indptr))[keep]
+        indptr = np.zeros(len(self) + 1, np.int64)
+        np.cumsum(np.bincount(rows, minlength=len(self)), out=indptr[1:])
+        return SparseRows(indptr, (idx[keep] - offset) // stride, self.values[keep], width)
+
     def to_dense(self) -> np.ndarray:
         """float32 [rows, dimension]: for tests and small checks only."""
         out = np.zeros(self.shape, np.float32)

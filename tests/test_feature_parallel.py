@@ -78,7 +78,9 @@ def data(spark, work):
     partition(spark, cfg)
     manifest = read_manifest(cfg.train.manifest_url)
     assert len(manifest.feature_groups) == 2
-    assert feature_parallel.block_columns(manifest, manifest.feature_groups[0]) != list(range(FEATURES // 2 + 1))
+    assert feature_parallel.block_columns(manifest, manifest.feature_groups[0]).tolist() != list(
+        range(FEATURES // 2 + 1)
+    )
     return cfg
 
 

@@ -345,3 +345,61 @@ def test_vocabulary_indexing_keeps_the_most_frequent_values_and_scores_unseen_on
     score(spark, load_config(None, [*_cfg_sets(tmp_path, src), *sets, f"score.output_url=file://{tmp_path / 's'}"]))
     probs = pq.read_table(tmp_path / "s").to_pydict()
     assert sorted(probs["row_id"]) == [1, 2] and all(0 < p < 1 for p in probs["prob_1"])
+
+
+@pytest.mark.parametrize("grouping", ["contiguous", "hashed"])
+def test_sparse_feature_groups_train_feature_parallel_like_one_process(spark, tmp_path: Path, grouping: str) -> None:
+    """Feature groups of the sparse layout (index ranges, or index mod M), never densified: two ranks, each
+    holding one group's weight block, end with the parameters of one process training the whole sparse model
+    on the same rows in the same order."""
+    import dataclasses
+
+    import torch
+
+    from sparkml_dist import checkpoint, feature_parallel
+    from sparkml_dist.loader import iterate_aligned_batches
+    from sparkml_dist.models import build_model, build_optimizer, loss_fn
+
+    src = tmp_path / "clicks"
+    _clicks(spark, 3000, seed=4).write.parquet(f"file://{src}")
+    sets = [
+        "data.categorical_cols=[site,device]",
+        "data.hash_buckets=256",
+        "partition.feature_groups=2",
+        f"partition.feature_grouping={grouping}",
+        "train.mode=feature_parallel",
+        "train.optimizer=adam",
+        "train.lr=0.05",
+        "train.epochs=2",
+        "train.batch_size=64",
+        "train.shuffle_buffer_rows=256",
+    ]
+    cfg = _cfg(tmp_path, src, "out", *sets)
+    partition(spark, cfg)
+    manifest = read_manifest(cfg.partition.output_url)
+    groups = manifest.feature_groups
+    assert [g.num_features for g in groups] == ([257, 257] if grouping == "contiguous" else [257, 257])
+    table = pq.read_table(tmp_path / "out" / "features" / "group=1").to_pydict()
+    assert all(all(0 <= i < 257 for i in idx) for idx in table["indices"])
+
+    result = run_training(spark, cfg)
+    commit = checkpoint.load_latest(f"{cfg.train.runs_url}/{result.run_id}/checkpoints")
+    assert commit is not None
+    state = feature_parallel.assemble_state_dict(manifest, commit["block_urls"])
+
+    model = build_model(cfg.train, manifest.num_features, manifest.num_classes, sparse=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    opt = build_optimizer(cfg.train, model)
+    steps = feature_parallel.steps_per_epoch(manifest, cfg.train)
+    spec = build_loader_spec(manifest, 0, 1, cfg.train, split="train")
+    spec = dataclasses.replace(spec, steps=steps, row_id_col=manifest.row_id_col)
+    for epoch in range(2):
+        with iterate_aligned_batches(spec, epoch) as batches:
+            for x, y, _ in batches:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+    for name, value in model.state_dict().items():
+        np.testing.assert_allclose(state[name], value.numpy(), atol=1e-5, rtol=1e-5, err_msg=name)
