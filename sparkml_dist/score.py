@@ -182,29 +182,46 @@ def read_input(
         df, _, _ = read_parquet_checked(spark, url, "score.input_url")
     except PartitionError as exc:
         raise ScoreError(str(exc)) from exc
+    return frame_input(df, data, model_names, encoding, url, "score.input_url ")
+
+
+def frame_input(
+    df: DataFrame,
+    data: DataConfig,
+    model_names: list[str] | None = None,
+    encoding: dict[str, Any] | None = None,
+    description: str = "the DataFrame",
+    key: str = "",
+) -> ScoreInput:
+    """Rows of a DataFrame (a table read from score.input_url, or one the caller holds) with the model's
+    features picked by name (``model_names``) or built by its stored sparse ``encoding``. Messages name the
+    input as ``key + description``."""
+    where = f"{key}{description}"
     fields = {f.name: f.dataType for f in df.schema.fields}
     if data.row_id_col not in fields:
         raise ScoreError(
-            f"score.input_url {url} has no row key column data.row_id_col={data.row_id_col!r}; "
+            f"{where} has no row key column data.row_id_col={data.row_id_col!r}; "
             f"columns: {sorted(fields)}. Set data.row_id_col to the input's key"
         )
     label = data.label_col if data.label_col in fields else None
     if encoding is not None:
         enc = Encoding.from_dict(encoding)
         try:
-            check_scoring_columns(enc, fields, f"score.input_url {url}")
+            check_scoring_columns(enc, fields, where)
         except FeatureError as exc:
             raise ScoreError(str(exc)) from exc
         indices, values, valid = sparse_columns(enc)
         sparse_df = (
             with_vocabulary_indices(df, enc).withColumn(SPARSE_INDICES, indices).withColumn(SPARSE_VALUES, values)
         )
-        return ScoreInput(sparse_df, data.row_id_col, enc.dimension, label, url, enc.columns, valid, sparse=True)
+        return ScoreInput(
+            sparse_df, data.row_id_col, enc.dimension, label, description, enc.columns, valid, sparse=True
+        )
     try:
         features, names = _pick_features(df, fields, data, model_names)
     except PartitionError as exc:
-        raise ScoreError(f"score.input_url {url}: {exc}") from exc
-    return ScoreInput(df.withColumn(FEATURES, features), data.row_id_col, len(names), label, url, names)
+        raise ScoreError(f"{where}: {exc}") from exc
+    return ScoreInput(df.withColumn(FEATURES, features), data.row_id_col, len(names), label, description, names)
 
 
 def _describe(encoding: dict[str, Any]) -> str:
