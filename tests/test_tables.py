@@ -1,6 +1,6 @@
 """Real tables in (issue 16, first part): Spark ML vector columns go in, and auto mode never leaves a column
-out silently (strings, booleans, a column beside the features array): it names them and the setting that
-leaves them out on purpose. Real local Spark, the partition job's command line."""
+out silently (strings, a column beside the features array): it names them and the settings that use them
+or leave them out on purpose; booleans are features (0/1). Real local Spark, the partition job's command line."""
 
 from __future__ import annotations
 
@@ -91,10 +91,17 @@ def test_auto_mode_names_every_column_it_would_leave_out(spark, tmp_path: Path, 
     mixed.mkdir()
     pq.write_table(table, mixed / "part-0.parquet")
     err = _refused(_argv(tmp_path, mixed, "out-mixed"), capsys)
-    assert "city (string)" in err and "member (boolean)" in err and "data.feature_cols" in err, err
+    # a boolean is a feature (0/1); the string is named, with the settings that use or leave it out
+    assert "city (string)" in err and "member" not in err.split("would be left out")[0], err
+    assert "data.feature_cols" in err and "data.categorical_cols" in err and "data.ignore_cols" in err, err
     assert not (tmp_path / "out-mixed").exists()
     partition_job.main(_argv(tmp_path, mixed, "out-x", "data.feature_cols=[x]"))  # on purpose: trains on x
     assert read_manifest(f"file://{tmp_path / 'out-x'}").feature_names == ["x"]
+    partition_job.main(_argv(tmp_path, mixed, "out-ignored", "data.ignore_cols=[city]"))
+    ignored = read_manifest(f"file://{tmp_path / 'out-ignored'}")
+    assert ignored.feature_names == ["x", "member"] and ignored.columns["city"] == "ignored (data.ignore_cols)"
+    values = pq.read_table(tmp_path / "out-ignored" / "train").column("features").to_pylist()
+    assert {v[1] for v in values} == {0.0, 1.0}
 
     beside = tmp_path / "beside"
     beside.mkdir()
