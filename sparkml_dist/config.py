@@ -502,12 +502,18 @@ class TrackingConfig:
     """Run name; None = generated."""
     log_model: bool = True
     """Log the final model with mlflow.pytorch.log_model."""
+    system_metrics_s: float = 10.0
+    """Every rank samples its host's CPU, memory, disk and network (and GPU where present) at this interval
+    into the training run as MLflow system metrics named system/rank<r>/..., so a slow rank shows in the UI.
+    0 turns them off."""
     run_key: str | None = None
     """Idempotency key, e.g. a schedule's logical date: runs are tagged run_key=<key>, and a new run of a kind
     replaces (deletes) the experiment's earlier runs of that kind with the same key, so reruns never pile up.
     Training reuses instead: a FINISHED run on the same manifest is returned as is, an unfinished one resumed."""
 
     def __post_init__(self) -> None:
+        if self.system_metrics_s < 0:
+            raise ConfigError(f"tracking.system_metrics_s must be >= 0 (0: off), got {self.system_metrics_s}")
         if self.run_key is not None and not _SAFE_TAG.match(self.run_key):
             raise ConfigError(
                 f"tracking.run_key={self.run_key!r}: use 1-64 letters, digits and _ . : + - (starting with a "

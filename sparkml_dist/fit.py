@@ -102,7 +102,7 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     tracking.log_manifest_input(run, manifest, context="training")
     checkpoint_url = f"{cfg.train.runs_url.rstrip('/')}/{run.run_id}/checkpoints"
     tracking.set_tags(run, {"checkpoint_url": checkpoint_url})
-    job = TrainJob(cfg.train, cfg.launch, manifest, run, checkpoint_url, steps, cfg.comm)
+    job = TrainJob(cfg.train, cfg.launch, manifest, run, checkpoint_url, steps, cfg.comm, cfg.tracking.system_metrics_s)
     log.info(
         "training run %s (%d ranks, %d steps/epoch, %d epochs) tracked in %s",
         run.run_id, world, steps, cfg.train.epochs, run.tracking_uri,

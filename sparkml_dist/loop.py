@@ -56,6 +56,8 @@ class TrainJob:
     checkpoint_url: str
     steps_per_epoch: int
     comm: CommConfig = field(default_factory=CommConfig)
+    system_metrics_s: float = 0.0
+    """tracking.system_metrics_s: each rank's host metrics sampling interval (0: off)."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,22 @@ def run_rank(ctx: RankContext, job: TrainJob) -> dict[str, Any] | None:
     strategy.start()
     clip: Callable[[], None] | None = (lambda: work.clip(cfg.grad_clip_norm)) if cfg.grad_clip_norm > 0 else None
     history = list(point.history)
+    with tracking.system_metrics(job.run, f"rank{ctx.rank}", job.system_metrics_s):
+        _run_epochs(ctx, job, work, strategy, opt, clip, point, history)
+    return work.result(history, point.epoch) if ctx.master else None
+
+
+def _run_epochs(
+    ctx: RankContext,
+    job: TrainJob,
+    work: Workload,
+    strategy: Strategy,
+    opt: torch.optim.Optimizer,
+    clip: Callable[[], None] | None,
+    point: ResumePoint,
+    history: list[dict[str, Any]],
+) -> None:
+    cfg, comm = job.cfg, work.comm
     for epoch in range(point.epoch, cfg.epochs):
         torch.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
         started = time.perf_counter()
@@ -206,7 +224,6 @@ def run_rank(ctx: RankContext, job: TrainJob) -> dict[str, Any] | None:
         work.save(epoch + 1, opt, history, states)
         if ctx.master:
             tracking.log_metrics(job.run, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
-    return work.result(history, point.epoch) if ctx.master else None
 
 
 def _run_steps(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from sparkml_dist.errors import InfraError
 
 if TYPE_CHECKING:
     from sparkml_dist.manifest import Manifest
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME = "model"
 # MLflow 3's UI opens an experiment in the view its kind names; without the tag it guesses (GenAI, here)
@@ -468,6 +471,35 @@ def latest_runs_by_kind(cfg: TrackingConfig, data_fingerprint: str) -> list[str]
         if kind and kind != "comparison" and kind not in newest:
             newest[kind] = run.info.run_id
     return list(newest.values())
+
+
+@contextlib.contextmanager
+def system_metrics(run: RunHandle, node_id: str, interval_s: float) -> Iterator[None]:
+    """Sample this process's host (CPU, memory, disk, network; GPU where present) into ``run`` as MLflow
+    system metrics ``system/<node_id>/...`` every ``interval_s`` seconds while the block runs (0: off).
+    Best effort: a monitor that cannot start (or a tracking hiccup while it samples) never fails training."""
+    if interval_s <= 0:
+        yield
+        return
+    monitor = None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            run.run_id, sampling_interval=interval_s, node_id=node_id, tracking_uri=run.tracking_uri
+        )
+        monitor.start()
+    except Exception as exc:  # noqa: BLE001 (psutil missing, an old MLflow, ...: metrics are optional)
+        log.warning("system metrics for %s are off: %s", node_id, exc)
+        monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            try:
+                monitor.finish()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("system metrics for %s: the last samples were not logged (%s)", node_id, exc)
 
 
 def log_artifacts(run: RunHandle, local_dir: str) -> None:

@@ -139,7 +139,8 @@ def test_categorical_columns_hash_one_hot_and_train(spark, tmp_path: Path) -> No
     src = tmp_path / "clicks"
     _clicks(spark, 6000, seed=2).write.parquet(f"file://{src}")
     buckets = 4096
-    cfg = _cfg(tmp_path, src, "out", "data.categorical_cols=[site,device]", f"data.hash_buckets={buckets}")
+    cats = ["data.categorical_cols=[site,device]", f"data.hash_buckets={buckets}", "tracking.system_metrics_s=1"]
+    cfg = _cfg(tmp_path, src, "out", *cats)
     partition(spark, cfg)
     manifest = read_manifest(cfg.partition.output_url)
     assert manifest.sparse is not None
@@ -154,6 +155,13 @@ def test_categorical_columns_hash_one_hot_and_train(spark, tmp_path: Path) -> No
     result = run_training(spark, cfg)
     losses = _val_losses(result)
     assert losses[-1] < _base_rate_logloss(manifest, cfg) - 0.05, losses
+    # every rank sampled its host into the run as MLflow system metrics, under its own node id
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics
+    for rank in (0, 1):
+        assert f"system/rank{rank}/cpu_utilization_percentage" in logged, sorted(logged)
+        assert f"system/rank{rank}/system_memory_usage_megabytes" in logged, sorted(logged)
 
     # Scoring: the raw table with its columns in another order (picked by name, hashed with the stored
     # encoding) scores exactly as the partition output's rows; a missing column is named.
