@@ -411,3 +411,32 @@ def test_sparse_feature_groups_train_feature_parallel_like_one_process(spark, tm
                 opt.step()
     for name, value in model.state_dict().items():
         np.testing.assert_allclose(state[name], value.numpy(), atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("model", ["softmax", "mlp"])
+def test_softmax_and_mlp_take_the_sparse_layout(spark, tmp_path: Path, model: str) -> None:
+    """Softmax (3 classes) and an MLP whose first layer is sparse, on hashed categorical columns; the logged
+    model scores the raw table through its encoding."""
+    from pyspark.sql import functions as F
+
+    src = tmp_path / "clicks"
+    clicks = _clicks(spark, 4000, seed=5)
+    if model == "softmax":  # three classes: the site's weight bucket decides
+        clicks = clicks.withColumn("label", (F.abs(F.hash("site")) % 3).cast("long"))
+    clicks.write.parquet(f"file://{src}")
+    sets = ["data.categorical_cols=[site,device]", "data.hash_buckets=512", f"train.model={model}"]
+    sets += ["train.optimizer=adam", "train.lr=0.02", "train.hidden_sizes=[16]"]
+    if model == "softmax":
+        sets.append("data.num_classes=3")
+    cfg = _cfg(tmp_path, src, "out", *sets)
+    partition(spark, cfg)
+    manifest = read_manifest(cfg.partition.output_url)
+    result = run_training(spark, cfg)
+    assert _val_losses(result)[-1] < (1.0 if model == "softmax" else 0.66), _val_losses(result)
+    out = tmp_path / "scored"
+    sets = [f"score.model_uri={result.model_uri}", f"score.input_url=file://{src}", f"score.output_url=file://{out}"]
+    scored = score(spark, load_config(None, [*_cfg_sets(tmp_path, src), *sets]))
+    assert scored.rows == 4000 and scored.num_classes == manifest.num_classes
+    probs = pq.read_table(out).to_pydict()
+    total = np.sum([probs[f"prob_{c}"] for c in range(manifest.num_classes)], axis=0)
+    np.testing.assert_allclose(total, 1.0, atol=1e-5)
