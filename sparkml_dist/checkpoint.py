@@ -16,8 +16,9 @@ import torch
 
 from sparkml_dist import faults
 
-_NAME = re.compile(r"^epoch-(\d{6})\.pt$")
+_NAME = re.compile(r"^epoch-(\d{6})(?:-step-(\d{8}))?\.pt$")
 KEEP = 3
+"""Newest checkpoints kept (epoch ends and mid-epoch positions alike)."""
 
 
 def _fs(url: str) -> tuple[Any, str]:
@@ -26,27 +27,31 @@ def _fs(url: str) -> tuple[Any, str]:
     return arrow_fs(url.rstrip("/"))
 
 
-def save_checkpoint(dir_url: str, epoch: int, payload: dict[str, Any]) -> str:
-    """Write ``payload`` as the checkpoint after ``epoch`` (1-based count of finished epochs)."""
+def _name(epoch: int, step: int) -> str:
+    return f"epoch-{epoch:06d}.pt" if step == 0 else f"epoch-{epoch:06d}-step-{step:08d}.pt"
+
+
+def save_checkpoint(dir_url: str, epoch: int, payload: dict[str, Any], step: int = 0) -> str:
+    """Write ``payload`` as the checkpoint after ``epoch`` finished epochs and ``step`` batches of the next."""
     from pyarrow import fs as pafs
 
     filesystem, root = _fs(dir_url)
     filesystem.create_dir(root, recursive=True)
     buf = io.BytesIO()
     torch.save(payload, buf)
-    final = f"{root}/epoch-{epoch:06d}.pt"
-    tmp = f"{root}/.epoch-{epoch:06d}.pt.tmp-{uuid.uuid4().hex[:8]}"
+    final = f"{root}/{_name(epoch, step)}"
+    tmp = f"{root}/.{_name(epoch, step)}.tmp-{uuid.uuid4().hex[:8]}"
     with filesystem.open_output_stream(tmp) as out:
         out.write(buf.getvalue())
     faults.crash_point("checkpoint.before_publish")
     filesystem.move(tmp, final)
     infos = filesystem.get_file_info(pafs.FileSelector(root))  # one listing serves both clean-ups
-    for old in _epochs_in(infos)[:-KEEP]:
-        filesystem.delete_file(f"{root}/epoch-{old:06d}.pt")
+    for old in _positions_in(infos)[:-KEEP]:
+        filesystem.delete_file(f"{root}/{_name(*old)}")
     for info in infos:  # temp files of a crashed save
         if info.base_name.startswith(".epoch-") and ".pt.tmp-" in info.base_name:
             filesystem.delete_file(info.path)
-    return f"{dir_url.rstrip('/')}/epoch-{epoch:06d}.pt"
+    return f"{dir_url.rstrip('/')}/{_name(epoch, step)}"
 
 
 def load_latest(dir_url: str, load: Callable[[bytes], Any] | None = None) -> dict[str, Any] | None:
@@ -56,24 +61,25 @@ def load_latest(dir_url: str, load: Callable[[bytes], Any] | None = None) -> dic
     default: onto the CPU.
     """
     filesystem, root = _fs(dir_url)
-    epochs = _epochs(filesystem, root)
-    if not epochs:
+    positions = _positions(filesystem, root)
+    if not positions:
         return None
-    with filesystem.open_input_stream(f"{root}/epoch-{epochs[-1]:06d}.pt") as f:
+    with filesystem.open_input_stream(f"{root}/{_name(*positions[-1])}") as f:
         data = f.read()
     if load is not None:
         return load(data)
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
-def _epochs(filesystem: Any, root: str) -> list[int]:
+def _positions(filesystem: Any, root: str) -> list[tuple[int, int]]:
     from pyarrow import fs as pafs
 
-    return _epochs_in(filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True)))
+    return _positions_in(filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True)))
 
 
-def _epochs_in(infos: list[Any]) -> list[int]:
+def _positions_in(infos: list[Any]) -> list[tuple[int, int]]:
+    """(finished epochs, steps into the next) of every checkpoint file, oldest first."""
     from pyarrow import fs as pafs
 
     found = (_NAME.match(i.base_name) for i in infos if i.type == pafs.FileType.File)
-    return sorted(int(m.group(1)) for m in found if m)
+    return sorted((int(m.group(1)), int(m.group(2) or 0)) for m in found if m)

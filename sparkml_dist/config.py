@@ -370,6 +370,11 @@ class TrainConfig:
     """Per-run directories (checkpoints) live below this."""
     checkpoint: bool = True
     """Rank 0 writes a checkpoint after every epoch; a retried or re-run job resumes from it."""
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every N batches inside an epoch, with the exact data position (epoch, step), every
+    rank's RNG and partial loss, so a lost rank costs about N steps and the resumed run ends with the same
+    parameters. 0: epoch ends only. Taken after an optimizer step at which every rank holds the same
+    parameters (with local_sgd: the next parameter average at or after the N-th batch)."""
     resume_run_id: str | None = None
     """Resume this MLflow run id from its latest checkpoint."""
     verify_pages: bool = False
@@ -388,6 +393,10 @@ class TrainConfig:
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.epochs", self.epochs)
         _check_positive("train.backward_passes_per_step", self.backward_passes_per_step)
+        if self.checkpoint_every_steps < 0:
+            raise ConfigError(
+                f"train.checkpoint_every_steps must be >= 0 (0: epoch ends only), got {self.checkpoint_every_steps}"
+            )
         _check_positive("train.reader_workers", self.reader_workers)
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")

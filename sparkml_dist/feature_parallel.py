@@ -311,15 +311,21 @@ class FeatureParallel(Workload):
                     f"({commit.get('mode', 'data_parallel')}, {len(commit.get('block_urls', []))} blocks): resume "
                     "it with that train.mode and partition, or start a new run (drop train.resume_run_id)"
                 )
-            found = (int(commit["epoch"]), list(commit["history"]), list(commit["block_urls"]))
-        epoch, history, self.block_urls = self.comm.broadcast_object(
-            found or (0, [], []), root=0, name="fp.resume_point"
+            found = (
+                int(commit["epoch"]),
+                list(commit["history"]),
+                list(commit["block_urls"]),
+                int(commit.get("step", 0)),
+                commit.get("comm"),
+            )
+        epoch, history, self.block_urls, step, states = self.comm.broadcast_object(
+            found or (0, [], [], 0, None), root=0, name="fp.resume_point"
         )
         if self.block_urls:
             state = read_url(self.block_urls[self.ctx.rank], self.place)
             self.model.load_state_dict(state["block"])
             opt.load_state_dict(state["optimizer"])
-        return ResumePoint(epoch, history)
+        return ResumePoint(epoch, history, states, step)
 
     def batches(self, epoch: int) -> AbstractContextManager[Iterator[AlignedBatch]]:
         return iterate_aligned_batches(self.spec, epoch)
@@ -351,16 +357,22 @@ class FeatureParallel(Workload):
         return 2 * (k - 1) / k * 4 * self.outputs * (m.num_features + 1)
 
     def save(
-        self, epoch: int, opt: torch.optim.Optimizer, history: list[dict[str, Any]], comm_states: list[Any]
+        self,
+        epoch: int,
+        opt: torch.optim.Optimizer,
+        history: list[dict[str, Any]],
+        comm_states: list[Any],
+        step: int = 0,
     ) -> None:
         cfg = self.job.cfg
-        if not (cfg.checkpoint or epoch == cfg.epochs):  # the last blocks are how the model reaches the driver
+        if not (cfg.checkpoint or (epoch == cfg.epochs and step == 0)):  # the last blocks reach the driver so
             return
-        saved = _save_block(self.block_dir, epoch, self.model, opt)
-        self.block_urls = list(self.comm.allgather_object(saved, name=f"fp.blocks.{epoch}"))
+        saved = _save_block(self.block_dir, epoch, self.model, opt, step)
+        self.block_urls = list(self.comm.allgather_object(saved, name=f"fp.blocks.{epoch}.{step}"))
         if self.ctx.master and cfg.checkpoint:
-            payload = {"mode": MODE, "epoch": epoch, "history": history, "block_urls": self.block_urls}
-            checkpoint.save_checkpoint(self.job.checkpoint_url, epoch, {**payload, "run_id": self.job.run.run_id})
+            payload = {"mode": MODE, "epoch": epoch, "step": step, "history": history, "block_urls": self.block_urls}
+            payload.update(comm=comm_states or None, run_id=self.job.run.run_id)
+            checkpoint.save_checkpoint(self.job.checkpoint_url, epoch, payload, step)
 
     def result(self, history: list[dict[str, Any]], start_epoch: int) -> dict[str, Any]:
         return {
@@ -398,5 +410,6 @@ def _clip_global_norm(comm: Collectives, block: nn.Module, max_norm: float) -> N
         g.mul_(coef)
 
 
-def _save_block(block_dir: str, epoch: int, block: nn.Module, opt: torch.optim.Optimizer) -> str:
-    return checkpoint.save_checkpoint(block_dir, epoch, {"block": block.state_dict(), "optimizer": opt.state_dict()})
+def _save_block(block_dir: str, epoch: int, block: nn.Module, opt: torch.optim.Optimizer, step: int = 0) -> str:
+    state = {"block": block.state_dict(), "optimizer": opt.state_dict()}
+    return checkpoint.save_checkpoint(block_dir, epoch, state, step)

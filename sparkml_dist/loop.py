@@ -68,6 +68,8 @@ class ResumePoint:
     history: list[dict[str, Any]] = field(default_factory=list)
     comm_states: list[dict[str, Any]] | None = None
     """Each rank's strategy state (rank order), when the checkpoint holds it."""
+    step: int = 0
+    """Batches of epoch ``epoch`` already done (a mid-epoch checkpoint): the stream is skipped to there."""
 
 
 class Workload(ABC):
@@ -118,9 +120,15 @@ class Workload(ABC):
 
     @abstractmethod
     def save(
-        self, epoch: int, opt: torch.optim.Optimizer, history: list[dict[str, Any]], comm_states: list[Any]
+        self,
+        epoch: int,
+        opt: torch.optim.Optimizer,
+        history: list[dict[str, Any]],
+        comm_states: list[Any],
+        step: int = 0,
     ) -> None:
-        """The checkpoint after ``epoch`` finished epochs (every rank calls it; last epoch included)."""
+        """The checkpoint after ``epoch`` finished epochs and ``step`` batches of the next (every rank calls
+        it; the last epoch included); ``comm_states``: every rank's ``_rank_state``."""
 
     @abstractmethod
     def result(self, history: list[dict[str, Any]], start_epoch: int) -> dict[str, Any]:
@@ -176,8 +184,8 @@ def run_rank(ctx: RankContext, job: TrainJob) -> dict[str, Any] | None:
     point = work.resume(opt)
     work.broadcast(opt, resumed=point.epoch > 0)
     _load_rank_state(strategy, opt, point, ctx.rank)
-    if ctx.master and point.epoch > 0:
-        _note_resume(job.run, point.history, point.epoch, ctx.attempt)
+    if ctx.master and (point.epoch > 0 or point.step > 0):
+        _note_resume(job.run, point.history, point.epoch, ctx.attempt, point.epoch * work.steps + point.step)
     strategy.start()
     clip: Callable[[], None] | None = (lambda: work.clip(cfg.grad_clip_norm)) if cfg.grad_clip_norm > 0 else None
     history = list(point.history)
@@ -201,7 +209,16 @@ def _run_epochs(
         torch.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
         started = time.perf_counter()
         before, rounds_before = comm.meter.snapshot(), strategy.rounds
-        clock = _run_steps(ctx, job, work, strategy, opt, clip, epoch)
+        clock, start_step = _EpochClock(), 0
+        if epoch == point.epoch and point.step > 0:  # a mid-epoch checkpoint: same RNG, same partial loss
+            start_step = point.step
+            states = point.comm_states or []
+            mine = states[ctx.rank] if ctx.rank < len(states) else {}
+            if mine.get("rng") is not None:
+                torch.set_rng_state(mine["rng"])
+            if mine.get("loss_sum") is not None:
+                clock.loss_sum = mine["loss_sum"].clone()
+        clock = _run_steps(ctx, job, work, strategy, opt, clip, epoch, clock, start_step, history)
         strategy.sync(opt)
         traffic = comm.meter.since(before)
         loop_s = time.perf_counter() - started
@@ -234,15 +251,22 @@ def _run_steps(
     opt: torch.optim.Optimizer,
     clip: Callable[[], None] | None,
     epoch: int,
+    clock: _EpochClock,
+    start_step: int,
+    history: list[dict[str, Any]],
 ) -> _EpochClock:
     cfg, steps, k = job.cfg, work.steps, job.cfg.backward_passes_per_step
-    clock = _EpochClock()
+    every = cfg.checkpoint_every_steps if cfg.checkpoint else 0
+    due = False
     work.model.train()
     with work.batches(epoch) as batches:
         it = iter(batches)
         for step in range(steps):
             global_step = epoch * steps + step
             heartbeat.progress(global_step)  # the driver's stall watch sees it
+            if step < start_step:  # resuming mid-epoch: the seeded stream, skipped to the checkpoint's position
+                next(it)
+                continue
             faults.maybe_inject(job.launch, ctx.rank, ctx.attempt, global_step)
             t0 = time.perf_counter()
             batch = next(it)
@@ -255,6 +279,12 @@ def _run_steps(
                 strategy.update(opt, clip, global_step // k)
                 opt.zero_grad()
             clock.loss_sum += torch.tensor([loss.item() * rows, rows], dtype=torch.float64)
+            due = due or bool(every and (step + 1) % every == 0)
+            if due and (step + 1) % k == 0 and strategy.in_sync and step + 1 < steps:
+                due = False
+                name = f"rank_state.{epoch}.{step + 1}"
+                states = work.comm.allgather_object(_rank_state(strategy, opt, clock), name=name)
+                work.save(epoch, opt, history, states, step=step + 1)
     return clock
 
 
@@ -298,10 +328,15 @@ def epoch_metrics(
     }
 
 
-def _rank_state(strategy: Strategy, opt: torch.optim.Optimizer) -> dict[str, Any]:
+def _rank_state(strategy: Strategy, opt: torch.optim.Optimizer, clock: _EpochClock | None = None) -> dict[str, Any]:
     """What only this rank holds and a checkpoint needs: its strategy's state (e.g. error-feedback residuals)
-    and, for strategies whose ranks step their own optimizers (local SGD), its optimizer state."""
-    return {"comm": strategy.state_dict(), "optimizer": opt.state_dict() if strategy.rank_local_optimizer else None}
+    and, for strategies whose ranks step their own optimizers (local SGD), its optimizer state; mid-epoch
+    (``clock``) also its RNG state and the epoch's partial loss sum."""
+    state: dict[str, Any] = {"comm": strategy.state_dict()}
+    state["optimizer"] = opt.state_dict() if strategy.rank_local_optimizer else None
+    if clock is not None:
+        state.update(rng=torch.get_rng_state(), loss_sum=clock.loss_sum.clone())
+    return state
 
 
 def _load_rank_state(strategy: Strategy, opt: torch.optim.Optimizer, point: ResumePoint, rank: int) -> None:
@@ -316,12 +351,18 @@ def _load_rank_state(strategy: Strategy, opt: torch.optim.Optimizer, point: Resu
         opt.load_state_dict(state["optimizer"])
 
 
-def _note_resume(run: tracking.RunHandle, history: list[dict[str, Any]], start_epoch: int, attempt: int) -> None:
+def _note_resume(
+    run: tracking.RunHandle, history: list[dict[str, Any]], start_epoch: int, attempt: int, global_step: int
+) -> None:
     """One continuous metric history across restarts: log the checkpoint's epochs MLflow lacks, then mark
-    the restart with ``resumed_from_epoch`` at the step it resumed from."""
+    the restart with ``resumed_from_epoch`` (and the batch, ``resumed_from_step``) at the epoch it resumed in."""
     logged = {step for step, _ in tracking.metric_history(run, "train_loss")}
     for h in history:
         if int(h["epoch"]) not in logged:
             tracking.log_metrics(run, {k: v for k, v in h.items() if k != "epoch"}, step=int(h["epoch"]))
-    note = {"resumed_from_epoch": float(start_epoch), "restart_attempt": float(attempt)}
+    note = {
+        "resumed_from_epoch": float(start_epoch),
+        "resumed_from_step": float(global_step),
+        "restart_attempt": float(attempt),
+    }
     tracking.log_metrics(run, note, step=start_epoch)

@@ -75,7 +75,8 @@ class DataParallel(Workload):
                 comm_states = state.get("comm") if state.get("comm_spec") == _comm_spec(job) else None
                 if state.get("comm") and comm_states is None:
                     log.warning("checkpoint's communication state is for %s; starting it fresh", state.get("comm_spec"))
-                point = ResumePoint(int(state["epoch"]), list(state["history"]), comm_states)
+                step = int(state.get("data_position", {}).get("step", 0))
+                point = ResumePoint(int(state["epoch"]), list(state["history"]), comm_states, step)
         return self.comm.broadcast_object(point or ResumePoint(), root=0, name="resume_point")
 
     def broadcast(self, opt: torch.optim.Optimizer, resumed: bool) -> None:
@@ -98,7 +99,12 @@ class DataParallel(Workload):
         return self.comm.allreduce(torch.from_numpy(own), average=False, name=f"val.{epoch}").numpy()
 
     def save(
-        self, epoch: int, opt: torch.optim.Optimizer, history: list[dict[str, Any]], comm_states: list[Any]
+        self,
+        epoch: int,
+        opt: torch.optim.Optimizer,
+        history: list[dict[str, Any]],
+        comm_states: list[Any],
+        step: int = 0,
     ) -> None:
         job = self.job
         if not (self.ctx.master and job.cfg.checkpoint):
@@ -111,11 +117,11 @@ class DataParallel(Workload):
             "history": history,
             "run_id": job.run.run_id,
             "rng": torch.get_rng_state(),
-            "data_position": {"epoch": epoch, "step": 0},
+            "data_position": {"epoch": epoch, "step": step},
             "comm": comm_states,
             "comm_spec": _comm_spec(job),
         }
-        checkpoint.save_checkpoint(job.checkpoint_url, epoch, payload)
+        checkpoint.save_checkpoint(job.checkpoint_url, epoch, payload, step)
 
     def result(self, history: list[dict[str, Any]], start_epoch: int) -> dict[str, Any]:
         return {

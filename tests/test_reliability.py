@@ -148,6 +148,37 @@ def test_a_killed_rank_is_retried_from_the_checkpoint_and_ends_like_an_uninterru
 
 
 @pytest.mark.slow
+def test_with_step_checkpoints_a_kill_mid_epoch_costs_steps_not_an_epoch(work, reference):
+    """train.checkpoint_every_steps=2: the kill at epoch 1, step 5 resumes at step 4 of epoch 1 (the seeded
+    stream skipped there, every rank's RNG and partial loss restored) and ends with the same parameters."""
+    out, err = _train_subprocess(
+        work, "local[2,3]", "train.checkpoint_every_steps=2", "launch.fault_kind=kill", "launch.fault_rank=1",
+        f"launch.fault_step={FAULT_STEP}",
+    )  # fmt: skip
+    assert f"kill at step {FAULT_STEP}" in err
+    _assert_one_continuous_run(work, out["run_id"], restarts=1, resumed_from=1)
+    _assert_resumed_at_step(work, out["run_id"], FAULT_STEP - 1)
+    _assert_same_parameters(work, out["run_id"], reference)
+
+
+def _assert_resumed_at_step(work, run_id: str, global_step: int) -> None:
+    from mlflow.tracking import MlflowClient
+
+    resumed = MlflowClient(f"sqlite:///{work}/mlflow.db").get_metric_history(run_id, "resumed_from_step")
+    assert [m.value for m in resumed] == [float(global_step)]
+
+
+def test_checkpoints_order_by_epoch_then_step_and_keep_the_newest(tmp_path):
+    url = f"file://{tmp_path}"
+    for epoch, step in ((1, 0), (1, 4), (1, 8), (2, 0)):
+        checkpoint.save_checkpoint(url, epoch, {"at": (epoch, step)}, step)
+    assert checkpoint.load_latest(url)["at"] == (2, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "epoch-000001-step-00000004.pt", "epoch-000001-step-00000008.pt", "epoch-000002.pt",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
 def test_a_stopped_rank_fails_the_attempt_within_the_stall_timeout_and_the_retry_completes(work, reference):
     pids: list[int] = []
     try:
@@ -200,6 +231,23 @@ def test_a_killed_feature_parallel_rank_is_retried_and_ends_like_an_uninterrupte
     assert re.search(r"rank 1 on 127\.0\.0\.1 \(pid \d+.*\): its process was lost", err), err[-3000:]
     assert out["resumed_from_epoch"] == 1 and out["epochs"] == 3
     _assert_one_continuous_run(work, out["run_id"], restarts=1, resumed_from=1)
+    a, b = _fp_model(work, straight.run_id), _fp_model(work, out["run_id"])
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_feature_parallel_step_checkpoints_resume_mid_epoch_like_an_uninterrupted_run(spark, work):
+    cfg = load_config(REPO / "conf" / "local.yaml", _sets(work, *_fp_sets(work)))
+    partition(spark, cfg)
+    straight = run_training(spark, cfg)
+    out, err = _train_subprocess(
+        work, "local[2,3]", *_fp_sets(work), "train.checkpoint_every_steps=2", "launch.fault_kind=kill",
+        "launch.fault_rank=1", f"launch.fault_step={FAULT_STEP}",
+    )  # fmt: skip
+    assert f"kill at step {FAULT_STEP}" in err
+    _assert_one_continuous_run(work, out["run_id"], restarts=1, resumed_from=1)
+    _assert_resumed_at_step(work, out["run_id"], FAULT_STEP - 1)
     a, b = _fp_model(work, straight.run_id), _fp_model(work, out["run_id"])
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-6, rtol=0)

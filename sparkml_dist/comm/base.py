@@ -73,6 +73,12 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     rank_local_optimizer: ClassVar[bool] = False
+
+    @property
+    def in_sync(self) -> bool:
+        """Every rank holds the same parameters now (a mid-epoch checkpoint of rank 0's model is whole)."""
+        return True
+
     """Ranks step their own optimizers between rounds, so each rank's optimizer state is checkpointed."""
 
     def __init__(self, cfg: CommConfig, comm: Collectives, params: list[nn.Parameter], compressor: Compressor) -> None:

@@ -32,6 +32,10 @@ class LocalSGD(Strategy):
     name = "local_sgd"
     rank_local_optimizer = True
 
+    @property
+    def in_sync(self) -> bool:
+        return self.since_sync == 0
+
     def start(self) -> None:
         self.anchor = flatten(self.params)
         self.since_sync = 0
