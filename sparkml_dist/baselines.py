@@ -166,9 +166,28 @@ def _arrow_blocks(batches: Iterable[Any], manifest: Manifest) -> Iterator[Any]:
         yield pa.RecordBatch.from_pydict({"x": [x64.tobytes()], "y": [y64.tobytes()]})
 
 
+BLOCK_BYTES = 256 << 20
+"""A cached block's size cap: PySpark pickles each RDD element with a 32-bit length, so a partition's rows go
+as several blocks of at most this many bytes (a 10M-row shard in one block overflowed it)."""
+
+
+def _grouped(rows: Iterable[Any], size: Callable[[Any], int]) -> Iterator[list[Any]]:
+    """Consecutive runs of ``rows`` of at most BLOCK_BYTES (one row more if a single row is larger)."""
+    group: list[Any] = []
+    held = 0
+    for r in rows:
+        if group and held + size(r) > BLOCK_BYTES:
+            yield group
+            group, held = [], 0
+        group.append(r)
+        held += size(r)
+    if group:
+        yield group
+
+
 def _concat_blocks(rows: Iterable[Any]) -> Iterator[Block]:
-    parts = [(np.frombuffer(r.x, dtype=np.float64), np.frombuffer(r.y, dtype=np.int64)) for r in rows]
-    if parts:
+    for group in _grouped(rows, lambda r: len(r.x) + len(r.y)):
+        parts = [(np.frombuffer(r.x, dtype=np.float64), np.frombuffer(r.y, dtype=np.int64)) for r in group]
         y = np.concatenate([p[1] for p in parts])
         yield np.concatenate([p[0] for p in parts]).reshape(len(y), -1), y
 
@@ -225,19 +244,24 @@ def _arrow_sparse_blocks(batches: Iterable[Any], manifest: Manifest) -> Iterator
 
 
 def _concat_sparse_blocks(rows: Iterable[Any], dimension: int) -> Iterator[Block]:
-    """A partition's batches of CSR pieces -> one scipy CSR array [n, dimension] and its labels."""
+    """A partition's batches of CSR pieces -> scipy CSR arrays [n, dimension] and labels, at most BLOCK_BYTES each."""
+
+    for group in _grouped(rows, lambda r: len(r.indptr) + len(r.indices) + len(r.values) + len(r.y)):
+        yield _csr_block(group, dimension)
+
+
+def _csr_block(rows: list[Any], dimension: int) -> Block:
+    """Batches of raw CSR pieces -> one scipy CSR array [n, dimension] and its labels."""
     from scipy.sparse import csr_array
 
-    rows = list(rows)
-    if rows:
-        y = np.concatenate([np.frombuffer(r.y, np.int64) for r in rows])
-        counts = np.concatenate([np.diff(np.frombuffer(r.indptr, np.int64)) for r in rows])
-        indptr = np.concatenate([[0], np.cumsum(counts)])
-        small = indptr[-1] < np.iinfo(np.int32).max  # int32 indices as long as the entries' count allows
-        indptr = indptr.astype(np.int32 if small else np.int64)
-        idx = np.concatenate([np.frombuffer(r.indices, np.int32) for r in rows]).astype(indptr.dtype, copy=False)
-        values = np.concatenate([np.frombuffer(r.values, np.float64) for r in rows])
-        yield csr_array((values, idx, indptr), shape=(len(y), dimension)), y
+    y = np.concatenate([np.frombuffer(r.y, np.int64) for r in rows])
+    counts = np.concatenate([np.diff(np.frombuffer(r.indptr, np.int64)) for r in rows])
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    small = indptr[-1] < np.iinfo(np.int32).max  # int32 indices as long as the entries' count allows
+    indptr = indptr.astype(np.int32 if small else np.int64)
+    idx = np.concatenate([np.frombuffer(r.indices, np.int32) for r in rows]).astype(indptr.dtype, copy=False)
+    values = np.concatenate([np.frombuffer(r.values, np.float64) for r in rows])
+    return csr_array((values, idx, indptr), shape=(len(y), dimension)), y
 
 
 def _arrow_sparse_vectors(batches: Iterable[Any], manifest: Manifest) -> Iterator[Any]:

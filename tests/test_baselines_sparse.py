@@ -239,3 +239,21 @@ def test_spark_memory_settings_are_read_as_spark_reads_them():
     assert _memory_bytes("2g") == _memory_bytes("2048") == _memory_bytes("2048m") == 2 * 2**30
     assert _memory_bytes("3gb") == 3 * 2**30 and _memory_bytes("512k") == 2**19 and _memory_bytes("100b") == 100
     assert _memory_bytes("lots") is None and _memory_bytes(None) is None
+
+
+def test_a_partition_goes_as_blocks_under_the_pickle_limit(monkeypatch) -> None:
+    """PySpark pickles a cached element with a 32-bit length: a partition's rows are cut into blocks of at
+    most BLOCK_BYTES (a 10M-row shard in one block overflowed it), rows and order kept."""
+    from types import SimpleNamespace
+
+    from sparkml_dist import baselines
+
+    monkeypatch.setattr(baselines, "BLOCK_BYTES", 3 * (5 * 3 * 8 + 5 * 8))  # three batches of 5 rows x 3 features
+    batches = [
+        SimpleNamespace(x=np.full((5, 3), b, np.float64).tobytes(), y=np.full(5, b, np.int64).tobytes())
+        for b in range(7)
+    ]
+    blocks = list(baselines._concat_blocks(batches))
+    assert [len(y) for _, y in blocks] == [15, 15, 5]
+    assert np.array_equal(np.concatenate([y for _, y in blocks]), np.repeat(np.arange(7), 5))
+    assert all(x.shape == (len(y), 3) for x, y in blocks)
