@@ -65,12 +65,15 @@ ifeq ($(SPARK),3.5)
 	$(MAKE) --no-print-directory test-spark4
 endif
 
-# The Spark-touching core (partitioning, barrier launch + training, baselines, scoring, and the README's local
+# The Spark-touching core (partitioning, barrier launch + training, baselines, scoring, sparse vectors read in
+# the JVM and built for MLlib by an Arrow map, Spark's libsvm source, and the README's local
 # spark-submit block, which covers session.stop_spark_session on 4.0) on Spark 4.0, in its own venv (set up
 # here if needed: the Horovod wheel in .cache/wheels is reused). The standalone-cluster block is left to the
 # default run to keep this part short.
 SPARK4_TESTS := tests/test_partition.py tests/test_launch.py tests/test_train.py tests/test_feature_parallel.py \
-	tests/test_baselines.py tests/test_score.py tests/test_readme.py \
+	tests/test_baselines.py tests/test_score.py tests/test_readme.py tests/test_baselines_sparse.py \
+	tests/test_sparse.py::test_a_feature_hasher_vector_stays_sparse_and_exact \
+	tests/test_sparse.py::test_libsvm_written_by_spark_trains_on_two_ranks \
 	--deselect "tests/test_readme.py::test_readme_block_runs_as_written[standalone]"
 test-spark4:
 	$(MAKE) --no-print-directory SPARK=4.0 setup
