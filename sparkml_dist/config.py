@@ -370,10 +370,11 @@ class TrainConfig:
     """Per-run directories (checkpoints) live below this."""
     checkpoint: bool = True
     """Rank 0 writes a checkpoint after every epoch; a retried or re-run job resumes from it."""
-    checkpoint_every_steps: int = 0
+    checkpoint_every_steps: int = 100
     """Also checkpoint every N batches inside an epoch, with the exact data position (epoch, step), every
     rank's RNG and partial loss, so a lost rank costs about N steps and the resumed run ends with the same
-    parameters. 0: epoch ends only. Taken after an optimizer step at which every rank holds the same
+    parameters. 0: epoch ends only. Measured on the default problem (3 ms steps): 1.2% of step time at
+    100, 5.7% at 50, 25% at 10 (bench/checkpoint.py). Taken after an optimizer step at which every rank holds the same
     parameters (with local_sgd: the next parameter average at or after the N-th batch)."""
     resume_run_id: str | None = None
     """Resume this MLflow run id from its latest checkpoint."""

@@ -169,6 +169,8 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 class _EpochClock:
     data_s: float = 0.0
     loop_s: float = 0.0
+    checkpoint_s: float = 0.0
+    """Seconds spent writing mid-epoch checkpoints (their rank-state gather included)."""
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
 
 
@@ -225,8 +227,8 @@ def _run_epochs(
         val = work.evaluate(epoch)
         train = comm.allreduce(clock.loss_sum, average=work.same_rows, name=f"train_loss.{epoch}")
         per_step = torch.tensor(
-            [clock.data_s, loop_s - clock.data_s - traffic.seconds, traffic.seconds, traffic.payload_bytes,
-             traffic.wire_bytes],
+            [clock.data_s, loop_s - clock.data_s - traffic.seconds - clock.checkpoint_s, traffic.seconds,
+             traffic.payload_bytes, traffic.wire_bytes, clock.checkpoint_s],
             dtype=torch.float64,
         )  # fmt: skip
         mean = comm.allreduce(per_step, average=True, name=f"epoch_stats.{epoch}").tolist()
@@ -282,9 +284,11 @@ def _run_steps(
             due = due or bool(every and (step + 1) % every == 0)
             if due and (step + 1) % k == 0 and strategy.in_sync and step + 1 < steps:
                 due = False
+                t_save = time.perf_counter()
                 name = f"rank_state.{epoch}.{step + 1}"
                 states = work.comm.allgather_object(_rank_state(strategy, opt, clock), name=name)
                 work.save(epoch, opt, history, states, step=step + 1)
+                clock.checkpoint_s += time.perf_counter() - t_save
     return clock
 
 
@@ -303,9 +307,9 @@ def epoch_metrics(
     """One epoch's tracked metrics, the same keys for every mode and strategy.
 
     ``scores``: metrics.summarize of the validation split; ``mean``: [data wait s, compute s, communication s,
-    payload bytes, ring wire bytes] of the epoch's steps, averaged over ranks.
+    payload bytes, ring wire bytes, mid-epoch checkpoint s] of the epoch's steps, averaged over ranks.
     """
-    data_s, compute_s, comm_s, payload, wire = mean
+    data_s, compute_s, comm_s, payload, wire, checkpoint_s = mean
     steps = work.steps
     return {
         "epoch": epoch + 1,
@@ -316,6 +320,7 @@ def epoch_metrics(
         "data_wait_s": data_s,
         "compute_s": compute_s,
         "comm_s": comm_s,
+        "checkpoint_s": checkpoint_s,
         "lr": float(opt.param_groups[0]["lr"]),
         "attempt": float(ctx.attempt),
         "elapsed_s": sum(h["epoch_s"] for h in history) + seconds,
