@@ -334,7 +334,9 @@ def _read_input(spark: SparkSession, dcfg: DataConfig, pcfg: PartitionConfig) ->
     rel = [(u[len(url) + 1 :] or u.rsplit("/", 1)[-1], size, mtime) for u, size, mtime in files]
     body = json.dumps([dcfg.input_url, rel])
     fingerprint = hashlib.sha256(body.encode()).hexdigest()[:16]
-    roles = column_roles(file_columns, names, encoding, dcfg, ids_from_input)
+    # the input columns the features came from: a features array/vector column, or the named columns
+    sources = [n for n in names if n in fields] or [dcfg.features_col or FEATURES_COL]
+    roles = column_roles(file_columns, sources, encoding, dcfg, ids_from_input)
     log.info("input columns: %s", summarize_roles(roles))
     return _Input(out, names, fingerprint, sum(f[1] for f in files), ids_from_input, encoding, roles)
 

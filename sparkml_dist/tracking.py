@@ -485,6 +485,8 @@ def system_metrics(run: RunHandle, node_id: str, interval_s: float) -> Iterator[
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        # its start/stop and "no GPU" notices are INFO lines on every rank: not console material
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         monitor = SystemMetricsMonitor(
             run.run_id, sampling_interval=interval_s, node_id=node_id, tracking_uri=run.tracking_uri
         )

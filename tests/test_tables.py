@@ -61,6 +61,7 @@ def test_a_vector_assembler_output_trains_as_its_vector(spark, tmp_path: Path) -
     done = partition_job.main(_argv(tmp_path, src, "out-auto"))  # auto mode: the `features` vector
     manifest = read_manifest(f"file://{tmp_path / 'out-auto'}")
     assert manifest.feature_names == [f"features_{i}" for i in range(6)]
+    assert manifest.columns == {"row_id": "row key", "features": "feature", "label": "label"}
     assert done["input_rows"] == n and done["dropped_rows"] == 0
     got = _partitioned_features(tmp_path / "out-auto" / "train") | _partitioned_features(
         tmp_path / "out-auto" / "validation"
