@@ -475,33 +475,66 @@ def latest_runs_by_kind(cfg: TrackingConfig, data_fingerprint: str) -> list[str]
 
 @contextlib.contextmanager
 def system_metrics(run: RunHandle, node_id: str, interval_s: float) -> Iterator[None]:
-    """Sample this process's host (CPU, memory, disk, network; GPU where present) into ``run`` as MLflow
-    system metrics ``system/<node_id>/...`` every ``interval_s`` seconds while the block runs (0: off).
-    Best effort: a monitor that cannot start (or a tracking hiccup while it samples) never fails training."""
+    """Sample this process's host into ``run`` as system metrics ``system/<node_id>/...`` (MLflow's names:
+    CPU and memory use, disk use, network bytes since the start; GPU memory where torch sees a GPU) every
+    ``interval_s`` seconds while the block runs, and once more when it ends, so even a short run has one
+    sample (0: off). A sampler thread of our own rather than MLflow's SystemMetricsMonitor, which stops for
+    good at the first failed lookup of the run (a busy sqlite store under two ranks did exactly that).
+    Best effort: a failed sample is skipped, never fails training."""
     if interval_s <= 0:
         yield
         return
-    monitor = None
-    try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    import threading
 
-        # its start/stop and "no GPU" notices are INFO lines on every rank: not console material
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-        monitor = SystemMetricsMonitor(
-            run.run_id, sampling_interval=interval_s, node_id=node_id, tracking_uri=run.tracking_uri
-        )
-        monitor.start()
-    except Exception as exc:  # noqa: BLE001 (psutil missing, an old MLflow, ...: metrics are optional)
-        log.warning("system metrics for %s are off: %s", node_id, exc)
-        monitor = None
+    import psutil
+
+    prefix = f"system/{node_id}/"
+    net0 = psutil.net_io_counters()
+    psutil.cpu_percent(None)  # the first call only starts the CPU clock
+    stop = threading.Event()
+    step = [0]
+
+    def sample() -> None:
+        mem, net = psutil.virtual_memory(), psutil.net_io_counters()
+        metrics = {
+            "cpu_utilization_percentage": psutil.cpu_percent(None),
+            "system_memory_usage_megabytes": (mem.total - mem.available) / 2**20,
+            "system_memory_usage_percentage": mem.percent,
+            "disk_usage_percentage": psutil.disk_usage("/").percent,
+            "network_receive_megabytes": (net.bytes_recv - net0.bytes_recv) / 2**20,
+            "network_transmit_megabytes": (net.bytes_sent - net0.bytes_sent) / 2**20,
+        }
+        metrics.update(_gpu_memory())
+        try:
+            log_metrics(run, {prefix + k: v for k, v in metrics.items()}, step=step[0])
+        except Exception as exc:  # noqa: BLE001 (a tracking hiccup: skip this sample)
+            log.debug("system metrics sample of %s skipped: %s", node_id, exc)
+        step[0] += 1
+
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            sample()
+
+    thread = threading.Thread(target=loop, name=f"system-metrics-{node_id}", daemon=True)
+    thread.start()
     try:
         yield
     finally:
-        if monitor is not None:
-            try:
-                monitor.finish()
-            except Exception as exc:  # noqa: BLE001
-                log.warning("system metrics for %s: the last samples were not logged (%s)", node_id, exc)
+        stop.set()
+        thread.join(timeout=max(interval_s, 5.0))
+        sample()
+
+
+def _gpu_memory() -> dict[str, float]:
+    import sys
+
+    torch = sys.modules.get("torch")  # only where the process already uses torch
+    if torch is None or not torch.cuda.is_available():
+        return {}
+    return {
+        f"gpu_{i}_memory_usage_megabytes": torch.cuda.memory_reserved(i) / 2**20
+        for i in range(torch.cuda.device_count())
+    }
 
 
 def log_artifacts(run: RunHandle, local_dir: str) -> None:
