@@ -35,15 +35,15 @@ from pyspark.sql import functions as F
 from sparkml_dist import tracking
 from sparkml_dist.config import DataConfig, JobConfig, load_config
 from sparkml_dist.fit import TrainResult, run_training
-from sparkml_dist.partition import apply_invalid_policy, clean_invalid_row_error, partition, valid_features
+from sparkml_dist.partition import apply_invalid_policy, clean_invalid_row_error, partition
 from sparkml_dist.score import (
-    FEATURES,
     PREDICTION,
     PROBS,
     ScoreError,
     frame_input,
     model_feature_names,
     predict,
+    row_validity,
 )
 from sparkml_dist.storage import WRITE_CHECKSUMS
 
@@ -134,7 +134,7 @@ class DistributedTorchModel(Model, DefaultParamsReadable, DefaultParamsWritable)
             raise ScoreError(
                 f"the DataFrame already has column(s) {taken}: drop them or set predictionCol/probabilityCol"
             )
-        valid = inp.valid if inp.valid is not None else valid_features(F.col(FEATURES), inp.num_features)
+        valid = row_validity(inp)
         # A row with a NaN, infinite or null feature fails the action that reads it, naming the row
         # (``explain_error`` turns that Spark failure into a ScoreError).
         checked = apply_invalid_policy(inp.df, valid, inp.row_id_col, "fail", "a null feature value")

@@ -44,7 +44,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from sparkml_dist import checkpoint
 from sparkml_dist.comm import COMPRESSORS, Strategy
@@ -63,7 +62,7 @@ from sparkml_dist.loader import (
 from sparkml_dist.loop import MODES, ResumePoint, TrainJob, Workload, whole_optimizer_steps
 from sparkml_dist.manifest import FeatureGroup, Manifest, arrow_fs
 from sparkml_dist.metrics import batch_sums, empty_sums
-from sparkml_dist.models import check_model_for_data, loss_fn, output_width, predictions
+from sparkml_dist.models import check_model_for_data, csr_times, loss_fn, output_width, predictions
 from sparkml_dist.rank import Collectives, RankContext
 from sparkml_dist.sparse import SparseRows, to_tensor
 
@@ -179,11 +178,8 @@ class LinearBlock(nn.Module):
         self.bias = nn.Parameter(torch.zeros(outputs)) if with_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.layout == torch.sparse_csr:  # the sparse layout: a sum over the non-zeros (models.SparseLinear)
-            rows = x.crow_indices()
-            out = F.embedding_bag(
-                x.col_indices(), self.weight.t(), rows[:-1], mode="sum", per_sample_weights=x.values()
-            )
+        if x.layout == torch.sparse_csr:  # the sparse layout: a sum over the non-zeros
+            out = csr_times(x, self.weight.t())
         else:
             out = x @ self.weight.T
         return out + self.bias if self.bias is not None else out

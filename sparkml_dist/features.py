@@ -315,7 +315,7 @@ def sparse_columns(enc: Encoding) -> tuple[Column, Column, Column]:
         ]
     indices = F.array(*[F.lit(i) for i in range(n)], *hashed).cast("array<int>")
     values = F.array(*numeric_values, *[F.lit(1.0).cast("float") for _ in hashed]).cast("array<float>")
-    return indices, values, _finite(values)
+    return indices, values, finite_values(values)
 
 
 def null_columns(enc: Encoding) -> Column | None:
@@ -338,12 +338,16 @@ def _checked(indices: Column, values: Column, enc: Encoding) -> Column:
         & F.array_contains(indices, F.lit(None).cast("int")).isNull()  # no null index (isNull: no match found)
         & in_range
         & ascending
-        & _finite(values)
+        & finite_values(values)
     )
 
 
-def _finite(values: Column) -> Column:
-    """No null, NaN or infinite value (an empty array is fine). Built-ins only, as partition.valid_features."""
+def finite_values(values: Column) -> Column:
+    """True where the numeric array ``values`` is not null and holds no null, NaN or infinite value (an empty
+    array is fine). The one such rule: the dense layout's ``partition.valid_features`` applies it too."""
+    # Built-in array functions (code-generated), not a per-element lambda: NaN sorts above every number
+    # in Spark, so a NaN shows as the array's max; array_contains is null, not false, when the array
+    # holds a null and no match (and NaN, the value looked for, is caught by the max).
     hi, lo = F.array_max(values), F.array_min(values)
     checks = (
         values.isNotNull()

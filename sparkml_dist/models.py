@@ -63,12 +63,16 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.layout == torch.sparse_csr:
-            rows = x.crow_indices()
-            out = F.embedding_bag(
-                x.col_indices(), self.weight, rows[:-1], mode="sum", per_sample_weights=x.values().to(self.weight.dtype)
-            )
-            return out + self.bias
+            return csr_times(x, self.weight) + self.bias
         return x.to(self.weight.dtype) @ self.weight + self.bias
+
+
+def csr_times(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight`` for a sparse CSR ``x`` [rows, in] and a dense ``weight`` [in, out], as an ``embedding_bag``
+    sum over each row's non-zeros weighted by their values: the cost follows the non-zeros, not ``in``."""
+    rows = x.crow_indices()
+    values = x.values().to(weight.dtype)
+    return F.embedding_bag(x.col_indices(), weight, rows[:-1], mode="sum", per_sample_weights=values)
 
 
 def first_layer(in_features: int, out_features: int, sparse: bool) -> nn.Module:

@@ -35,6 +35,7 @@ from sparkml_dist.features import (
     Encoding,
     FeatureError,
     build_encoding,
+    finite_values,
     is_sparse_input,
     null_columns,
     sparse_columns,
@@ -556,18 +557,7 @@ def _check_nothing_left_out(
 def valid_features(features: Column, n: int) -> Column:
     """True where the array<float> ``features`` has ``n`` elements, none null, NaN or infinite (partition and
     score apply the same rule)."""
-    # Built-in array functions (code-generated), not a per-element lambda: NaN sorts above every number
-    # in Spark, so a NaN shows as the array's max; array_contains is null, not false, when the array
-    # holds a null and no match (and NaN, the value looked for, is caught by the max).
-    hi, lo = F.array_max(features), F.array_min(features)
-    return (
-        features.isNotNull()
-        & (F.size(features) == F.lit(n))
-        & F.array_contains(features, F.lit(float("nan"))).isNotNull()
-        & ~F.isnan(hi)
-        & (hi != F.lit(float("inf")))
-        & (lo != F.lit(float("-inf")))
-    )
+    return features.isNotNull() & (F.size(features) == F.lit(n)) & finite_values(features)
 
 
 # --------------------------------------------------------------------------------------- assignment

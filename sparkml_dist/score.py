@@ -348,6 +348,11 @@ def predict(spark: SparkSession, inp: ScoreInput, spec: tracking.ModelSpec) -> D
     return scored.withColumn(PREDICTION, argmax.cast("int"))
 
 
+def row_validity(inp: ScoreInput) -> Column:
+    """Which rows can be scored: the sparse input's own rule, or ``valid_features`` of the dense array."""
+    return inp.valid if inp.valid is not None else valid_features(F.col(FEATURES), inp.num_features)
+
+
 def output_columns(inp: ScoreInput, num_classes: int, keep_cols: list[str]) -> list[Column]:
     have = set(inp.df.columns) - {FEATURES, SPARSE_INDICES, SPARSE_VALUES}
     missing = [c for c in keep_cols if c not in have]
@@ -371,8 +376,7 @@ def score(spark: SparkSession, cfg: JobConfig) -> ScoreResult:
     inp = read_input(spark, in_url, cfg.data, scfg.split, model_feature_names(cfg, spec), spec.encoding)
     columns = output_columns(inp, spec.num_classes, scfg.keep_cols)
     policy = cfg.data.invalid_values
-    valid = inp.valid if inp.valid is not None else valid_features(F.col(FEATURES), inp.num_features)
-    checked = inp.df.withColumn(_VALID, valid)
+    checked = inp.df.withColumn(_VALID, row_validity(inp))
     if policy == "drop":
         checked = checked.persist()
     rows_in = apply_invalid_policy(checked, F.col(_VALID), inp.row_id_col, policy, "a null feature value")
