@@ -33,7 +33,7 @@ class SparkUserError(UserError):
     """Spark refused the job for a reason the user can fix (a path that does not exist, ...)."""
 
 
-QUIET_LOGGERS = ("py4j", "matplotlib")
+QUIET_LOGGERS = ("py4j", "matplotlib", "petastorm")
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -55,7 +55,8 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level), handlers=[handler])
     logging.getLogger().setLevel(getattr(logging, level))
     # Libraries that log routine chatter at INFO (py4j's "Closing down clientserver connection" per gateway
-    # call, matplotlib's font cache): shown only when the job's own level asks for DEBUG.
+    # call, matplotlib's font cache, petastorm's "Failed loading Unischema" for every plain Parquet dataset the
+    # driver reads, e.g. the parameter server's validation split): shown only when the level asks for DEBUG.
     for chatty in QUIET_LOGGERS:
         logging.getLogger(chatty).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 

@@ -450,8 +450,11 @@ class LaunchConfig:
     F of a local[N,F] master, spark.task.maxFailures elsewhere (1 for a plain local[N])."""
     stall_timeout_s: float = 120.0
     """Fail (and retry) the stage when a rank sent no heartbeat for this many seconds; 0 = off."""
-    fault_kind: Literal["none", "kill", "stop"] = "none"
-    """Tests and drills only: on attempt 0, rank fault_rank SIGKILLs (kill) or SIGSTOPs (stop) itself."""
+    fault_kind: Literal["none", "kill", "stop", "slow"] = "none"
+    """Tests and drills only: on attempt 0, rank fault_rank SIGKILLs (kill) or SIGSTOPs (stop) itself at
+    fault_step; slow: from fault_step on, it sleeps fault_delay_s before every step (a straggler)."""
+    fault_delay_s: float = 0.0
+    """fault_kind=slow only: seconds the slow rank sleeps before each step."""
     fault_rank: int = 1
     """Rank that fault_kind hits."""
     fault_step: int = 0
@@ -461,11 +464,18 @@ class LaunchConfig:
         for key in ("start_timeout_s", "collective_timeout_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"launch.{key} must be > 0, got {getattr(self, key)}")
+        if self.fault_delay_s < 0:
+            raise ConfigError(f"launch.fault_delay_s must be >= 0, got {self.fault_delay_s}")
         if self.max_attempts < 0 or self.stall_timeout_s < 0 or self.fault_step < 0 or self.fault_rank < 0:
             raise ConfigError(
                 "launch.max_attempts, launch.stall_timeout_s, launch.fault_step and launch.fault_rank must be "
                 f">= 0, got {self.max_attempts}, {self.stall_timeout_s}, {self.fault_step}, {self.fault_rank}"
             )
+
+
+PS_STRATEGY = "parameter_server"
+"""comm.strategy of the parameter-server topology (sparkml_dist/ps): not a ``comm.STRATEGIES`` entry, because
+its workers run outside the Horovod ring's loop."""
 
 
 @dataclass(frozen=True)
@@ -474,8 +484,9 @@ class CommConfig:
     "How workers communicate"."""
 
     strategy: str = "allreduce"
-    """A registered strategy: allreduce (gradients averaged every step, bulk-synchronous) or local_sgd
-    (local_steps optimizer steps per rank, then the parameters are averaged)."""
+    """A registered strategy: allreduce (gradients averaged every step, bulk-synchronous), local_sgd
+    (local_steps optimizer steps per rank, then the parameters are averaged) or parameter_server (workers
+    pull parameters from server processes and push gradients, at comm.pace; see sparkml_dist/ps)."""
     compression: str = "none"
     """What is sent, a registered compressor: none (fp32), fp16 (half precision), topk (the topk_ratio
     largest-magnitude entries of each tensor, with their indices), nonzero (exactly the non-zero entries
@@ -491,6 +502,24 @@ class CommConfig:
     """local_sgd only: the first w optimizer steps are fully synchronous (post-local SGD)."""
     average_optimizer_state: bool = False
     """local_sgd only: also average the optimizer's state tensors (momentum, Adam moments) at each round."""
+    pace: Literal["ssp", "async"] = "ssp"
+    """parameter_server only. ssp: a worker whose clock (pushes so far) is more than comm.staleness ahead of
+    the slowest worker waits for it (staleness 0 is bulk-synchronous: the K gradients of a clock are applied
+    as one step of their mean, exactly synchronous SGD). async: every push is applied as it arrives and no
+    worker ever waits for another."""
+    staleness: int = 2
+    """parameter_server, pace=ssp: the bound s, in clocks (steps)."""
+    ps_shards: int = 0
+    """parameter_server: server processes, each holding a contiguous slice of the flat parameter vector;
+    0 = as many as comm.ps_shard_max_params requires (at least 1)."""
+    ps_shard_max_params: int = 4_000_000
+    """parameter_server: most parameters one server shard holds when comm.ps_shards=0 (16 MB of float32)."""
+    ps_checkpoint_s: float = 30.0
+    """parameter_server: each shard writes its state (slice, optimizer, clocks) at least this often and at
+    every epoch boundary, so a rerun of a lost run resumes from there."""
+    ps_timeout_s: float = 300.0
+    """parameter_server: the longest a worker waits for a server reply (a pull held back by the staleness
+    bound included) and a server holds a pull back before it names the slowest worker as lost."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.topk_ratio <= 1.0:
@@ -498,6 +527,11 @@ class CommConfig:
         _check_positive("comm.local_steps", self.local_steps)
         if self.warmup_steps < 0:
             raise ConfigError(f"comm.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.staleness < 0 or self.ps_shards < 0:
+            raise ConfigError(f"comm.staleness and comm.ps_shards must be >= 0, got {self.staleness}, {self.ps_shards}")
+        for key in ("ps_shard_max_params", "ps_checkpoint_s", "ps_timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"comm.{key} must be > 0, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -724,14 +758,17 @@ def check_config(cfg: JobConfig) -> JobConfig:
             )
         cfg = dataclasses.replace(cfg, comm=dataclasses.replace(comm, compression="fp16"))
         comm = cfg.comm
-    names = {"modes": tc.mode, "optimizers": tc.optimizer, "strategies": comm.strategy, "compressors": comm.compression}
+    names = {"modes": tc.mode, "optimizers": tc.optimizer, "compressors": comm.compression}
+    if comm.strategy != PS_STRATEGY:  # a topology of its own (sparkml_dist/ps), not a strategy of the ring loop
+        names["strategies"] = comm.strategy
     if ":" not in tc.model:  # 'package.module:ClassName' is imported where the model is built
         names["models"] = tc.model
     for table, name in names.items():
         try:
             registry.load(table).get(name)
         except registry.UnknownNameError as exc:
-            raise ConfigError(str(exc)) from None
+            extra = f", or the topology {PS_STRATEGY}" if table == "strategies" else ""
+            raise ConfigError(f"{exc}{extra}") from None
     if tc.mode == "feature_parallel" and (comm.strategy, comm.compression) != ("allreduce", "none"):
         raise ConfigError(
             f"train.mode=feature_parallel allreduces partial outputs every step, not gradients: comm.strategy="

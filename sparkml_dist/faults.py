@@ -2,8 +2,9 @@
 
 Off by default (``launch.fault_kind=none``) and only ever on attempt 0, so the retry that follows runs
 clean. ``kill`` is a SIGKILL (the process is lost: no Python cleanup, no finally blocks), ``stop`` a
-SIGSTOP (the process hangs, holding its sockets, until someone SIGCONTs or SIGKILLs it). Runs inside a
-rank; pure standard library.
+SIGSTOP (the process hangs, holding its sockets, until someone SIGCONTs or SIGKILLs it), ``slow`` a
+straggler (the rank sleeps ``launch.fault_delay_s`` before every step from ``fault_step`` on). Runs
+inside a rank; pure standard library.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from sparkml_dist.config import LaunchConfig
 from sparkml_dist.errors import InfraError
@@ -19,7 +21,12 @@ _SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
 
 
 def maybe_inject(cfg: LaunchConfig, rank: int, attempt: int, global_step: int) -> None:
-    """SIGKILL/SIGSTOP this process if ``cfg`` asks for a fault here (rank, step, attempt 0)."""
+    """SIGKILL/SIGSTOP this process if ``cfg`` asks for a fault here (rank, step, attempt 0); sleep
+    ``cfg.fault_delay_s`` when this rank is the configured straggler (``slow``) and the step has come."""
+    if cfg.fault_kind == "slow":
+        if rank == cfg.fault_rank and global_step >= cfg.fault_step:
+            time.sleep(cfg.fault_delay_s)
+        return
     if cfg.fault_kind == "none" or attempt != 0 or rank != cfg.fault_rank or global_step != cfg.fault_step:
         return
     print(

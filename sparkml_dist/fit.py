@@ -20,13 +20,14 @@ import torch
 from pyspark.sql import SparkSession
 
 from sparkml_dist import feature_parallel, outputs, tracking
-from sparkml_dist.config import CommConfig, JobConfig
+from sparkml_dist.config import PS_STRATEGY, CommConfig, JobConfig
 from sparkml_dist.launch import run_on_ranks
 from sparkml_dist.loader import steps_per_epoch
 from sparkml_dist.manifest import Manifest, feature_tags, read_manifest
 from sparkml_dist.metrics import REGRESSION, primary_metric
 from sparkml_dist.models import build_model, check_model_for_data, prediction_model, split_first_layer
 from sparkml_dist.partition import verify_pages
+from sparkml_dist.ps import driver as ps_driver
 from sparkml_dist.train import TrainJob, train_rank
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,11 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
         **feature_tags(manifest),  # scoring picks the model's input columns by these names
     }
     kind = "feature_parallel" if by_feature else comm_kind(cfg.comm)
+    if cfg.comm.strategy == PS_STRATEGY:
+        ps_driver.check(cfg)
+        kind = ps_driver.kind(cfg)
+        tags["launcher"] = "spark-tasks+parameter-server (one job per worker)"
+        tags["comm_pace"] = cfg.comm.pace if cfg.comm.pace == "async" else f"ssp(s={cfg.comm.staleness})"
     tags[TRAIN_FINGERPRINT_TAG] = train_fingerprint(cfg, manifest.fingerprint)
     resume_run_id = cfg.train.resume_run_id
     if not resume_run_id and cfg.tracking.run_key:  # a rerun or retry for the same key (e.g. logical date)
@@ -112,14 +118,18 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     progress = threading.Thread(target=_show_progress, args=(run, cfg.train.epochs, val_key, stop), daemon=True)
     progress.start()
     try:
-        out = run_on_ranks(
-            spark,
-            functools.partial(train_rank, job=job),
-            world,
-            cfg.launch,
-            description=f"train {cfg.train.model} on {world} Horovod ranks (run {run.run_id})",
-            on_retry=functools.partial(_note_restart, run),
-        )
+        out: dict[str, Any] | None
+        if cfg.comm.strategy == PS_STRATEGY:
+            out = ps_driver.train(spark, cfg, manifest, run, checkpoint_url, steps)
+        else:
+            out = run_on_ranks(
+                spark,
+                functools.partial(train_rank, job=job),
+                world,
+                cfg.launch,
+                description=f"train {cfg.train.model} on {world} Horovod ranks (run {run.run_id})",
+                on_retry=functools.partial(_note_restart, run),
+            )
     except BaseException:
         tracking.finish_run(run, "FAILED")
         raise

@@ -8,9 +8,9 @@ resumed run continues exactly. What a strategy sends goes through a ``Compressor
 none, fp16, top-k) and the rank's metered ``Collectives``.
 
 A strategy is one module and one ``@STRATEGIES.register(name)``; a compressor one ``@COMPRESSORS.register``.
-The parameter-server strategies (pull parameters, push gradients, asynchronous or bounded-staleness pace)
-fit the same ``update``/``sync`` pair: their ``update`` pushes the gradient and pulls fresh parameters
-instead of stepping a local optimizer.
+The parameter-server topology (``comm.strategy=parameter_server``) is not a strategy of this loop: its
+workers are not a Horovod gang and must not wait for each other at epoch ends, so it has its own worker
+loop and driver in ``sparkml_dist/ps`` (same models, loader, seeds, metrics and tracking).
 """
 
 from __future__ import annotations

@@ -1,0 +1,384 @@
+"""One parameter-server shard: a contiguous slice ``[lo, hi)`` of the model's flat float32 parameter vector,
+the optimizer over that slice, and the clocks of every worker. Runs as its own process
+(``python -m sparkml_dist.ps.server``, its ``ShardSpec`` pickled on stdin, ``READY <port>`` on stdout),
+started and stopped by the driver; it exits by itself when the driver's process is gone.
+
+Protocol (``wire``): a ZeroMQ ROUTER socket bound to the driver's address, never 0.0.0.0. Every request
+must carry the run's secret (compared in constant time); anything else is refused with an error reply.
+
+- ``hello`` (worker id, host, attempt): registers the worker; replies its clock (pushes this shard has from
+  it), so a resubmitted worker continues where its lost attempt stopped.
+- ``pull`` (clock c): the slice and its version (updates applied so far). Under ``ssp`` with bound s the
+  reply is held back while the slowest worker's clock is below c - s; held longer than ``timeout_s``, the
+  reply is an error naming the slowest worker and its host.
+- ``push`` (clock c, the version the gradient was computed at, loss sums; the gradient slice): applied.
+  ``async`` and ``ssp`` with s > 0 apply each push on arrival as one optimizer step on gradient / K (K pushes
+  are one synchronous step's worth). ``ssp`` with s = 0 buffers the K pushes of a clock and applies one
+  step on their mean: bulk-synchronous SGD, the same parameters as ``allreduce`` with the same batches.
+  A push for a clock the shard already has (a resubmitted worker repeating its last step) is ignored.
+- ``epoch`` (e): when K x steps_per_epoch x (e + 1) pushes are applied, the epoch's snapshot of the slice and
+  its statistics (train loss sums, staleness histogram, bytes, time held on the bound); not ready yet: says so.
+- ``status``, ``stop``.
+
+The state (slice, optimizer, clocks, unfinished epoch statistics, snapshots the driver has not fetched) is
+written every ``checkpoint_s`` and at every epoch boundary; a shard started with ``resume`` loads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import io
+import logging
+import os
+import pickle
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparkml_dist import faults
+from sparkml_dist.config import TrainConfig
+from sparkml_dist.loop import lr_at
+from sparkml_dist.models import OPTIMIZERS
+from sparkml_dist.ps.wire import decode, encode
+
+log = logging.getLogger("sparkml_dist.ps.server")
+POLL_MS = 100
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    index: int
+    lo: int
+    hi: int
+    init: np.ndarray
+    """The slice's initial values (float32), used unless a checkpoint is resumed."""
+    train: TrainConfig
+    workers: int
+    steps_per_epoch: int
+    """Pushes per worker per epoch: an epoch is ``workers * steps_per_epoch`` pushes, whoever made them."""
+    epochs: int
+    pace: str
+    staleness: int
+    secret: str
+    host: str
+    checkpoint_url: str
+    checkpoint_s: float
+    timeout_s: float
+    resume: bool = False
+
+
+@dataclass
+class EpochStats:
+    """One epoch's accounting on this shard (additive, so the driver can sum shards' bytes)."""
+
+    loss_sum: float = 0.0
+    rows: float = 0.0
+    pushes: int = 0
+    pulls: int = 0
+    push_bytes: int = 0
+    pull_bytes: int = 0
+    held_s: float = 0.0
+    """Seconds pulls were held back by the staleness bound, summed over workers."""
+    staleness: Counter = field(default_factory=Counter)
+    """How many pushes were computed on parameters this many updates old."""
+    by_worker: dict[int, Counter] = field(default_factory=dict)
+    """The same histogram per worker."""
+    held_by_worker: dict[int, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    ended: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["staleness"] = {str(k): v for k, v in sorted(self.staleness.items())}
+        d["by_worker"] = {str(w): {str(k): v for k, v in sorted(c.items())} for w, c in sorted(self.by_worker.items())}
+        d["held_by_worker"] = {str(w): v for w, v in sorted(self.held_by_worker.items())}
+        return d
+
+
+class Shard:
+    """The shard's state and what each request does to it (no sockets here: ``serve`` owns those)."""
+
+    def __init__(self, spec: ShardSpec) -> None:
+        self.spec = spec
+        self.param = torch.nn.Parameter(torch.from_numpy(np.array(spec.init, dtype=np.float32)))
+        self.opt = OPTIMIZERS.get(spec.train.optimizer)(spec.train, [self.param])
+        self.applied = 0
+        """Pushes applied (a bulk-synchronous clock counts K)."""
+        self.clocks = [0] * spec.workers
+        self.hosts: dict[int, str] = {}
+        self.pending: dict[int, tuple[torch.Tensor, int]] = {}
+        """ssp s=0: clock -> (sum of the gradients pushed for it, how many)."""
+        self.epochs_done = 0
+        self.stats = EpochStats()
+        self.closed: dict[int, dict[str, Any]] = {}
+        """Finished epochs the driver has not fetched: statistics and the snapshot."""
+        self.snapshots: dict[int, np.ndarray] = {}
+
+    @property
+    def total(self) -> int:
+        return self.spec.epochs * self.spec.steps_per_epoch * self.spec.workers
+
+    @property
+    def done(self) -> bool:
+        return self.applied >= self.total
+
+    @property
+    def bsp(self) -> bool:
+        return self.spec.pace == "ssp" and self.spec.staleness == 0
+
+    def may_pull(self, clock: int) -> bool:
+        return self.spec.pace == "async" or min(self.clocks) >= clock - self.spec.staleness
+
+    def slowest(self) -> str:
+        wid = int(np.argmin(self.clocks))
+        return f"worker {wid} on {self.hosts.get(wid, 'a host that never said hello')} (clock {self.clocks[wid]})"
+
+    def push(self, wid: int, clock: int, version: int, loss_sum: float, rows: float, grad: np.ndarray) -> str:
+        """Apply one worker's gradient; returns '' or why it was not applied."""
+        if clock < self.clocks[wid]:
+            return "duplicate"
+        if clock > self.clocks[wid]:
+            raise ValueError(f"worker {wid} pushed clock {clock}, but this shard expects clock {self.clocks[wid]}")
+        if self.done:
+            return "done"
+        n = self.spec.hi - self.spec.lo
+        if grad.size != n:
+            raise ValueError(f"worker {wid} pushed {grad.size} values to a shard of {n}")
+        self.clocks[wid] += 1
+        st = self.stats
+        if st.pushes == 0:
+            st.started = time.time()  # the epoch's clock starts at its first push, not at the server's start
+        st.pushes += 1
+        st.push_bytes += grad.nbytes
+        st.loss_sum += loss_sum
+        st.rows += rows
+        age = max(0, self.applied - version)
+        st.staleness[age] += 1
+        st.by_worker.setdefault(wid, Counter())[age] += 1
+        g = torch.from_numpy(grad.copy())
+        if self.bsp:
+            total, count = self.pending.get(clock, (torch.zeros(n), 0))
+            total += g
+            count += 1
+            if count < self.spec.workers:
+                self.pending[clock] = (total, count)
+                return ""
+            self.pending.pop(clock, None)
+            self._step(total / self.spec.workers, self.spec.workers)
+        else:
+            self._step(g / self.spec.workers, 1)
+        return ""
+
+    def _step(self, grad: torch.Tensor, pushes: int) -> None:
+        spec = self.spec
+        for group in self.opt.param_groups:  # the global step is applied / K, as allreduce counts it
+            group["lr"] = lr_at(spec.train, spec.workers, self.applied // spec.workers, spec.steps_per_epoch)
+        self.param.grad = grad
+        self.opt.step()
+        self.param.grad = None
+        self.applied += pushes
+        per_epoch = spec.steps_per_epoch * spec.workers
+        while self.applied >= (self.epochs_done + 1) * per_epoch and self.epochs_done < spec.epochs:
+            self.stats.ended = time.time()
+            self.closed[self.epochs_done] = {**self.stats.to_json(), "applied": self.applied}
+            self.snapshots[self.epochs_done] = self.param.detach().numpy().copy()
+            self.epochs_done += 1
+            self.stats = EpochStats()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "lo": self.spec.lo, "hi": self.spec.hi, "param": self.param.detach().clone(),
+            "optimizer": self.opt.state_dict(), "applied": self.applied, "clocks": list(self.clocks),
+            "pending": {c: (t.clone(), n) for c, (t, n) in self.pending.items()}, "epochs_done": self.epochs_done,
+            "stats": self.stats, "closed": dict(self.closed), "snapshots": dict(self.snapshots),
+        }  # fmt: skip
+
+    def load(self, state: dict[str, Any]) -> None:
+        if (state["lo"], state["hi"]) != (self.spec.lo, self.spec.hi):
+            raise ValueError(
+                f"checkpoint holds slice [{state['lo']}, {state['hi']}), not [{self.spec.lo}, {self.spec.hi})"
+            )
+        with torch.no_grad():
+            self.param.copy_(state["param"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.applied, self.clocks = int(state["applied"]), list(state["clocks"])
+        self.pending, self.epochs_done = dict(state["pending"]), int(state["epochs_done"])
+        self.stats, self.closed, self.snapshots = state["stats"], dict(state["closed"]), dict(state["snapshots"])
+
+
+def checkpoint_path(checkpoint_url: str, index: int) -> str:
+    return f"{checkpoint_url.rstrip('/')}/ps/shard-{index:03d}.pt"
+
+
+def save_state(url: str, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``url`` atomically (a temp file renamed over it)."""
+    from sparkml_dist.manifest import arrow_fs
+
+    filesystem, path = arrow_fs(url)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with filesystem.open_output_stream(tmp) as out:
+        out.write(buf.getvalue())
+    filesystem.move(tmp, path)
+
+
+def load_state(url: str) -> dict[str, Any] | None:
+    from pyarrow import fs as pafs
+
+    from sparkml_dist.manifest import arrow_fs
+
+    filesystem, path = arrow_fs(url)
+    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with filesystem.open_input_stream(path) as f:
+        return torch.load(io.BytesIO(f.read()), weights_only=False)
+
+
+def serve(spec: ShardSpec, announce: Any = None, parent_pid: int | None = None) -> None:
+    """Run the shard until ``stop`` (or the parent process is gone); ``announce(port)`` once bound."""
+    import zmq
+
+    shard = Shard(spec)
+    ckpt = checkpoint_path(spec.checkpoint_url, spec.index)
+    if spec.resume:
+        state = load_state(ckpt)
+        if state is not None:
+            shard.load(state)
+            log.info("shard %d resumed at %d applied pushes (epoch %d)", spec.index, shard.applied, shard.epochs_done)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 2000)
+    port = sock.bind_to_random_port(f"tcp://{spec.host}")
+    if announce is not None:
+        announce(port)
+    held: list[tuple[bytes, dict[str, Any], float]] = []
+    last_save, saved_epochs, running = time.monotonic(), shard.epochs_done, True
+
+    def reply(ident: bytes, header: dict[str, Any], *arrays: np.ndarray) -> None:
+        sock.send_multipart([ident, *encode(header, *arrays)])
+
+    def answer_pull(ident: bytes, req: dict[str, Any], arrived: float) -> None:
+        held = time.monotonic() - arrived
+        shard.stats.held_s += held
+        wid = int(req.get("worker", -1))
+        shard.stats.held_by_worker[wid] = shard.stats.held_by_worker.get(wid, 0.0) + held
+        shard.stats.pulls += 1
+        shard.stats.pull_bytes += shard.param.numel() * 4
+        reply(ident, {"rid": req["rid"], "ok": True, "version": shard.applied, "done": shard.done},
+              shard.param.detach().numpy())  # fmt: skip
+
+    try:
+        while running:
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.warning("shard %d: the driver (pid %d) is gone; stopping", spec.index, parent_pid)
+                break
+            if sock.poll(POLL_MS):
+                ident, *frames = sock.recv_multipart()
+                try:
+                    req, arrays = decode(frames)
+                except (ValueError, UnicodeDecodeError):
+                    continue  # not ours: nothing to answer to
+                rid = req.get("rid")
+                if not hmac.compare_digest(str(req.get("secret", "")), spec.secret):
+                    log.warning("shard %d refused a %r request without the run's secret", spec.index, req.get("op"))
+                    reply(ident, {"rid": rid, "ok": False, "error": "refused: wrong or missing run secret"})
+                    continue
+                op = req.get("op")
+                try:
+                    if op == "pull":
+                        if shard.done or shard.may_pull(int(req["clock"])):
+                            answer_pull(ident, req, time.monotonic())
+                        else:
+                            held.append((ident, req, time.monotonic()))
+                    elif op == "push":
+                        wid = int(req["worker"])
+                        why = shard.push(wid, int(req["clock"]), int(req["version"]), float(req["loss_sum"]),
+                                         float(req["rows"]), arrays[0])  # fmt: skip
+                        reply(ident, {"rid": rid, "ok": True, "done": shard.done, "ignored": why})
+                    elif op == "hello":
+                        wid = int(req["worker"])
+                        shard.hosts[wid] = str(req.get("host", "?"))
+                        if int(req.get("attempt", 0)) > 0:
+                            log.warning(
+                                "shard %d: worker %d on %s is back (attempt %s) at clock %d",
+                                spec.index, wid, shard.hosts[wid], req.get("attempt"), shard.clocks[wid],
+                            )  # fmt: skip
+                        reply(ident, {"rid": rid, "ok": True, "clock": shard.clocks[wid], "done": shard.done,
+                                      "lo": spec.lo, "hi": spec.hi})  # fmt: skip
+                    elif op == "epoch":
+                        e = int(req["epoch"])
+                        if e in shard.closed:
+                            reply(ident, {"rid": rid, "ok": True, "ready": True, "stats": shard.closed[e]},
+                                  shard.snapshots[e])  # fmt: skip
+                            if req.get("release"):
+                                shard.closed.pop(e, None)
+                                shard.snapshots.pop(e, None)
+                        else:
+                            reply(ident, {"rid": rid, "ok": True, "ready": False, "applied": shard.applied,
+                                          "epochs_done": shard.epochs_done})  # fmt: skip
+                    elif op == "status":
+                        reply(ident, {"rid": rid, "ok": True, "applied": shard.applied, "clocks": shard.clocks,
+                                      "hosts": {str(k): v for k, v in shard.hosts.items()}, "done": shard.done,
+                                      "epochs_done": shard.epochs_done, "lo": spec.lo, "hi": spec.hi})  # fmt: skip
+                    elif op == "stop":
+                        running = False
+                        reply(ident, {"rid": rid, "ok": True})
+                    else:
+                        reply(ident, {"rid": rid, "ok": False, "error": f"unknown op {op!r}"})
+                except (KeyError, ValueError, IndexError) as exc:
+                    reply(ident, {"rid": rid, "ok": False, "error": f"{op}: {exc}"})
+            now = time.monotonic()
+            still = []
+            for ident, req, arrived in held:
+                if shard.done or shard.may_pull(int(req["clock"])):
+                    answer_pull(ident, req, arrived)
+                elif now - arrived > spec.timeout_s:
+                    reply(ident, {"rid": req["rid"], "ok": False, "lost": True, "error": (
+                        f"worker {req['worker']} waited {now - arrived:.0f} s at clock {req['clock']} for "
+                        f"{shard.slowest()} under comm.staleness={spec.staleness} (comm.ps_timeout_s="
+                        f"{spec.timeout_s:g}): that worker is lost or stalled")})  # fmt: skip
+                else:
+                    still.append((ident, req, arrived))
+            held = still
+            if shard.epochs_done > saved_epochs or now - last_save > spec.checkpoint_s or not running:
+                epoch_end = shard.epochs_done > saved_epochs
+                save_state(ckpt, shard.state())
+                last_save, saved_epochs = now, shard.epochs_done
+                if epoch_end:
+                    faults.crash_point("ps.server.epoch_saved")
+    finally:
+        sock.close(linger=2000)
+        ctx.term()
+
+
+def main() -> None:
+    """Entry point of ``python -m sparkml_dist.ps.server``."""
+    from sparkml_dist.ps import server  # this module under its own name, so its checkpoints unpickle anywhere
+
+    server._main()
+
+
+def _main() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s ps-server: %(message)s", stream=sys.stderr
+    )
+    spec: ShardSpec = pickle.load(sys.stdin.buffer)
+    torch.set_num_threads(1)
+
+    def announce(port: int) -> None:
+        sys.stdout.write(f"READY {port}\n")
+        sys.stdout.flush()
+
+    serve(spec, announce, parent_pid=os.getppid())
+
+
+if __name__ == "__main__":
+    main()
