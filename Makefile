@@ -74,6 +74,7 @@ SPARK4_TESTS := tests/test_partition.py tests/test_launch.py tests/test_train.py
 	tests/test_baselines.py tests/test_score.py tests/test_readme.py tests/test_baselines_sparse.py \
 	tests/test_sparse.py::test_a_feature_hasher_vector_stays_sparse_and_exact \
 	tests/test_sparse.py::test_libsvm_written_by_spark_trains_on_two_ranks \
+	tests/test_ps.py::test_a_worker_killed_under_async_is_resubmitted_and_the_run_finishes \
 	--deselect "tests/test_readme.py::test_readme_block_runs_as_written[standalone]"
 test-spark4:
 	$(MAKE) --no-print-directory SPARK=4.0 setup

@@ -1,12 +1,14 @@
 """One slow worker against none: bulk-synchronous AllReduce against the parameter server's paces.
 
-    .venv/bin/python bench/straggler.py [--ranks 2 4] [--rows 200000] [--epochs 6]
+    .venv/bin/python bench/straggler.py [--ranks 2 4] [--rows 200000] [--steps-per-epoch 25] [--epochs 16]
+                                        [--repeats 2]
 
 For each K (ranks/workers): generate and partition the default problem into K shards; MLlib's logistic
 regression on them sets the target (its final validation log-loss x 1.01, as bench/compare.py); then each
 kind is trained twice as ``python -m jobs.train`` — without a straggler, and with rank/worker 1 sleeping
 its own measured step time before every step (``launch.fault_kind=slow``: its steps take about 2x) — and
-reports:
+reports (an "epoch" is cut to --steps-per-epoch steps per rank, so the time to target is resolved to
+about that many steps instead of a whole pass; medians over --repeats interleaved runs):
 
 - ``time_to_target_s``: training seconds (the run's elapsed_s) until the first epoch whose validation
   log-loss is at or below the target; ``slowdown``: with straggler / without (goal: the best ps_ssp/ps_async
@@ -70,6 +72,14 @@ def _time_to(history: list[dict], target: float) -> float | None:
     return None
 
 
+def _median(values: list) -> float | None:
+    vals = sorted(v for v in values if v is not None)
+    if len(vals) < len(values) or not vals:
+        return None  # a run that never reached the target: no time to report
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+
+
 def _one_k(k: int, args: argparse.Namespace, root: Path) -> dict:
     work = root / f"k{k}"
     base = [f"paths.work_dir={work}", "tracking.log_model=false", "tracking.system_metrics_s=0",
@@ -79,36 +89,44 @@ def _one_k(k: int, args: argparse.Namespace, root: Path) -> dict:
     _job("jobs.partition", base)
     mllib, _ = _job("jobs.baseline", [*base, "baselines.kinds=[mllib_lr]"])
     target = mllib["baselines"][0]["final"]["val_log_loss"] * 1.01
-    train = [*base, f"train.epochs={args.epochs}"]
+    train = [*base, f"train.epochs={args.epochs}", f"train.max_steps_per_epoch={args.steps_per_epoch}"]
     out: dict = {"ranks": k, "target_log_loss": round(target, 6), "kinds": {}}
-    for kind, sets in KINDS.items():
-        res, wall = _job("jobs.train", [*train, *sets])
-        hist, metrics = _history(res["tracking_uri"], res["run_id"])
-        steps = metrics["steps_per_epoch"]
-        step_s = sum(h["epoch_s"] for h in hist) / (len(hist) * steps)
-        slow_sets = ["launch.fault_kind=slow", "launch.fault_rank=1", f"launch.fault_delay_s={step_s:.6f}"]
-        slow, slow_wall = _job("jobs.train", [*train, *sets, *slow_sets])
-        slow_hist, _ = _history(slow["tracking_uri"], slow["run_id"])
-        t_fast, t_slow = _time_to(hist, target), _time_to(slow_hist, target)
+    runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+    for _ in range(args.repeats):
+        for kind, sets in KINDS.items():
+            res, wall = _job("jobs.train", [*train, *sets])
+            hist, metrics = _history(res["tracking_uri"], res["run_id"])
+            step_s = sum(h["epoch_s"] for h in hist) / (len(hist) * args.steps_per_epoch)
+            slow_sets = ["launch.fault_kind=slow", "launch.fault_rank=1", f"launch.fault_delay_s={step_s:.6f}"]
+            slow, slow_wall = _job("jobs.train", [*train, *sets, *slow_sets])
+            slow_hist, slow_metrics = _history(slow["tracking_uri"], slow["run_id"])
+            runs[kind].append({
+                "step_s": step_s, "fast": _time_to(hist, target), "slow": _time_to(slow_hist, target),
+                "wall": wall, "slow_wall": slow_wall, "final": hist[-1]["val_log_loss"],
+                "slow_final": slow_hist[-1]["val_log_loss"], "m": metrics, "sm": slow_metrics,
+            })  # fmt: skip
+    for kind, rs in runs.items():
         ps = kind.startswith("ps_")
-        per_step = metrics["comm_bytes_per_step"] if ps else metrics["comm_wire_bytes_per_rank_per_step"]
+        m, sm = rs[-1]["m"], rs[-1]["sm"]
+        per_step = m["comm_bytes_per_step"] if ps else m["comm_wire_bytes_per_rank_per_step"]
+        t_fast, t_slow = _median([r["fast"] for r in rs]), _median([r["slow"] for r in rs])
         out["kinds"][kind] = {
-            "step_ms": round(step_s * 1000, 3),
-            "straggler_delay_ms": round(step_s * 1000, 3),
+            "step_ms": round(_median([r["step_s"] for r in rs]) * 1000, 3),
             "time_to_target_s": t_fast,
             "time_to_target_with_straggler_s": t_slow,
             "slowdown": round(t_slow / t_fast, 3) if t_fast and t_slow else None,
-            "final_val_log_loss": round(hist[-1]["val_log_loss"], 6),
-            "final_val_log_loss_with_straggler": round(slow_hist[-1]["val_log_loss"], 6),
-            "job_wall_s": round(wall, 1),
-            "job_wall_with_straggler_s": round(slow_wall, 1),
+            "runs_time_to_target_s": [[r["fast"], r["slow"]] for r in rs],
+            "final_val_log_loss": round(rs[-1]["final"], 6),
+            "final_val_log_loss_with_straggler": round(rs[-1]["slow_final"], 6),
+            "job_wall_s": round(_median([r["wall"] for r in rs]), 1),
+            "job_wall_with_straggler_s": round(_median([r["slow_wall"] for r in rs]), 1),
             "bytes_per_step": round(per_step, 1),
             "server_bytes_per_step": round(per_step * k, 1) if ps else None,
-            "ring_bytes_per_rank_per_step": metrics["ring_bytes_per_rank_per_step"],
-            "staleness_mean": metrics.get("staleness_mean"),
-            "staleness_max": metrics.get("staleness_max"),
-            "bound_wait_s": metrics.get("bound_wait_s"),
-        }
+            "ring_bytes_per_rank_per_step": m["ring_bytes_per_rank_per_step"],
+            **({"staleness_mean": m["staleness_mean"], "staleness_mean_with_straggler": sm["staleness_mean"],
+                "staleness_max_with_straggler": sm["staleness_max"],
+                "bound_wait_s_per_epoch_with_straggler": sm["bound_wait_s"]} if ps else {}),
+        }  # fmt: skip
     relaxed = ("ps_ssp2", "ps_ssp8", "ps_async")
     fastest = [v["slowdown"] for n, v in out["kinds"].items() if n in relaxed and v["slowdown"]]
     out["goal_best_async_slowdown_le_1_2"] = bool(fastest and min(fastest) <= 1.2)
@@ -119,13 +137,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--steps-per-epoch", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work-dir", default="/tmp/sparkml-bench-straggler")
     args = parser.parse_args()
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     root = Path(args.work_dir)
     shutil.rmtree(root, ignore_errors=True)
     result = {"benchmark": "straggler", "rows": args.rows, "epochs": args.epochs, "cores": os.cpu_count(),
+              "steps_per_epoch": args.steps_per_epoch, "repeats": args.repeats,
               "by_ranks": [_one_k(k, args, root) for k in args.ranks]}  # fmt: skip
     print(json.dumps(result))
 

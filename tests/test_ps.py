@@ -234,3 +234,19 @@ def test_a_lost_server_shard_loses_no_run_a_rerun_resumes_from_its_checkpoint(sp
     resumed = run_training(spark, cfg)
     assert resumed.run_id == run_id and resumed.epochs == 2
     torch.testing.assert_close(_flat_ps(cfg, resumed), _flat_ps(straight_cfg, straight), atol=1e-6, rtol=0)
+
+
+def test_more_workers_than_task_slots_is_refused_before_anything_starts(spark, ps_data):
+    """Workers at a staleness bound would wait forever for one that never gets a slot: refused up front."""
+    from sparkml_dist.fit import run_training
+    from sparkml_dist.launch import LaunchError
+    from sparkml_dist.partition import partition
+
+    three = (
+        "partition.num_shards=3",
+        f"partition.output_url={ps_data}/shards3",
+        f"train.manifest_url={ps_data}/shards3",
+    )
+    partition(spark, _cfg(ps_data, *three))
+    with pytest.raises(LaunchError, match="3 workers .* must all run at once, but the cluster has 2 task slots"):
+        run_training(spark, _cfg(ps_data, *three, *PS))

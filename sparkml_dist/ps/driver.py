@@ -14,11 +14,13 @@ Choices, and why:
 - **Epochs are counted by the servers**: epoch e ends when K x steps_per_epoch pushes are applied, whoever
   made them. The shards snapshot their slice at that moment; the driver fetches the snapshots, evaluates the
   whole model on the validation split here (workers never wait for validation), and logs the epoch.
-- **Transport: ZeroMQ** (pyzmq, already installed with Petastorm). Measured (``bench/ps_transport.py``):
-  its round trips are faster than HTTP/1.1 keep-alive with TCP_NODELAY at every size tried, and
+- **Transport: ZeroMQ** (pyzmq, already installed with Petastorm). Measured (``bench/ps_transport.py``,
+  loopback): a round trip of this project's typical model (33 floats) takes 85 us against 118 us for
+  HTTP/1.1 keep-alive with TCP_NODELAY; at 65k-1M floats HTTP is 5-20% faster (pyzmq copies the frames).
+  ZeroMQ's ROUTER socket decides it: a shard can hold a pull back (the staleness bound) and answer it later
+  without a thread per waiting worker, and framing, reconnects and queueing are the library's.
   torch.distributed.rpc needs every participant in ``init_rpc`` with a fixed world size (a gang), which a
-  resubmitted worker breaks. A ROUTER socket also lets a shard hold a pull back (the staleness bound)
-  without a thread per waiting worker.
+  resubmitted worker breaks.
 """
 
 from __future__ import annotations
