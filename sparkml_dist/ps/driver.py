@@ -52,6 +52,7 @@ from sparkml_dist.config import ConfigError, JobConfig
 from sparkml_dist.errors import InfraError, UserError
 from sparkml_dist.launch import _FAILURE_MARK, _USER_MARK, LaunchError, _driver_host, available_slots
 from sparkml_dist.loader import build_loader_spec, read_all
+from sparkml_dist.loop import lr_at
 from sparkml_dist.manifest import Manifest
 from sparkml_dist.metrics import summarize
 from sparkml_dist.models import build_model
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 60.0
 POLL_S = 0.2
 DEFAULT_ATTEMPTS = 4
+FINISH_S = 60.0
+"""After the last epoch, how long the driver waits for each worker's job to see "done" before cancelling it."""
 DRIVER_CALL_S = 10.0
 """The driver's own calls to the shards (epoch polls) wait this long, then it checks the shard processes."""
 
@@ -180,9 +183,9 @@ def train(
             t.start()
         with PSClient(endpoints, secret, DRIVER_CALL_S) as client:
             start_epoch = len(history)
-            history = _follow_epochs(cfg, manifest, run, client, servers, state, model, history, checkpoint_url)
-            for t in threads:  # the workers see "done" on their next push or pull
-                t.join(timeout=comm.ps_timeout_s)
+            history = _follow_epochs(cfg, manifest, run, client, servers, state, model, history, checkpoint_url, steps)
+            for t in threads:  # the workers see "done" on their next push or pull; a stopped one is cancelled
+                t.join(timeout=min(comm.ps_timeout_s, FINISH_S))
             state_dict = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         traffic = _traffic_summary(state)
         tracking.log_dict(run, traffic, "ps/workers.json")
@@ -345,9 +348,10 @@ def _follow_epochs(
     model: torch.nn.Module,
     history: list[dict[str, Any]],
     checkpoint_url: str,
+    steps: int,
 ) -> list[dict[str, Any]]:
-    """Wait for each epoch's snapshot on every shard; evaluate it with ``model``, log and keep it. Returns the
-    full history; ``model`` holds the last epoch's parameters."""
+    """Wait for each epoch's snapshot on every shard (``steps`` pushes per worker an epoch); evaluate it with
+    ``model``, log and keep it. Returns the full history; ``model`` holds the last epoch's parameters."""
     tc = cfg.train
     params = list(model.parameters())
     size = sum(p.numel() for p in params)
@@ -399,7 +403,7 @@ def _follow_epochs(
             "rows_per_s": first["rows"] / seconds,
             "epoch_s": seconds,
             "elapsed_s": sum(h["epoch_s"] for h in history) + seconds,
-            "lr": tc.lr,
+            "lr": lr_at(tc, k, (epoch + 1) * steps - 1, steps),  # the servers' schedule at the epoch's last step
             "comm_bytes_per_step": push_b + pull_b,
             "ps_push_bytes_per_step": push_b,
             "ps_pull_bytes_per_step": pull_b,
