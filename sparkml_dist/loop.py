@@ -20,6 +20,7 @@ rank's communication state. Runs inside ranks; never imports pyspark.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -43,6 +44,11 @@ from sparkml_dist.rank import Collectives, RankContext
 from sparkml_dist.registry import Registry
 
 log = logging.getLogger(__name__)
+_INIT_LOCK = threading.Lock()
+"""Held while a rank seeds torch and builds its model. Ranks of the in-process backend are threads of one
+process: without it, rank 1's seeding could land between rank 0's seeding and its draws, and rank 0 (whose
+weights the broadcast gives everyone) would start from other weights than a barrier-stage run (seen as a
+flaky test_in_process_backend_runs_the_same_loop_with_the_device_check_on, ~1 run in 3)."""
 
 
 @dataclass(frozen=True)
@@ -179,8 +185,9 @@ def run_rank(ctx: RankContext, job: TrainJob) -> dict[str, Any] | None:
     cfg = job.cfg
     comm = ctx.collectives()
     place = Placement(ctx.device, strict=job.launch.device_check)
-    torch.manual_seed(cfg.seed)  # the same initial weights everywhere (the broadcast makes sure)
-    work = registry.load("modes").get(cfg.mode)(ctx, job, comm, place)  # imports every mode's module
+    with _INIT_LOCK:  # seed and draw together: in-process ranks are threads sharing torch's one RNG
+        torch.manual_seed(cfg.seed)  # the same initial weights everywhere (the broadcast makes sure)
+        work = registry.load("modes").get(cfg.mode)(ctx, job, comm, place)  # imports every mode's module
     opt = build_optimizer(cfg, work.model)
     strategy = work.build_strategy()
     point = work.resume(opt)
