@@ -44,6 +44,8 @@ def main() -> None:
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from mlflow.tracking import MlflowClient
 
+    from sparkml_dist.metric_names import mlflow_key
+
     work = Path(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)
     base = [f"paths.work_dir={work}", "tracking.log_model=false", "tracking.system_metrics_s=0"]
@@ -55,9 +57,9 @@ def main() -> None:
             t0 = time.monotonic()
             out = _job("jobs.train", [*base, f"train.checkpoint_every_steps={every}"])
             client = MlflowClient(out["tracking_uri"])
-            epoch_s = [m.value for m in client.get_metric_history(out["run_id"], "epoch_s")]
-            saving = [m.value for m in client.get_metric_history(out["run_id"], "checkpoint_s")]
-            steps = int(client.get_run(out["run_id"]).data.metrics["steps_per_epoch"])
+            epoch_s = [m.value for m in client.get_metric_history(out["run_id"], mlflow_key("epoch_s"))]
+            saving = [m.value for m in client.get_metric_history(out["run_id"], mlflow_key("checkpoint_s"))]
+            steps = int(client.get_run(out["run_id"]).data.metrics[mlflow_key("steps_per_epoch")])
             wall = round(time.monotonic() - t0, 1)
             runs[every].append({"epoch_s": epoch_s, "checkpoint_s": saving, "steps": steps, "wall_s": wall})
     result: dict = {"benchmark": "checkpoint", "repeats": args.repeats, "runs": {}}

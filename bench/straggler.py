@@ -58,11 +58,18 @@ def _job(module: str, sets: list[str]) -> tuple[dict, float]:
 def _history(tracking_uri: str, run_id: str) -> tuple[list[dict], dict]:
     from mlflow.tracking import MlflowClient
 
+    from sparkml_dist.metric_names import mlflow_key
+
     client = MlflowClient(tracking_uri)
     keys = ("val_log_loss", "elapsed_s", "epoch_s")
-    series = {k: dict((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
+    series = {k: dict((m.step, m.value) for m in client.get_metric_history(run_id, mlflow_key(k))) for k in keys}
     epochs = sorted(series["val_log_loss"])
-    return [{"epoch": e, **{k: series[k].get(e) for k in keys}} for e in epochs], client.get_run(run_id).data.metrics
+    logged = client.get_run(run_id).data.metrics
+    finals = ("comm_bytes_per_step", "comm_wire_bytes_per_rank_per_step", "ring_bytes_per_rank_per_step",
+              "staleness_mean", "staleness_max", "bound_wait_s")  # fmt: skip
+    return [{"epoch": e, **{k: series[k].get(e) for k in keys}} for e in epochs], {
+        k: logged.get(mlflow_key(k)) for k in finals
+    }
 
 
 def _time_to(history: list[dict], target: float) -> float | None:

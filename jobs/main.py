@@ -15,6 +15,7 @@ from sparkml_dist.fit import run_training
 from sparkml_dist.metrics import PRIMARY
 from sparkml_dist.partition import partition
 from sparkml_dist.synthetic import write_dataset
+from sparkml_dist.ui import page_url
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,9 @@ def _body(cfg: JobConfig, spark: Any) -> dict[str, Any]:
     trained = run_training(spark, cfg)
     key = f"val_{PRIMARY[cfg.data.task]}"
     log.info(
-        "MLflow run %s: final %s %.4f\nOpen the MLflow UI with `make mlflow-ui` (http://127.0.0.1:5000), "
-        "experiment %r.",
-        trained.run_id, key, trained.final.get(key, float("nan")), cfg.tracking.experiment,
+        "MLflow run %s: final %s %.4f\nOpen the MLflow UI with `make mlflow-ui`, then %s (experiment %r).",
+        trained.run_id, key, trained.final.get(key, float("nan")),
+        page_url(5000, trained.experiment_id, trained.run_id), cfg.tracking.experiment,
     )  # fmt: skip
     return {"generate": generated.to_dict(), "partition": asdict(parts), "train": asdict(trained)}
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from sparkml_dist.config import JobConfig, TrackingConfig
 from sparkml_dist.errors import InfraError
+from sparkml_dist.metric_names import flat_key, mlflow_key
 
 if TYPE_CHECKING:
     from sparkml_dist.manifest import Manifest
@@ -291,18 +292,20 @@ def set_tags(run: RunHandle, tags: dict[str, str]) -> None:
 
 
 def log_metrics(run: RunHandle, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
-    """Log one step's metrics (rank 0 from its executor, or a baseline from the driver)."""
+    """Log one step's metrics (rank 0 from its executor, or a baseline from the driver), each under its
+    sectioned MLflow name (``metric_names.mlflow_key``: ``train_loss`` is ``train/loss`` in the UI)."""
     import time
 
     from mlflow.entities import Metric
 
     ts = timestamp_ms or int(time.time() * 1000)
-    batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None and np.isfinite(v)]
+    batch = [Metric(mlflow_key(k), float(v), ts, step) for k, v in metrics.items() if v is not None and np.isfinite(v)]
     _client(run.tracking_uri).log_batch(run.run_id, metrics=batch)
 
 
 def metric_history(run: RunHandle, key: str) -> list[tuple[int, float]]:
-    return [(m.step, m.value) for m in _client(run.tracking_uri).get_metric_history(run.run_id, key)]
+    """(step, value) of the metric logged as ``key`` (the flat name, as ``log_metrics`` was given it)."""
+    return [(m.step, m.value) for m in _client(run.tracking_uri).get_metric_history(run.run_id, mlflow_key(key))]
 
 
 def log_dict(run: RunHandle, data: dict, name: str) -> None:
@@ -422,7 +425,8 @@ def _active(run: RunHandle) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """A finished run as the comparison needs it: tags, final metrics and metric histories."""
+    """A finished run as the comparison needs it: tags, final metrics and metric histories, both under the
+    flat names the code uses (``val_log_loss``, not MLflow's ``val/log_loss``)."""
 
     run_id: str
     kind: str
@@ -442,13 +446,13 @@ def get_run_record(cfg: TrackingConfig, run_id: str, keys: tuple[str, ...]) -> R
         if not does_not_exist(exc):
             raise store_failure(cfg.tracking_uri, f"run {run_id!r}", exc) from exc
         raise TrackingError(f"run id {run_id!r} does not exist in {cfg.tracking_uri}") from exc
-    hist = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys}
+    hist = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, mlflow_key(k))] for k in keys}
     return RunRecord(
         run_id=run_id,
         kind=run.data.tags.get("kind", "unknown"),
         status=run.info.status,
         tags=dict(run.data.tags),
-        metrics=dict(run.data.metrics),
+        metrics={flat_key(k): v for k, v in run.data.metrics.items()},
         histories={k: sorted(v) for k, v in hist.items()},
         start_ms=int(run.info.start_time),
         end_ms=int(run.info.end_time) if run.info.end_time else None,

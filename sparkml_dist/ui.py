@@ -59,6 +59,18 @@ def server_command(cfg: TrackingConfig, port: int, workers: int = 1) -> list[str
     ]
 
 
+ML_VIEW = "workflowType=machine_learning"
+"""MLflow 3.17's UI keeps one GenAI / Model-training switch per browser (default GenAI) and ignores the
+experiment's ``mlflow.experimentKind`` tag while the switch exists; this query parameter selects the
+model-training view (Training runs, Model metrics) for the page it opens, and the browser keeps it."""
+
+
+def page_url(port: int, experiment_id: str, run_id: str | None = None, host: str = HOST) -> str:
+    """The UI page of an experiment (or one of its runs), opened in the model-training view."""
+    run = f"/runs/{run_id}" if run_id else ""
+    return f"http://{host}:{port}/#/experiments/{experiment_id}{run}?{ML_VIEW}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -127,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"error: {exc}\n")
     experiment_id = tracking.ensure_experiment(cfg)
     print(
-        f"MLflow UI: http://{HOST}:{args.port}/#/experiments/{experiment_id}  "
+        f"MLflow UI: {page_url(args.port, experiment_id)}  "
         f"(store {cfg.tracking_uri}, artifacts {cfg.artifact_url}); Ctrl-C stops it",
         file=sys.stderr,
         flush=True,

@@ -95,11 +95,11 @@ def test_each_baseline_is_an_mlflow_run_tagged_like_the_allreduce_runs(spark, da
         assert run.data.tags["elapsed_s_source"] == ("interpolated over the fit" if "mllib" in kind else "measured")
         assert run.data.params["baselines.max_iterations"] == "15"
         assert json.loads(run.data.params["baselines.kinds"]) == list(CONVERGING)
-        loss = client.get_metric_history(r.run_id, "train_loss")
-        elapsed = client.get_metric_history(r.run_id, "elapsed_s")
+        loss = client.get_metric_history(r.run_id, "train/loss")
+        elapsed = client.get_metric_history(r.run_id, "system/time/elapsed_s")
         assert [m.step for m in loss] == list(range(1, len(loss) + 1)) and len(loss) >= r.iterations
         times = [m.value for m in sorted(elapsed, key=lambda m: m.step)]
-        assert times == sorted(times) and times[-1] > 0 and run.data.metrics["load_s"] > 0
+        assert times == sorted(times) and times[-1] > 0 and run.data.metrics["system/time/load_s"] > 0
         # timestamps = run start + elapsed, so runs of different kinds line up on a time axis
         stamps = {m.step: m.timestamp for m in loss}
         start = run.info.start_time
@@ -107,9 +107,10 @@ def test_each_baseline_is_an_mlflow_run_tagged_like_the_allreduce_runs(spark, da
         artifacts = {a.path for a in client.list_artifacts(r.run_id)}
         assert {"weights.json", "history.json", "config.yaml"} <= artifacts
         if not kind.startswith("mllib"):
-            steps = [m.step for m in client.get_metric_history(r.run_id, "val_log_loss")]
+            steps = [m.step for m in client.get_metric_history(r.run_id, "val/log_loss")]
             assert steps == list(range(1, r.iterations + 1))
-            assert {"broadcast_s", "compute_s", "update_s", "aggregate_bytes", "val_auc"} <= set(run.data.metrics)
+            timings = {f"system/time/{k}" for k in ("broadcast_s", "compute_s", "update_s")}
+            assert {*timings, "system/comm/aggregate_bytes", "val/auc"} <= set(run.data.metrics)
             first = r.history[0]  # 2 partial sums [loss, n, gradient] go to the driver, no intermediate level
             assert first["aggregate_bytes"] == 2 * (first["bytes_per_iteration"] - first["broadcast_bytes"] / 2)
             assert (2 + FEATURES + 1) * 8 < first["aggregate_bytes"] / 2 < (2 + FEATURES + 1) * 8 + 200

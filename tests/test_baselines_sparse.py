@@ -142,7 +142,7 @@ def test_mllib_lr_and_gd_learn_a_sparse_problem_in_a_wide_space(spark, wide):
         # the weights landed on the true model's columns: no index was shifted or reinterpreted
         assert np.corrcoef(w[0, active], problem["w"][active])[0, 1] > 0.9, kind
         run = MlflowClient(cfg.tracking.tracking_uri).get_run(r.run_id)
-        assert run.info.status == "FINISHED" and {"val_log_loss", "val_auc", "final_train_log_loss"} <= set(
+        assert run.info.status == "FINISHED" and {"val/log_loss", "val/auc", "final/train_log_loss"} <= set(
             run.data.metrics
         )
     gd, lr = (np.asarray(results[k].weights)[0] for k in ("gd", "mllib_lr"))

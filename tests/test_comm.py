@@ -295,8 +295,8 @@ def test_fp16_measured_bytes_are_half_and_topk_sends_values_plus_indices(spark, 
     run = client.get_run(sparse.run_id)
     assert run.data.params["comm.compression"] == "topk" and run.data.params["comm.topk_ratio"] == "0.1"
     assert run.data.tags["kind"] == "allreduce+topk"
-    assert [m.value for m in client.get_metric_history(sparse.run_id, "comm_rounds")] == [10.0, 10.0]
-    assert {"comm_s", "compute_s", "data_wait_s"} <= set(run.data.metrics)
+    assert [m.value for m in client.get_metric_history(sparse.run_id, "system/comm/rounds")] == [10.0, 10.0]
+    assert {"system/time/comm_s", "system/time/compute_s", "system/time/data_wait_s"} <= set(run.data.metrics)
 
 
 ADAM = ("train.optimizer=adam", "train.lr=0.02", "train.epochs=3")

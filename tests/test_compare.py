@@ -64,10 +64,10 @@ def test_table_holds_the_runs_numbers_and_plots_exist(runs):
     by_kind = {row["kind"]: row for row in summary["runs"]}
     for r in results:
         metrics = client.get_run(r.run_id).data.metrics
-        assert by_kind[r.kind]["final_val_log_loss"] == pytest.approx(metrics["val_log_loss"])
+        assert by_kind[r.kind]["final_val_log_loss"] == pytest.approx(metrics["val/log_loss"])
         assert by_kind[r.kind]["run_id"] == r.run_id
     mllib = next(r for r in results if r.kind == "mllib_lr")
-    assert summary["target_log_loss"] == pytest.approx(client.get_run(mllib.run_id).data.metrics["val_log_loss"] * 1.01)
+    assert summary["target_log_loss"] == pytest.approx(client.get_run(mllib.run_id).data.metrics["val/log_loss"] * 1.01)
     for name in ("loss_vs_wall_time.png", "loss_vs_step.png", "throughput.png", "report.md", "table.csv"):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "table.json").read_text())["runs"] == summary["runs"]

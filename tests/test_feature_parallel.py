@@ -130,9 +130,9 @@ def test_two_feature_blocks_equal_one_process_on_all_features_and_mlflow_serves_
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["mode"] == "feature_parallel" and run.data.tags["kind"] == "feature_parallel"
-    assert [m.step for m in client.get_metric_history(result.run_id, "val_log_loss")] == [1, 2]
-    assert {"val_accuracy", "val_auc", "train_loss", "comm_bytes_per_step"} <= set(run.data.metrics)
-    assert run.data.metrics["comm_bytes_per_step"] == (64 * CLASSES + 8) * 4
+    assert [m.step for m in client.get_metric_history(result.run_id, "val/log_loss")] == [1, 2]
+    assert {"val/accuracy", "val/auc", "train/loss", "system/comm/bytes_per_step"} <= set(run.data.metrics)
+    assert run.data.metrics["system/comm/bytes_per_step"] == (64 * CLASSES + 8) * 4
 
     manifest = read_manifest(cfg.train.manifest_url)
     x, y = read_all(build_loader_spec(manifest, 0, 1, cfg.train, split="validation"))

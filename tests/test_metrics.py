@@ -49,3 +49,34 @@ def test_models_that_cannot_fit_the_labels_are_refused_with_the_fix():
 def test_promotion_direction_follows_the_metric():
     assert decide("rmse", 0.0, 0.9, 1.0)[0] and not decide("rmse", 0.0, 1.1, 1.0)[0]
     assert decide("r2", 0.0, 0.8, 0.7)[0] and not decide("r2", 0.0, 0.6, 0.7)[0]
+
+
+def test_mlflow_metric_names_are_sectioned_so_losses_lead_the_run_page():
+    from sparkml_dist.metric_names import mlflow_key
+
+    expected = {
+        "train_loss": "train/loss",
+        "val_log_loss": "val/log_loss",
+        "val_auc": "val/auc",
+        "lr": "train/lr",
+        "epoch_s": "system/time/epoch_s",
+        "comm_s": "system/time/comm_s",  # a duration, though it names communication
+        "rows_per_s": "system/time/rows_per_s",
+        "comm_bytes_per_step": "system/comm/bytes_per_step",
+        "ring_bytes_per_rank_per_step": "system/comm/ring_bytes_per_rank_per_step",
+        "staleness_mean/worker1": "system/comm/staleness_mean/worker1",
+        "resumed_from_epoch": "system/run/resumed_from_epoch",
+        "candidate_log_loss": "candidate/log_loss",
+        "final_val_log_loss": "final/val_log_loss",
+        "system/rank0/cpu_utilization_percentage": "system/rank0/cpu_utilization_percentage",
+        "something_new": "system/run/something_new",
+    }
+    assert {k: mlflow_key(k) for k in expected} == expected
+    # idempotent: a name already sectioned is logged as it is
+    assert all(mlflow_key(v) == v for v in expected.values())
+    # and back: a run read from MLflow has its metrics under the code's flat names again
+    from sparkml_dist.metric_names import flat_key
+
+    assert {v: flat_key(v) for v in expected.values()} == {v: k for k, v in expected.items()}
+    for name in ("aggregate_bytes", "comm_s", "bound_wait_s", "ps_pull_bytes_per_step", "final_train_log_loss"):
+        assert flat_key(mlflow_key(name)) == name

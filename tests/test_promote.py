@@ -105,8 +105,8 @@ def test_first_becomes_champion_worse_is_kept_better_moves_the_alias_and_reruns_
     assert not d2["promoted"] and d2["candidate_version"] == "2" and _alias(cfg) == "1"
     (run2,) = _promotion_runs(cfg, "2024-01-02")
     assert run2.data.tags["decision"] == "kept" and "does not beat" in run2.data.tags["decision_reason"]
-    assert run2.data.metrics["candidate_log_loss"] == pytest.approx(ev2["candidate"]["log_loss"])
-    assert run2.data.metrics["champion_log_loss"] == pytest.approx(ev2["champion"]["log_loss"])
+    assert run2.data.metrics["candidate/log_loss"] == pytest.approx(ev2["candidate"]["log_loss"])
+    assert run2.data.metrics["champion/log_loss"] == pytest.approx(ev2["champion"]["log_loss"])
 
     # day 3: a better candidate, but not by the margin asked for -> kept; by the margin -> promoted
     better = _train_run(cfg, manifest, truth, scale=1.0)

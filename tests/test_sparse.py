@@ -125,7 +125,7 @@ def test_libsvm_written_by_spark_trains_on_two_ranks(spark, tmp_path: Path) -> N
 def _val_losses(result) -> list[float]:
     from mlflow.tracking import MlflowClient
 
-    history = MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "val_log_loss")
+    history = MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "val/log_loss")
     return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 

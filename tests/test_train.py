@@ -133,9 +133,16 @@ def test_converges_to_the_true_model_and_mlflow_holds_the_run(spark, work, data)
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
     assert len(run.data.tags.get("mlflow.source.git.commit", "x" * 40)) == 40  # present in a git checkout
-    history = client.get_metric_history(result.run_id, "val_log_loss")
+    history = client.get_metric_history(result.run_id, "val/log_loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
-    assert {"train_loss", "val_auc", "val_accuracy", "rows_per_s", "comm_s", "data_wait_s"} <= set(run.data.metrics)
+    logged = set(run.data.metrics)
+    assert {"train/loss", "train/lr", "val/auc", "val/accuracy"} <= logged
+    assert {"system/time/rows_per_s", "system/time/comm_s", "system/time/data_wait_s", "system/run/attempt"} <= logged
+    assert {"system/comm/bytes_per_step", "system/comm/ring_bytes_per_rank_per_step"} <= logged
+    # the Model metrics tab holds what the model learned, in two sections that open on the loss curves;
+    # timings, traffic and restarts sit beside the host samples on the System metrics tab (system/...)
+    sections = {k.split("/")[0] for k in logged}
+    assert sections == {"train", "val", "system"}, sorted(logged)
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"loss_curve.png", "config.yaml", "history.json"} <= artifacts
     model = mlflow.pyfunc.load_model(result.model_uri)

@@ -53,7 +53,7 @@ def test_the_server_serves_the_jobs_runs_metrics_artifacts_and_registered_model(
         runs = _post(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
         kinds = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"]["tags"]}["kind"] for r in runs}
         assert kinds[trained["run_id"]] == "allreduce" and kinds[decision["promotion_run_id"]] == "promotion"
-        history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=trained["run_id"], metric_key="val_log_loss")
+        history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=trained["run_id"], metric_key="val/log_loss")
         assert [m["step"] for m in history["metrics"]] == [1, 2]
         assert history["metrics"][-1]["value"] == pytest.approx(trained["final"]["val_log_loss"])
         model = _get(url, "/api/2.0/mlflow/registered-models/get", name="sparkml-dist")["registered_model"]
