@@ -102,7 +102,7 @@ def run_job(description: str, argv: list[str] | None, body: Callable[[JobConfig,
 
     cfg = parse_config(description, argv)
     owned = SparkSession.getActiveSession() is None
-    spark = build_spark_session(cfg.spark)
+    spark = build_spark_session(cfg.spark, cfg.launch)
     if owned and logging.getLogger().level > logging.DEBUG:
         _quiet_task_failures(spark)
     try:

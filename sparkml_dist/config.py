@@ -298,6 +298,9 @@ class PartitionConfig:
     input each, at least 2*num_shards."""
     seed: int = 7
     """Seed of the permutation and samples."""
+    rehash: bool = False
+    """Read every input file to fingerprint it, even those whose size and modification time match the
+    manifest's record (``fingerprint.py``: by default those keep their recorded content digest)."""
 
     def __post_init__(self) -> None:
         _check_positive("partition.num_shards", self.num_shards)
@@ -435,7 +438,12 @@ class LaunchConfig:
     collective_timeout_s: float = 300.0
     """Seconds a single collective may wait for the other ranks (Gloo timeout)."""
     job_timeout_s: float = 0.0
-    """Cancel the whole training stage after this many seconds; 0 = no limit."""
+    """Cancel the whole training stage after this many seconds. 0 = derived from the data (``launch.
+    job_deadline``): start_timeout_s + epochs x max(collective_timeout_s, rows a rank reads per epoch /
+    min_rows_per_s), so it grows linearly with the rows per rank and is finite for any input."""
+    min_rows_per_s: float = 50.0
+    """For the derived job_timeout_s: the slowest rate (rows a rank trains and validates per second) that
+    still counts as progress. 50 is far below any rate measured here (1e4-1e6): a deadline, not a target."""
     use_gpu: bool = False
     """Use the task's GPU (from Spark task resources) and NCCL instead of Gloo on CPU."""
     device_check: bool = False
@@ -450,9 +458,10 @@ class LaunchConfig:
     F of a local[N,F] master, spark.task.maxFailures elsewhere (1 for a plain local[N])."""
     stall_timeout_s: float = 120.0
     """Fail (and retry) the stage when a rank sent no heartbeat for this many seconds; 0 = off."""
-    fault_kind: Literal["none", "kill", "stop", "slow"] = "none"
+    fault_kind: Literal["none", "kill", "stop", "hang", "slow"] = "none"
     """Tests and drills only: on attempt 0, rank fault_rank SIGKILLs (kill) or SIGSTOPs (stop) itself at
-    fault_step; slow: from fault_step on, it sleeps fault_delay_s before every step (a straggler)."""
+    fault_step, or hangs there alive (hang: sleeps, heart beating, never reaching the next collective);
+    slow: from fault_step on, it sleeps fault_delay_s before every step (a straggler)."""
     fault_delay_s: float = 0.0
     """fault_kind=slow only: seconds the slow rank sleeps before each step."""
     fault_rank: int = 1
@@ -461,9 +470,13 @@ class LaunchConfig:
     """Global optimizer step (epoch * steps_per_epoch + step) at which the fault hits."""
 
     def __post_init__(self) -> None:
-        for key in ("start_timeout_s", "collective_timeout_s"):
+        for key in ("start_timeout_s", "collective_timeout_s", "min_rows_per_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"launch.{key} must be > 0, got {getattr(self, key)}")
+        if self.job_timeout_s < 0:
+            raise ConfigError(
+                f"launch.job_timeout_s must be >= 0 (0 = derived from the data), got {self.job_timeout_s}"
+            )
         if self.fault_delay_s < 0:
             raise ConfigError(f"launch.fault_delay_s must be >= 0, got {self.fault_delay_s}")
         if self.max_attempts < 0 or self.stall_timeout_s < 0 or self.fault_step < 0 or self.fault_rank < 0:

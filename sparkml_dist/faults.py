@@ -2,7 +2,8 @@
 
 Off by default (``launch.fault_kind=none``) and only ever on attempt 0, so the retry that follows runs
 clean. ``kill`` is a SIGKILL (the process is lost: no Python cleanup, no finally blocks), ``stop`` a
-SIGSTOP (the process hangs, holding its sockets, until someone SIGCONTs or SIGKILLs it), ``slow`` a
+SIGSTOP (the process hangs, holding its sockets, until someone SIGCONTs or SIGKILLs it), ``hang`` an
+endless sleep in the step loop (alive: its heartbeat thread goes on, its peers wait in a collective), ``slow`` a
 straggler (the rank sleeps ``launch.fault_delay_s`` before every step from ``fault_step`` on). Runs
 inside a rank; pure standard library.
 """
@@ -34,6 +35,9 @@ def maybe_inject(cfg: LaunchConfig, rank: int, attempt: int, global_step: int) -
         file=sys.stderr,
         flush=True,
     )
+    if cfg.fault_kind == "hang":  # alive (threads, heartbeats) but never reaching the next collective
+        while True:
+            time.sleep(1.0)
     os.kill(os.getpid(), _SIGNALS[cfg.fault_kind])
 
 

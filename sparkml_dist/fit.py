@@ -21,7 +21,7 @@ from pyspark.sql import SparkSession
 
 from sparkml_dist import feature_parallel, outputs, tracking
 from sparkml_dist.config import PS_STRATEGY, CommConfig, JobConfig
-from sparkml_dist.launch import run_on_ranks
+from sparkml_dist.launch import job_deadline, run_on_ranks
 from sparkml_dist.loader import steps_per_epoch
 from sparkml_dist.manifest import Manifest, feature_tags, read_manifest
 from sparkml_dist.metrics import REGRESSION, primary_metric
@@ -108,7 +108,9 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     tracking.log_manifest_input(run, manifest, context="training")
     checkpoint_url = f"{cfg.train.runs_url.rstrip('/')}/{run.run_id}/checkpoints"
     tracking.set_tags(run, {"checkpoint_url": checkpoint_url})
-    job = TrainJob(cfg.train, cfg.launch, manifest, run, checkpoint_url, steps, cfg.comm, cfg.tracking.system_metrics_s)
+    rows_per_rank = steps * cfg.train.batch_size + manifest.validation.rows / world  # what bounds an epoch
+    launch_cfg = job_deadline(cfg.launch, cfg.train.epochs, rows_per_rank)
+    job = TrainJob(cfg.train, launch_cfg, manifest, run, checkpoint_url, steps, cfg.comm, cfg.tracking.system_metrics_s)
     log.info(
         "training run %s (%d ranks, %d steps/epoch, %d epochs) tracked in %s",
         run.run_id, world, steps, cfg.train.epochs, run.tracking_uri,
@@ -126,7 +128,7 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
                 spark,
                 functools.partial(train_rank, job=job),
                 world,
-                cfg.launch,
+                launch_cfg,
                 description=f"train {cfg.train.model} on {world} Horovod ranks (run {run.run_id})",
                 on_retry=functools.partial(_note_restart, run),
             )

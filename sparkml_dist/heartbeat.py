@@ -7,6 +7,12 @@ SIGSTOPped, swapped out or lost stops beating (its peers, blocked in the allredu
 driver (``launch.run_on_ranks``) polls ``stalled()`` and cancels the stage with a message naming the
 rank, its host and pid.
 
+A rank can also hang *alive*: its heart beats, but it never reaches the next collective (a deadlocked
+loader thread, an endless loop, a blocking call outside the step loop) while its peers wait inside one.
+So each beat also says which collective the rank is in (if any) and how many it has entered; ``stuck()``
+finds ranks outside every collective whose state has not moved for as long as a peer has waited inside
+one, and the driver fails the attempt naming them.
+
 The server binds the driver's own address (127.0.0.1 locally), answers only requests whose path starts
 with a per-run random secret (403 otherwise), and is a context manager that stops it on every exit.
 Pure standard library; no pyspark, no torch.
@@ -32,12 +38,23 @@ log = logging.getLogger(__name__)
 FORBIDDEN = 403
 MAX_BODY = 4096
 
-_progress = {"step": -1}
+_progress: dict[str, Any] = {"step": -1, "entered": 0, "waiting": None}
 
 
 def progress(step: int) -> None:
     """Record this process's latest training step; the next heartbeat carries it."""
     _progress["step"] = step
+
+
+@contextmanager
+def in_collective(name: str) -> Iterator[None]:
+    """Mark this process as inside collective ``name`` while the block runs (the next beats carry it)."""
+    _progress["entered"] += 1
+    _progress["waiting"] = name
+    try:
+        yield
+    finally:
+        _progress["waiting"] = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,10 @@ class Beat:
     step: int
     age_s: float
     done: bool
+    waiting: str | None = None
+    """The collective this rank is inside, if any."""
+    still_s: float = 0.0
+    """Seconds since this rank's step, collective count or collective last changed."""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -75,8 +96,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        now = time.monotonic()
+        state = (body.get("step"), body.get("entered"), body.get("waiting"))
         with self.server.lock:
-            self.server.beats[(attempt, rank)] = (time.monotonic(), body)
+            moved = self.server.moved.get((attempt, rank))
+            if moved is None or moved[1] != state:
+                self.server.moved[(attempt, rank)] = (now, state)
+            self.server.beats[(attempt, rank)] = (now, body)
         self.send_response(200)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -104,6 +130,7 @@ class _HeartbeatHTTPServer(ThreadingHTTPServer):
         self.secret = secret
         self.lock = threading.Lock()
         self.beats: dict[tuple[int, int], tuple[float, dict[str, Any]]] = {}
+        self.moved: dict[tuple[int, int], tuple[float, tuple[Any, ...]]] = {}
 
 
 class HeartbeatServer:
@@ -137,9 +164,10 @@ class HeartbeatServer:
         now = time.monotonic()
         with self._server.lock:
             items = [(r, t, b) for (a, r), (t, b) in self._server.beats.items() if a == attempt]
+            moved = {r: m[0] for (a, r), m in self._server.moved.items() if a == attempt}
         return {
             r: Beat(r, str(b.get("host", "?")), int(b.get("pid", -1)), int(b.get("step", -1)), now - t,
-                    bool(b.get("done", False)))
+                    bool(b.get("done", False)), b.get("waiting"), now - moved.get(r, t))
             for r, t, b in items
         }  # fmt: skip
 
@@ -154,6 +182,14 @@ class HeartbeatServer:
             (b for b in self.beats(attempt).values() if not b.done and b.age_s > timeout_s), key=lambda b: b.rank
         )
 
+    def stuck(self, attempt: int, timeout_s: float) -> tuple[list[Beat], list[Beat]]:
+        """(ranks stuck outside every collective, the peers waiting for them): both unmoved for > timeout_s,
+        all still beating and not done; two empty lists when no rank waits that long on a live peer."""
+        live = [b for b in self.beats(attempt).values() if not b.done and b.still_s > timeout_s]
+        waiting = sorted((b for b in live if b.waiting), key=lambda b: b.rank)
+        outside = sorted((b for b in live if not b.waiting and b.age_s <= timeout_s), key=lambda b: b.rank)
+        return (outside, waiting) if waiting and outside else ([], [])
+
 
 def public_address(url: str) -> str:
     """``http://host:port`` of a heartbeat URL, without its per-run secret (safe to log)."""
@@ -166,6 +202,16 @@ def describe(beats: list[Beat]) -> str:
         f"rank {b.rank} on {b.host} (pid {b.pid}) sent no heartbeat for {b.age_s:.0f} s (last at step {b.step})"
         for b in beats
     )
+
+
+def describe_stuck(outside: list[Beat], waiting: list[Beat]) -> str:
+    ranks = "; ".join(
+        f"rank {b.rank} on {b.host} (pid {b.pid}) is alive but has been outside every collective for "
+        f"{b.still_s:.0f} s (at step {b.step})"
+        for b in outside
+    )
+    peers = ", ".join(f"rank {b.rank} in {b.waiting!r} for {b.still_s:.0f} s" for b in waiting)
+    return f"{ranks}, while its peers wait for it ({peers})"
 
 
 def _put(url: str, body: dict[str, Any], timeout_s: float) -> None:
@@ -192,7 +238,7 @@ def beating(url: str | None, attempt: int, rank: int, host: str, interval_s: flo
     stop = threading.Event()
 
     def body(done: bool = False) -> dict[str, Any]:
-        return {"rank": rank, "host": host, "pid": os.getpid(), "step": _progress["step"], "done": done}
+        return {"rank": rank, "host": host, "pid": os.getpid(), "done": done, **_progress}
 
     def loop() -> None:  # the first beat is sent below, before the block starts
         while not stop.wait(interval_s):
@@ -201,7 +247,7 @@ def beating(url: str | None, attempt: int, rank: int, host: str, interval_s: flo
             except Exception:  # noqa: BLE001 (best effort, see above)
                 pass
 
-    _progress["step"] = -1
+    _progress.update(step=-1, entered=0, waiting=None)
     try:
         _put(target, body(), timeout_s=max(1.0, interval_s))
     except Exception as exc:  # noqa: BLE001 (reported, not raised: see above)

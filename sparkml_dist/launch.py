@@ -10,6 +10,7 @@ traceback; the stage runs in its own job group, which is cancelled on failure, i
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import os
@@ -173,6 +174,21 @@ def run_on_ranks(
     raise AssertionError("unreachable")
 
 
+def job_deadline(cfg: LaunchConfig, epochs: int, rows_per_rank_per_epoch: float) -> LaunchConfig:
+    """``cfg`` with a finite ``job_timeout_s``: the configured one, or (when 0) start_timeout_s + epochs x
+    max(collective_timeout_s, rows_per_rank_per_epoch / min_rows_per_s), linear in the rows per rank."""
+    if cfg.job_timeout_s > 0:
+        return cfg
+    per_epoch = max(cfg.collective_timeout_s, rows_per_rank_per_epoch / cfg.min_rows_per_s)
+    derived = cfg.start_timeout_s + max(1, epochs) * per_epoch
+    log.info(
+        "launch.job_timeout_s=0: this training stage gets %.0f s (start %.0f s + %d epoch(s) x %.0f s: %.0f rows "
+        "per rank per epoch at launch.min_rows_per_s=%g, at least launch.collective_timeout_s)",
+        derived, cfg.start_timeout_s, epochs, per_epoch, rows_per_rank_per_epoch, cfg.min_rows_per_s,
+    )  # fmt: skip
+    return dataclasses.replace(cfg, job_timeout_s=derived)
+
+
 def max_attempts(spark: SparkSession, cfg: LaunchConfig) -> int:
     """launch.max_attempts, or Spark's task retry budget when it is 0 (local[N,F] -> F, local[N] -> 1)."""
     if cfg.max_attempts > 0:
@@ -225,8 +241,9 @@ def _run_attempt(
                 sc.cancelJobGroup(group)
                 worker.join(30)
                 raise TimeoutError(
-                    f"training stage ran longer than launch.job_timeout_s={cfg.job_timeout_s}; cancelled. "
-                    "Raise launch.job_timeout_s or train on less data."
+                    f"training stage ran longer than launch.job_timeout_s={cfg.job_timeout_s:.0f} s; cancelled. "
+                    "Raise launch.job_timeout_s (0 derives it from the rows per rank and launch.min_rows_per_s) "
+                    "or train on less data."
                 )
             if silence_warn_at is not None and time.monotonic() > silence_warn_at:
                 silence_warn_at = None  # once per attempt
@@ -238,6 +255,16 @@ def _run_attempt(
                         "cannot be detected",
                         attempt, heartbeat.public_address(beats.url), world_size,
                     )  # fmt: skip
+            outside, waiting = beats.stuck(attempt, cfg.collective_timeout_s)
+            if outside:
+                sc.cancelJobGroup(group)
+                worker.join(30)
+                raise RankFailedError(
+                    f"{heartbeat.describe_stuck(outside, waiting)}: longer than launch.collective_timeout_s="
+                    f"{cfg.collective_timeout_s:g}; stage attempt {attempt} cancelled. Look at that rank's "
+                    "stack (py-spy dump --pid), or raise launch.collective_timeout_s if it was busy for good reason.",
+                    retryable=True,
+                )
             stalled = beats.stalled(attempt, cfg.stall_timeout_s) if cfg.stall_timeout_s > 0 else []
             if stalled:
                 sc.cancelJobGroup(group)

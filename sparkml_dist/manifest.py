@@ -123,6 +123,9 @@ class Manifest:
     sparse: SparseLayout | None = None
     """Set for the sparse layout (``partition.feature_layout=sparse``): then ``features_col`` is None and the
     shards hold ``sparse.indices_col`` and ``sparse.values_col`` instead of feature columns."""
+    input_files: list[list] = field(default_factory=list)
+    """[relative path, size, mtime, content digest] of every input file (``fingerprint.FileDigest``): what
+    ``input_fingerprint`` was computed from, and what a re-run reuses for files that did not change."""
 
     @property
     def num_shards(self) -> int:

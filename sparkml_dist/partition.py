@@ -41,6 +41,7 @@ from sparkml_dist.features import (
     sparse_columns,
     with_vocabulary_indices,
 )
+from sparkml_dist.fingerprint import FileDigest, file_digests, fingerprint
 from sparkml_dist.manifest import (
     MANIFEST_NAME,
     FeatureGroup,
@@ -119,6 +120,8 @@ class _Input:
     """The sparse layout's encoding: then df holds indices and values columns instead of features."""
     columns: dict[str, str] = dataclasses.field(default_factory=dict)
     """Every input column and its role (``column_roles``)."""
+    digests: list[FileDigest] = dataclasses.field(default_factory=list)
+    """Each input file's content digest, which ``fingerprint`` was computed from (kept in the manifest)."""
 
 
 def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
@@ -129,10 +132,13 @@ def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
     fs = HadoopFS(spark, out_url)
     inputs = {"data.input_url": dcfg.input_url}
     check_output(fs, out_url, PARTITION_OUTPUT, "partition.output_url", inputs)
-    inp = _read_input(spark, dcfg, pcfg)
+    existing = _existing_manifest(fs, out_url)
+    same_input = existing is not None and existing.input_url.rstrip("/") == dcfg.input_url.rstrip("/")
+    known = {} if pcfg.rehash or not same_input else _recorded_digests(existing)
+    inp = _read_input(spark, dcfg, pcfg, known)
     settings = {"data": asdict(dcfg), "partition": asdict(pcfg)}
     settings["partition"].pop("output_url")
-    existing = _existing_manifest(fs, out_url)
+    settings["partition"].pop("rehash")  # how the fingerprint was read, not what the output is
     if existing and existing.input_fingerprint == inp.fingerprint and existing.config == settings:
         try:
             verify_files(existing)
@@ -262,10 +268,21 @@ def _read_libsvm(spark: SparkSession, url: str, dcfg: DataConfig) -> _Read:
     return df, files, list(df.columns)
 
 
-def _read_input(spark: SparkSession, dcfg: DataConfig, pcfg: PartitionConfig) -> _Input:
+def _recorded_digests(manifest: Manifest | None) -> dict[str, FileDigest]:
+    """The content digests an earlier partition recorded, by relative path (none from a damaged record)."""
+    try:
+        return {d.path: d for d in map(FileDigest.from_list, manifest.input_files if manifest else [])}
+    except (TypeError, ValueError):
+        return {}
+
+
+def _read_input(
+    spark: SparkSession, dcfg: DataConfig, pcfg: PartitionConfig, known: dict[str, FileDigest] | None = None
+) -> _Input:
     url = dcfg.input_url.rstrip("/")
     libsvm = dcfg.input_format == "libsvm"
     df, files, file_columns = _read_libsvm(spark, url, dcfg) if libsvm else read_parquet_checked(spark, url)
+    digests = file_digests(spark, url, files, "text" if libsvm else "parquet", known)
     fields = {f.name: f.dataType for f in df.schema.fields}
     unknown = [c for c in dcfg.ignore_cols if c not in fields]
     if unknown:
@@ -332,14 +349,11 @@ def _read_input(spark: SparkSession, dcfg: DataConfig, pcfg: PartitionConfig) ->
     finite_label = (~F.isnan(label) & (F.abs(label) != F.lit(float("inf")))) if regression else F.lit(True)
     valid = label.isNotNull() & finite_label & valid_x
     out = df.select(row_id.alias("row_id"), *feature_cols, label.alias("label"), valid.alias("_valid"))
-    rel = [(u[len(url) + 1 :] or u.rsplit("/", 1)[-1], size, mtime) for u, size, mtime in files]
-    body = json.dumps([dcfg.input_url, rel])
-    fingerprint = hashlib.sha256(body.encode()).hexdigest()[:16]
     # the input columns the features came from: a features array/vector column, or the named columns
     sources = [n for n in names if n in fields] or [dcfg.features_col or FEATURES_COL]
     roles = column_roles(file_columns, sources, encoding, dcfg, ids_from_input)
     log.info("input columns: %s", summarize_roles(roles))
-    return _Input(out, names, fingerprint, sum(f[1] for f in files), ids_from_input, encoding, roles)
+    return _Input(out, names, fingerprint(digests), sum(f[1] for f in files), ids_from_input, encoding, roles, digests)
 
 
 def column_roles(
@@ -964,6 +978,7 @@ def _build_manifest(
         seed=pcfg.seed,
         input_url=cfg.data.input_url,
         input_fingerprint=inp.fingerprint,
+        input_files=[d.to_list() for d in inp.digests],
         input_rows=input_rows,
         dropped_rows=dropped,
         num_classes=REGRESSION if regression else cfg.data.num_classes,

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from sparkml_dist import heartbeat
 from sparkml_dist.errors import InfraError
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,8 @@ class Meter:
 
 
 class Collectives(ABC):
-    """Allreduce, allgather and broadcast between the ranks of one training job, metered."""
+    """Allreduce, allgather and broadcast between the ranks of one training job, metered; each call marks
+    the rank as inside that collective for its heartbeats (``heartbeat.in_collective``)."""
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank = rank
@@ -99,7 +101,8 @@ class Collectives(ABC):
     def allreduce(self, tensor: torch.Tensor, *, average: bool, name: str) -> torch.Tensor:
         """Elementwise sum (or mean) of ``tensor`` over the ranks; a new tensor, the input is unchanged."""
         t0 = time.perf_counter()
-        out = self._allreduce(tensor, average, name)
+        with heartbeat.in_collective(name):
+            out = self._allreduce(tensor, average, name)
         k = self.world_size
         self._count(tensor.numel() * tensor.element_size(), 2 * (k - 1) / k, t0)
         return out
@@ -107,7 +110,8 @@ class Collectives(ABC):
     def allgather(self, tensor: torch.Tensor, *, name: str) -> torch.Tensor:
         """Every rank's ``tensor`` concatenated along dim 0, in rank order (first dims may differ)."""
         t0 = time.perf_counter()
-        out = self._allgather(tensor, name)
+        with heartbeat.in_collective(name):
+            out = self._allgather(tensor, name)
         self._count(tensor.numel() * tensor.element_size(), self.world_size - 1, t0)
         return out
 
@@ -115,14 +119,17 @@ class Collectives(ABC):
         """Overwrite ``tensors`` in place with the root rank's."""
         for i, t in enumerate(tensors):
             t0 = time.perf_counter()
-            self._broadcast_(t, root, f"{name}.{i}")
+            with heartbeat.in_collective(f"{name}.{i}"):
+                self._broadcast_(t, root, f"{name}.{i}")
             self._count(t.numel() * t.element_size() if self.rank == root else 0, 1.0, t0)
 
     def broadcast_object(self, obj: T, *, root: int, name: str) -> T:
-        return self._broadcast_object(obj, root, name)
+        with heartbeat.in_collective(name):
+            return self._broadcast_object(obj, root, name)
 
     def allgather_object(self, obj: T, *, name: str) -> list[T]:
-        return self._allgather_object(obj, name)
+        with heartbeat.in_collective(name):
+            return self._allgather_object(obj, name)
 
     @abstractmethod
     def _allreduce(self, tensor: torch.Tensor, average: bool, name: str) -> torch.Tensor: ...

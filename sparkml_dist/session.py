@@ -10,7 +10,7 @@ import sys
 from pyspark import SparkConf
 from pyspark.sql import SparkSession
 
-from sparkml_dist.config import SparkConfig
+from sparkml_dist.config import LaunchConfig, SparkConfig
 
 SPARK_LOCAL_IP = "SPARK_LOCAL_IP"
 # Set by spark-submit's PythonRunner in the driver's environment: then the JVM (and its master,
@@ -59,15 +59,27 @@ def check_master(master: str, timeout_s: float = MASTER_TIMEOUT_S) -> None:
     )
 
 
-def build_spark_session(cfg: SparkConfig) -> SparkSession:
+BARRIER_TIMEOUT = "spark.barrier.sync.timeout"
+
+
+def barrier_timeout_s(launch: LaunchConfig) -> int:
+    """Spark's barrier ``allGather``/``barrier()`` wait (its default: a year). Ours gather the ranks'
+    addresses at start and hold the rendezvous until every rank is done: as long as a start or a collective
+    may take, plus a minute."""
+    return int(max(launch.start_timeout_s, launch.collective_timeout_s)) + 60
+
+
+def build_spark_session(cfg: SparkConfig, launch: LaunchConfig | None = None) -> SparkSession:
     """Return the SparkSession for a job.
 
     Under spark-submit the session spark-submit configured is used as it is: its master and every conf key
     it set win, and only keys it left unset are filled from ``cfg.conf``. Run directly (python -m jobs.x,
-    tests), a session is built from ``cfg.master`` and ``cfg.conf``.
+    tests), a session is built from ``cfg.master`` and ``cfg.conf``. ``spark.barrier.sync.timeout`` is
+    ``barrier_timeout_s(launch)`` unless set.
     """
     builder = SparkSession.builder.appName(cfg.app_name)
-    wanted = {**_DEFAULTS, **cfg.conf}
+    defaults = {**_DEFAULTS, BARRIER_TIMEOUT: f"{barrier_timeout_s(launch or LaunchConfig())}s"}
+    wanted = {**defaults, **cfg.conf}
     if under_spark_submit():
         existing = SparkConf()
         wanted = {k: v for k, v in wanted.items() if not existing.contains(k)}

@@ -110,3 +110,19 @@ def test_a_rank_user_error_comes_back_as_a_user_error_naming_rank_and_fix_withou
         "rank 1 on 127.0.0.1: LoaderError: shard-1 holds 3 rows, fewer than one batch: lower train.batch_size"
     )
     assert "_user_error_on_rank_1" in err.value.details  # the traceback, for the debug log
+
+
+def test_every_wait_has_a_finite_default_that_scales_with_the_rows(spark):
+    """Issue 19 section 5: job_timeout_s=0 derives a deadline linear in the rows per rank; Spark's barrier
+    waits get ours instead of their one-year default."""
+    from sparkml_dist.launch import job_deadline
+    from sparkml_dist.session import BARRIER_TIMEOUT, barrier_timeout_s
+
+    cfg = LaunchConfig(start_timeout_s=120, collective_timeout_s=300, min_rows_per_s=50)
+    small, large = job_deadline(cfg, 3, 1_000), job_deadline(cfg, 3, 1_000_000)
+    assert small.job_timeout_s == 120 + 3 * 300  # a small epoch: at least a collective's timeout
+    assert large.job_timeout_s == 120 + 3 * 1_000_000 / 50  # linear in the rows per rank
+    assert job_deadline(LaunchConfig(job_timeout_s=42), 3, 1e9).job_timeout_s == 42  # a set one is kept
+    with pytest.raises(Exception, match="job_timeout_s must be >= 0"):
+        LaunchConfig(job_timeout_s=-1)
+    assert spark.conf.get(BARRIER_TIMEOUT) == f"{barrier_timeout_s(LaunchConfig())}s" == "360s"

@@ -260,3 +260,58 @@ def test_manifest_refuses_changed_or_missing_output(spark, tmp_path, raw_url):
     victim.unlink()
     with pytest.raises(ManifestError, match="missing; the output was changed"):
         read_manifest(f"file://{tmp_path}/out")
+
+
+def test_fingerprint_follows_content_not_location_times_or_sizes(spark, tmp_path, raw_url, caplog):
+    """A copy keeps the data fingerprint; a same-size edit changes it; an unchanged re-run reads nothing."""
+    import logging
+    import os
+    import shutil
+
+    import pyarrow as pa
+
+    src = tmp_path / "src"
+    shutil.copytree(raw_url[len("file://") :], src, ignore=shutil.ignore_patterns("*.crc"))  # files we rewrite
+    # one file rewritten uncompressed and without dictionaries, so a value can change at the same size
+    first = sorted(src.glob("part-*.parquet"))[0]
+    table = pq.read_table(first)
+    pq.write_table(table, first, compression="none", use_dictionary=False)
+    url = f"file://{src}"
+    before = partition(spark, _cfg(tmp_path, url))
+    fp = read_manifest(f"file://{tmp_path}/out").input_fingerprint
+    recorded = read_manifest(f"file://{tmp_path}/out").input_files
+    assert not before.skipped and len(recorded) == len(list(src.glob("part-*")))
+
+    # a copy elsewhere (new times, new location): the same fingerprint
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    out2 = f"{tmp_path}/out2"
+    partition(spark, _cfg(tmp_path, f"file://{copy}", f"partition.output_url={out2}"))
+    assert read_manifest(f"file://{out2}").input_fingerprint == fp
+
+    # an unchanged re-run: a no-op that reads no input file to fingerprint it
+    with caplog.at_level(logging.INFO, logger="sparkml_dist.fingerprint"):
+        assert partition(spark, _cfg(tmp_path, url)).skipped
+    assert not [r for r in caplog.records if "fingerprinting" in r.getMessage()]
+
+    # one value edited in place, the file's size unchanged: a new fingerprint, so the output is rebuilt
+    size = first.stat().st_size
+    col = "f0"
+    values = table.column(col).to_pylist()
+    values[len(values) // 2] = values[len(values) // 2] + 0.5
+    field = table.schema.field(col)
+    edited = table.set_column(table.column_names.index(col), field, pa.array(values, field.type))
+    pq.write_table(edited, first, compression="none", use_dictionary=False)
+    assert first.stat().st_size == size
+    again = partition(spark, _cfg(tmp_path, url))
+    assert not again.skipped and read_manifest(f"file://{tmp_path}/out").input_fingerprint != fp
+    fp_edited = read_manifest(f"file://{tmp_path}/out").input_fingerprint
+
+    # the documented limit: size and time both unchanged (the time forged back) reuse the recorded digest;
+    # partition.rehash=true reads every file regardless
+    edited_mtime = first.stat().st_mtime_ns
+    pq.write_table(table, first, compression="none", use_dictionary=False)  # the original values again
+    os.utime(first, ns=(edited_mtime, edited_mtime))
+    assert partition(spark, _cfg(tmp_path, url)).skipped
+    restored = partition(spark, _cfg(tmp_path, url, "partition.rehash=true"))
+    assert not restored.skipped and read_manifest(f"file://{tmp_path}/out").input_fingerprint == fp != fp_edited

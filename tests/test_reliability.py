@@ -103,11 +103,11 @@ def _assert_one_continuous_run(work, run_id: str, restarts: int, resumed_from: i
     assert run.info.status == "FINISHED"
     assert run.data.tags["restarts"] == str(restarts) and "restart_1_reason" in run.data.tags
     # one history: every epoch once, no step logged twice
-    for key in ("train_loss", "val_log_loss"):
+    for key in ("train/loss", "val/log_loss"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3]
-    resumed = client.get_metric_history(run_id, "resumed_from_epoch")
+    resumed = client.get_metric_history(run_id, "system/run/resumed_from_epoch")
     assert [(m.step, m.value) for m in resumed] == [(resumed_from, float(resumed_from))]
-    assert [m.value for m in client.get_metric_history(run_id, "restart_attempt")] == [1.0]
+    assert [m.value for m in client.get_metric_history(run_id, "system/run/restart_attempt")] == [1.0]
 
 
 def _assert_same_parameters(work, run_id: str, reference: dict) -> None:
@@ -164,7 +164,8 @@ def test_with_step_checkpoints_a_kill_mid_epoch_costs_steps_not_an_epoch(work, r
 def _assert_resumed_at_step(work, run_id: str, global_step: int) -> None:
     from mlflow.tracking import MlflowClient
 
-    resumed = MlflowClient(f"sqlite:///{work}/mlflow.db").get_metric_history(run_id, "resumed_from_step")
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    resumed = client.get_metric_history(run_id, "system/run/resumed_from_step")
     assert [m.value for m in resumed] == [float(global_step)]
 
 
@@ -198,6 +199,37 @@ def test_a_stopped_rank_fails_the_attempt_within_the_stall_timeout_and_the_retry
         _assert_one_continuous_run(work, out["run_id"], restarts=1, resumed_from=1)
         _assert_same_parameters(work, out["run_id"], reference)
         assert all(_gone(p) for p in pids)  # Spark killed the stopped worker when it cancelled the attempt
+    finally:
+        _reap(pids)
+
+
+def test_a_rank_hung_alive_outside_the_collectives_fails_the_attempt_naming_it(work, reference):
+    """Alive, heart beating, never reaching the next collective (issue 19 section 5): within the collective
+    timeout the attempt fails naming that rank, not the peer that waits for it; the retry completes."""
+    pids: list[int] = []
+    try:
+        t0 = time.monotonic()
+        out, err = _train_subprocess(
+            work,
+            "local[2,2]",
+            "launch.fault_kind=hang",
+            f"launch.fault_step={FAULT_STEP}",
+            "launch.collective_timeout_s=10",
+            "launch.stall_timeout_s=60",  # its heart beats: the stall detector must not be what fires
+        )
+        pids = [int(p) for p in re.findall(r"fault injection: rank 1 \(pid (\d+)\)", err)]
+        found = re.search(
+            r"rank 1 on 127\.0\.0\.1 \(pid (\d+)\) is alive but has been outside every collective for (\d+) s "
+            rf"\(at step {FAULT_STEP}\), while its peers wait for it \(rank 0 in '[^']+' for \d+ s\)",
+            err,
+        )
+        assert found, err[-3000:]
+        assert int(found.group(1)) in pids and 10 <= int(found.group(2)) <= 10 + 15
+        assert "launch.collective_timeout_s=10" in err and "sent no heartbeat" not in err
+        _assert_one_continuous_run(work, out["run_id"], restarts=1, resumed_from=1)
+        _assert_same_parameters(work, out["run_id"], reference)
+        assert all(_gone(p) for p in pids)
+        assert time.monotonic() - t0 < 240
     finally:
         _reap(pids)
 
