@@ -41,8 +41,15 @@ def _overrides(work: Path) -> list[str]:
     ]
 
 
-def _submit(master_url: str, py_files: Path, job: str, work: Path) -> dict:
+def _submit(master_url: str, py_files: Path, job: str, work: Path, *extra: str) -> dict:
     """spark-submit one job to the cluster in client mode; return the JSON summary (its last stdout line)."""
+    cmd, env = _submit_command(master_url, py_files, job, work, *extra)
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT_S)
+    assert proc.returncode == 0, f"spark-submit {job} failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _submit_command(master_url: str, py_files: Path, job: str, work: Path, *extra: str) -> tuple[list[str], dict]:
     python = sys.executable
     cmd = [
         str(spark_home() / "bin" / "spark-submit"),
@@ -66,12 +73,10 @@ def _submit(master_url: str, py_files: Path, job: str, work: Path) -> dict:
         str(REPO / "jobs" / f"{job}.py"),
         "--config", str(REPO / "conf" / "local.yaml"),
     ]  # fmt: skip
-    for item in _overrides(work):
+    for item in [*_overrides(work), *extra]:
         cmd += ["--set", item]
     env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": python, "PYSPARK_DRIVER_PYTHON": python}
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT_S)
-    assert proc.returncode == 0, f"spark-submit {job} failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return cmd, env
 
 
 @pytest.mark.slow
@@ -113,3 +118,59 @@ def test_stop_is_a_no_op_without_a_cluster_and_status_names_the_fix(tmp_path: Pa
     assert stop_cluster(tmp_path) == []
     with pytest.raises(ClusterError, match="sparkml_dist.cluster start"):
         read_state(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_killed_driver_on_a_standalone_cluster_leaves_no_executor_and_the_rerun_resumes(tmp_path: Path) -> None:
+    """Issue 19 section 2 on a cluster, where the executors are not the driver's children: SIGKILL the
+    spark-submit driver after epoch 2; its executors and their Python workers are gone within 60 s (the
+    master ends the application when the driver's connection drops), and the same command resumes the run."""
+    import signal
+    import time
+
+    import psutil
+
+    from sparkml_dist.metric_names import mlflow_key
+
+    work = tmp_path / "work"
+    work.mkdir()
+    py_files = package_library(tmp_path / "dist")
+    sets = ("train.epochs=5", "train.max_steps_per_epoch=30", "tracking.run_key=standalone-kill",
+            "launch.job_timeout_s=0", "tracking.system_metrics_s=0")  # fmt: skip
+    with running_cluster(tmp_path / "cluster", workers=2, cores=1, memory="1g", timeout_s=180) as info:
+        _submit(info.master_url, py_files, "generate", work)
+        _submit(info.master_url, py_files, "partition", work)
+        cmd, env = _submit_command(info.master_url, py_files, "train", work, *sets)
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        executors: dict[int, psutil.Process] = {}  # and everything else the driver started
+        deadline = time.monotonic() + 400
+        while _epochs_logged(work, mlflow_key("val_log_loss")) < 2:
+            assert proc.poll() is None, proc.communicate()[1].decode()[-4000:]
+            assert time.monotonic() < deadline, "training did not reach epoch 2 in 400 s"
+            for child in psutil.Process(proc.pid).children(recursive=True):  # the Python driver itself
+                executors.setdefault(child.pid, child)
+            for p in psutil.process_iter(["cmdline"]):
+                if "CoarseGrainedExecutorBackend" in " ".join(p.info["cmdline"] or []):
+                    executors.setdefault(p.pid, p)
+                    for child in p.children(recursive=True):  # the executors' Python workers
+                        executors.setdefault(child.pid, child)
+            time.sleep(0.5)
+        assert len([p for p in executors.values() if "java" in p.name()]) == 2, executors
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        _, alive = psutil.wait_procs(list(executors.values()), timeout=60)
+        left = [f"{p.pid} {' '.join(p.cmdline()[:3])}" for p in alive if p.is_running()]
+        assert not left, f"outlived the killed driver by 60 s: {left}"
+        resumed = _submit(info.master_url, py_files, "train", work, *sets)
+    assert resumed["resumed_from_epoch"] >= 2 and resumed["epochs"] == 5, resumed
+
+
+def _epochs_logged(work: Path, key: str) -> int:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(work / "mlflow.db", timeout=1) as con:
+            row = con.execute("select max(step) from metrics where key = ?", (key,)).fetchone()
+    except sqlite3.Error:
+        return 0
+    return int(row[0] or 0)

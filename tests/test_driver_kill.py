@@ -59,15 +59,17 @@ def _epochs_logged(work: Path, since_ms: int) -> int:
     there is one)."""
     import sqlite3
 
+    from sparkml_dist.metric_names import mlflow_key
+
     db = work / "mlflow.db"
     if not db.exists():
         return 0
     try:
         with sqlite3.connect(db, timeout=1) as con:
             row = con.execute(
-                "select max(step) from metrics where key = 'val_log_loss' and run_uuid = "
+                "select max(step) from metrics where key = ? and run_uuid = "
                 "(select run_uuid from runs where start_time > ? order by start_time desc limit 1)",
-                (since_ms,),
+                (mlflow_key("val_log_loss"), since_ms),
             ).fetchone()
     except sqlite3.Error:
         return 0
