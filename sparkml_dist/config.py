@@ -568,7 +568,14 @@ class TrackingConfig:
     replaces (deletes) the experiment's earlier runs of that kind with the same key, so reruns never pile up.
     Training reuses instead: a FINISHED run on the same manifest is returned as is, an unfinished one resumed."""
 
+    outage_wait_s: float = 600.0
+    """A training run never waits on an unreachable tracking server: its metrics are kept in a spool beside
+    its checkpoints and delivered when the server is back (``spool.py``). At the end of the run it waits this
+    many seconds for the server, then fails saying where the metrics and the model are."""
+
     def __post_init__(self) -> None:
+        if self.outage_wait_s < 0:
+            raise ConfigError(f"tracking.outage_wait_s must be >= 0, got {self.outage_wait_s}")
         if self.system_metrics_s < 0:
             raise ConfigError(f"tracking.system_metrics_s must be >= 0 (0: off), got {self.system_metrics_s}")
         if self.run_key is not None and not _SAFE_TAG.match(self.run_key):

@@ -6,6 +6,7 @@ Spark task starts; the run is created only then, and it is marked FAILED if the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -28,6 +29,7 @@ from sparkml_dist.metrics import REGRESSION, primary_metric
 from sparkml_dist.models import build_model, check_model_for_data, prediction_model, split_first_layer
 from sparkml_dist.partition import verify_pages
 from sparkml_dist.ps import driver as ps_driver
+from sparkml_dist.spool import SPOOL_DIR
 from sparkml_dist.train import TrainJob, train_rank
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,7 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     tracking.log_manifest_input(run, manifest, context="training")
     checkpoint_url = f"{cfg.train.runs_url.rstrip('/')}/{run.run_id}/checkpoints"
     tracking.set_tags(run, {"checkpoint_url": checkpoint_url})
+    run = dataclasses.replace(run, spool_url=f"{cfg.train.runs_url.rstrip('/')}/{run.run_id}/{SPOOL_DIR}")
     rows_per_rank = steps * cfg.train.batch_size + manifest.validation.rows / world  # what bounds an epoch
     launch_cfg = job_deadline(cfg.launch, cfg.train.epochs, rows_per_rank)
     job = TrainJob(cfg.train, launch_cfg, manifest, run, checkpoint_url, steps, cfg.comm, cfg.tracking.system_metrics_s)
@@ -141,6 +144,7 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     try:
         if out is None:  # rank 0 always returns its state; None means the launcher lost it
             raise RuntimeError(f"rank 0 returned no result for run {run.run_id}")
+        tracking.settle(run, cfg.tracking.outage_wait_s, checkpoint_url)  # metrics kept in an outage go in now
         if by_feature and cfg.tracking.log_model:  # the ranks' weight blocks -> one ordinary model
             out = {**out, "state_dict": feature_parallel.assemble_state_dict(manifest, out["block_urls"])}
         model_uri = _log_outcome(run, cfg, manifest, out)

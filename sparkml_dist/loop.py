@@ -368,7 +368,12 @@ def _note_resume(
 ) -> None:
     """One continuous metric history across restarts: log the checkpoint's epochs MLflow lacks, then mark
     the restart with ``resumed_from_epoch`` (and the batch, ``resumed_from_step``) at the epoch it resumed in."""
-    logged = {step for step, _ in tracking.metric_history(run, "train_loss")}
+    try:
+        logged = {step for step, _ in tracking.metric_history(run, "train_loss")}
+    except Exception:
+        if not tracking.in_outage(run):
+            raise
+        logged = {int(h["epoch"]) for h in history}  # the tracker is away: the earlier attempt logged or kept them
     for h in history:
         if int(h["epoch"]) not in logged:
             tracking.log_metrics(run, {k: v for k, v in h.items() if k != "epoch"}, step=int(h["epoch"]))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sparkml_dist import spool
 from sparkml_dist.config import JobConfig, TrackingConfig
 from sparkml_dist.errors import InfraError
 from sparkml_dist.metric_names import flat_key, mlflow_key
@@ -45,6 +46,9 @@ class RunHandle:
     tracking_uri: str
     experiment_id: str
     run_id: str
+    spool_url: str = ""
+    """Where metrics wait while the tracking server is unreachable (``spool.py``); empty = no spool (a failed
+    log raises, as MLflow's client does)."""
 
 
 def _client(uri: str) -> Any:
@@ -291,16 +295,93 @@ def set_tags(run: RunHandle, tags: dict[str, str]) -> None:
         client.set_tag(run.run_id, k, v)
 
 
-def log_metrics(run: RunHandle, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+def log_metrics(
+    run: RunHandle, metrics: dict[str, float], step: int, timestamp_ms: int | None = None, keep: bool = True
+) -> None:
     """Log one step's metrics (rank 0 from its executor, or a baseline from the driver), each under its
-    sectioned MLflow name (``metric_names.mlflow_key``: ``train_loss`` is ``train/loss`` in the UI)."""
+    sectioned MLflow name (``metric_names.mlflow_key``: ``train_loss`` is ``train/loss`` in the UI).
+
+    A run with a spool never waits on an unreachable tracking server: the batch is kept in the spool
+    (``keep``; system samples are dropped instead) and delivered, oldest first, by the next log that finds
+    the server up, or by ``settle`` at the end of the run."""
     import time
 
+    ts = timestamp_ms or int(time.time() * 1000)
+    rows = [(mlflow_key(k), float(v), ts, step) for k, v in metrics.items() if v is not None and np.isfinite(v)]
+    if not rows:
+        return
+    if not (run.spool_url and spool.is_server(run.tracking_uri)):
+        send_rows(run, rows)
+        return
+    if spool.reachable(run.tracking_uri):
+        try:
+            _deliver_spool(run)
+            send_rows(run, rows)
+            return
+        except Exception:
+            if spool.reachable(run.tracking_uri):
+                raise  # the server answered and refused: not an outage
+    if keep:
+        where = spool.write(run.spool_url, rows)
+        if not _OUTAGE["on"]:
+            _OUTAGE["on"] = True
+            log.warning(
+                "tracking server %s does not answer: run %s's metrics are kept in %s until it is back (first: %s); "
+                "training goes on",
+                run.tracking_uri, run.run_id, run.spool_url, where.rsplit("/", 1)[-1],
+            )  # fmt: skip
+
+
+_OUTAGE = {"on": False}
+
+
+def in_outage(run: RunHandle) -> bool:
+    """Whether ``run`` has a spool and its tracking server does not answer now."""
+    return bool(run.spool_url) and not spool.reachable(run.tracking_uri)
+
+
+def send_rows(run: RunHandle, rows: list[tuple[str, float, int, int]]) -> None:
+    """One ``log_batch`` of (MLflow key, value, timestamp ms, step) rows."""
     from mlflow.entities import Metric
 
-    ts = timestamp_ms or int(time.time() * 1000)
-    batch = [Metric(mlflow_key(k), float(v), ts, step) for k, v in metrics.items() if v is not None and np.isfinite(v)]
-    _client(run.tracking_uri).log_batch(run.run_id, metrics=batch)
+    _client(run.tracking_uri).log_batch(run.run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in rows])
+
+
+def _deliver_spool(run: RunHandle) -> None:
+    if not spool.pending(run.spool_url):
+        return
+    sent = spool.deliver(run.spool_url, lambda rows: send_rows(run, rows))
+    if sent:
+        _OUTAGE["on"] = False
+        log.info("tracking server %s is back: delivered %d kept metric batch(es) of run %s", run.tracking_uri,
+                 sent, run.run_id)  # fmt: skip
+
+
+def settle(run: RunHandle, wait_s: float, model_url: str) -> None:
+    """The end of a run with a spool: wait up to ``wait_s`` for its tracking server, then deliver what the
+    spool holds. If the server stays away, fail saying where the metrics and the trained model are."""
+    import time
+
+    if not (run.spool_url and spool.is_server(run.tracking_uri)):
+        return
+    deadline = time.monotonic() + wait_s
+    warned = False
+    while not spool.reachable(run.tracking_uri):
+        if time.monotonic() > deadline:
+            left = len(spool.pending(run.spool_url))
+            raise TrackingError(
+                f"the tracking server {run.tracking_uri} did not answer for tracking.outage_wait_s={wait_s:g} s at "
+                f"the end of run {run.run_id}. Its metrics are kept in {run.spool_url} ({left} batch(es)): once "
+                f"the server is back, `python -m sparkml_dist.spool {run.spool_url} --tracking-uri "
+                f"{run.tracking_uri} --run-id {run.run_id}` delivers them. The trained model's state is in "
+                f"{model_url} (the newest epoch-*.pt); the run stays RUNNING in MLflow."
+            )
+        if not warned:
+            warned = True
+            log.warning("tracking server %s does not answer: waiting up to %g s for it before logging run %s's "
+                        "model", run.tracking_uri, wait_s, run.run_id)  # fmt: skip
+        time.sleep(1.0)
+    _deliver_spool(run)
 
 
 def metric_history(run: RunHandle, key: str) -> list[tuple[int, float]]:
@@ -308,11 +389,23 @@ def metric_history(run: RunHandle, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in _client(run.tracking_uri).get_metric_history(run.run_id, mlflow_key(key))]
 
 
-def log_dict(run: RunHandle, data: dict, name: str) -> None:
+def log_dict(run: RunHandle, data: dict, name: str, best_effort: bool = False) -> None:
+    """Log ``data`` as the JSON artifact ``name``; ``best_effort``: during a tracking outage (a run with a
+    spool whose server does not answer) skip it with a warning instead of failing the run."""
+    if best_effort and in_outage(run):
+        log.warning("artifact %s of run %s not logged: the tracking server %s does not answer", name, run.run_id,
+                    run.tracking_uri)  # fmt: skip
+        return
     _client(run.tracking_uri).log_dict(run.run_id, data, name)
 
 
 def finish_run(run: RunHandle, status: str = "FINISHED") -> None:
+    """Mark ``run`` ended. A FAILED mark is best effort: the error that failed the run is the one to raise
+    (an unreachable server must not replace it)."""
+    if status != "FINISHED" and in_outage(run):
+        log.warning("run %s could not be marked %s: the tracking server %s does not answer", run.run_id, status,
+                    run.tracking_uri)  # fmt: skip
+        return
     _client(run.tracking_uri).set_terminated(run.run_id, status=status)
 
 
@@ -510,7 +603,7 @@ def system_metrics(run: RunHandle, node_id: str, interval_s: float) -> Iterator[
         }
         metrics.update(_gpu_memory())
         try:
-            log_metrics(run, {prefix + k: v for k, v in metrics.items()}, step=step[0])
+            log_metrics(run, {prefix + k: v for k, v in metrics.items()}, step=step[0], keep=False)
         except Exception as exc:  # noqa: BLE001 (a tracking hiccup: skip this sample)
             log.debug("system metrics sample of %s skipped: %s", node_id, exc)
         step[0] += 1

@@ -188,7 +188,7 @@ def train(
                 t.join(timeout=min(comm.ps_timeout_s, FINISH_S))
             state_dict = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         traffic = _traffic_summary(state)
-        tracking.log_dict(run, traffic, "ps/workers.json")
+        tracking.log_dict(run, traffic, "ps/workers.json", best_effort=True)
         return {
             "state_dict": state_dict,
             "history": history,
@@ -421,11 +421,17 @@ def _follow_epochs(
         tracking.log_metrics(run, metrics, step=epoch + 1)
         counts = {str(a): b for a, b in sorted(hist.items())}
         tracking.log_dict(
-            run, {"epoch": epoch + 1, "staleness_histogram": counts}, f"ps/staleness/epoch-{epoch + 1:04d}.json"
+            run,
+            {"epoch": epoch + 1, "staleness_histogram": counts},
+            f"ps/staleness/epoch-{epoch + 1:04d}.json",
+            best_effort=True,
         )
         epoch += 1
     tracking.log_dict(
-        run, {"staleness_histogram": {str(a): b for a, b in sorted(hist_all.items())}}, "ps/staleness.json"
+        run,
+        {"staleness_histogram": {str(a): b for a, b in sorted(hist_all.items())}},
+        "ps/staleness.json",
+        best_effort=True,
     )
     return history
 
