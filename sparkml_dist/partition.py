@@ -239,6 +239,11 @@ def read_parquet_checked(spark: SparkSession, url: str, key: str = "data.input_u
         df = spark.read.options(**READ_VERIFY).parquet(url)
     except AnalysisException as exc:
         raise PartitionError(f"cannot read Parquet at {key} {url}: {exc}") from exc
+    except Exception as exc:  # a file that fails its checksum while Spark reads the footers
+        clean = corrupt_file_error(exc, key)
+        if clean is None:
+            raise
+        raise clean from exc
     dir_keys = {part.split("=", 1)[0] for u, _, _ in files for part in u[len(url) + 1 :].split("/")[:-1] if "=" in part}
     phantom = [f.name for f in df.schema.fields if f.name not in file_columns and f.name not in dir_keys]
     if phantom:
@@ -282,7 +287,10 @@ def _read_input(
     url = dcfg.input_url.rstrip("/")
     libsvm = dcfg.input_format == "libsvm"
     df, files, file_columns = _read_libsvm(spark, url, dcfg) if libsvm else read_parquet_checked(spark, url)
-    digests = file_digests(spark, url, files, "text" if libsvm else "parquet", known)
+    try:
+        digests = file_digests(spark, url, files, "text" if libsvm else "parquet", known)
+    except Exception as exc:  # the first full read of the data: a damaged page shows here
+        raise _clean_error(exc) from exc
     fields = {f.name: f.dataType for f in df.schema.fields}
     unknown = [c for c in dcfg.ignore_cols if c not in fields]
     if unknown:
@@ -1070,9 +1078,22 @@ def _clean_error(exc: Exception) -> Exception:
     return clean_invalid_row_error(exc) or corrupt_file_error(exc, "data.input_url") or exc
 
 
+_STALE_CRC = re.compile(r"ChecksumException: Checksum error: (\S+?) at \d+")
+
+
 def corrupt_file_error(exc: BaseException, key: str) -> CorruptInputError | None:
-    """A CorruptInputError naming the file if ``exc`` is Spark failing to read a damaged Parquet page."""
+    """A CorruptInputError naming the file if ``exc`` is Spark failing to read a damaged Parquet page, or
+    Hadoop's checksum side file (``.NAME.crc``) disagreeing with the file."""
     text = str(exc)
+    stale = _STALE_CRC.search(text)
+    if stale:
+        path = stale.group(1)
+        side = "/".join([*path.split("/")[:-1], f".{path.rsplit('/', 1)[-1]}.crc"])
+        return CorruptInputError(
+            f"input file {path} under {key} does not match its Hadoop checksum file {side}: the file changed "
+            "after Spark or Hadoop wrote it (damage, or a rewrite by another tool that left the old .crc "
+            "behind). Restore the file; if the rewrite was intended, delete that .crc file"
+        )
     if not any(m in text for m in _CORRUPT):
         return None
     found = _READ_FILE.search(text)

@@ -169,3 +169,21 @@ def test_a_hand_edited_manifest_is_refused_and_not_trained_on(spark, sweep_dir):
     with pytest.raises(ManifestError, match="checksum"):
         read_manifest(f"file://{out}")
     assert time.monotonic() - t0 < QUICK_S
+
+
+def test_a_file_rewritten_behind_its_hadoop_checksum_is_named_with_its_crc_file(spark, sweep_dir):
+    """Noticed while testing fingerprints: a Parquet file rewritten in place by another tool, its Hadoop
+    ``.crc`` side file left as it was, failed with Spark's raw ChecksumException."""
+    from sparkml_dist.config import GenerateConfig
+    from sparkml_dist.synthetic import write_dataset
+
+    raw, out = sweep_dir / "crc" / "raw", sweep_dir / "crc" / "out"
+    write_dataset(spark, GenerateConfig(output_url=f"file://{raw}", rows=400, features=3, partitions=1, seed=2))
+    victim = sorted(raw.glob("part-*.parquet"))[0]
+    pq.write_table(pq.read_table(victim).slice(1), victim)  # another tool rewrites it; the .crc stays
+    cfg = load_config(None, [f"paths.work_dir={sweep_dir / 'crc'}", f"data.input_url=file://{raw}",
+                             f"partition.output_url=file://{out}"])  # fmt: skip
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=rf"{victim.name} .*does not match its Hadoop checksum file .*\.crc"):
+        partition(spark, cfg)
+    assert time.monotonic() - t0 < QUICK_S and not out.exists()
