@@ -102,6 +102,8 @@ class PartitionResult:
     seconds: float
     row_ids_rekeyed: bool = False
     """True when the input's row ids had duplicates or nulls and data.duplicate_row_ids=rekey numbered the rows."""
+    fingerprint_s: float = 0.0
+    """Of ``seconds``: reading the input to fingerprint its content (0 when every file's digest was reused)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -122,6 +124,7 @@ class _Input:
     """Every input column and its role (``column_roles``)."""
     digests: list[FileDigest] = dataclasses.field(default_factory=list)
     """Each input file's content digest, which ``fingerprint`` was computed from (kept in the manifest)."""
+    fingerprint_s: float = 0.0
 
 
 def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
@@ -142,7 +145,9 @@ def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
     if existing and existing.input_fingerprint == inp.fingerprint and existing.config == settings:
         try:
             verify_files(existing)
-            return _result(existing, skipped=True, started=started)
+            return dataclasses.replace(
+                _result(existing, skipped=True, started=started), fingerprint_s=inp.fingerprint_s
+            )
         except ManifestError as exc:  # our own output, damaged since: write it again
             log.warning("re-partitioning: the earlier output no longer matches its manifest (%s)", exc)
 
@@ -190,7 +195,8 @@ def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
     finally:
         if groups:
             assigned.unpersist()
-    return dataclasses.replace(_result(manifest, skipped=False, started=started), row_ids_rekeyed=rekeyed)
+    result = _result(manifest, skipped=False, started=started)
+    return dataclasses.replace(result, row_ids_rekeyed=rekeyed, fingerprint_s=inp.fingerprint_s)
 
 
 def _assign(inp: _Input, dcfg: DataConfig, pcfg: PartitionConfig) -> tuple[DataFrame, dict[str, int]]:
@@ -287,10 +293,13 @@ def _read_input(
     url = dcfg.input_url.rstrip("/")
     libsvm = dcfg.input_format == "libsvm"
     df, files, file_columns = _read_libsvm(spark, url, dcfg) if libsvm else read_parquet_checked(spark, url)
+    t0 = time.monotonic()
     try:
         digests = file_digests(spark, url, files, "text" if libsvm else "parquet", known)
     except Exception as exc:  # the first full read of the data: a damaged page shows here
         raise _clean_error(exc) from exc
+    read_any = any((known or {}).get(d.path) is not d for d in digests)  # a reused digest is the known object
+    fingerprint_s = round(time.monotonic() - t0, 3) if read_any else 0.0
     fields = {f.name: f.dataType for f in df.schema.fields}
     unknown = [c for c in dcfg.ignore_cols if c not in fields]
     if unknown:
@@ -361,7 +370,8 @@ def _read_input(
     sources = [n for n in names if n in fields] or [dcfg.features_col or FEATURES_COL]
     roles = column_roles(file_columns, sources, encoding, dcfg, ids_from_input)
     log.info("input columns: %s", summarize_roles(roles))
-    return _Input(out, names, fingerprint(digests), sum(f[1] for f in files), ids_from_input, encoding, roles, digests)
+    bytes_in = sum(f[1] for f in files)
+    return _Input(out, names, fingerprint(digests), bytes_in, ids_from_input, encoding, roles, digests, fingerprint_s)
 
 
 def column_roles(

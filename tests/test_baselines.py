@@ -115,7 +115,7 @@ def test_each_baseline_is_an_mlflow_run_tagged_like_the_allreduce_runs(spark, da
             assert first["aggregate_bytes"] == 2 * (first["bytes_per_iteration"] - first["broadcast_bytes"] / 2)
             assert (2 + FEATURES + 1) * 8 < first["aggregate_bytes"] / 2 < (2 + FEATURES + 1) * 8 + 200
         else:
-            assert {"val_log_loss", "val_auc"} <= set(run.data.metrics)  # at the last step, for the comparison
+            assert {"val/log_loss", "val/auc"} <= set(run.data.metrics)  # at the last step, for the comparison
 
 
 def test_stops_at_the_target_and_records_the_time_to_reach_it(spark, data, results):

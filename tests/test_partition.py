@@ -291,7 +291,8 @@ def test_fingerprint_follows_content_not_location_times_or_sizes(spark, tmp_path
 
     # an unchanged re-run: a no-op that reads no input file to fingerprint it
     with caplog.at_level(logging.INFO, logger="sparkml_dist.fingerprint"):
-        assert partition(spark, _cfg(tmp_path, url)).skipped
+        noop = partition(spark, _cfg(tmp_path, url))
+    assert noop.skipped and noop.fingerprint_s == 0 < before.fingerprint_s
     assert not [r for r in caplog.records if "fingerprinting" in r.getMessage()]
 
     # one value edited in place, the file's size unchanged: a new fingerprint, so the output is rebuilt
