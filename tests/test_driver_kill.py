@@ -96,13 +96,14 @@ def _kill_after_epoch(work: Path, sets: list[str], epoch: int) -> tuple[list[psu
 
 
 def _collect(pid: int, into: dict[int, psutil.Process]) -> None:
+    """Add ``pid``'s descendants to ``into``, refreshing each one's command line: spark-submit's child starts
+    as ``bash spark-class`` and only then execs ``java``, so the first look may see the bash one."""
     for c in psutil.Process(pid).children(recursive=True):
-        if c.pid not in into:
-            try:
-                c.info = {"cmd": " ".join(c.cmdline()[:4])}
-            except psutil.Error:
-                continue
-            into[c.pid] = c
+        try:
+            cmd = " ".join(c.cmdline()[:4])
+        except psutil.Error:
+            continue
+        into.setdefault(c.pid, c).info = {"cmd": cmd}
 
 
 def _assert_nothing_outlives(started: list[psutil.Process]) -> None:
