@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shutil
 import socket
 import sys
+import tempfile
+import uuid
+from pathlib import Path
 
 from pyspark import SparkConf
 from pyspark.sql import SparkSession
 
 from sparkml_dist.config import LaunchConfig, SparkConfig
 
+log = logging.getLogger(__name__)
+
 SPARK_LOCAL_IP = "SPARK_LOCAL_IP"
+LOCAL_DIRS = "sparkml-dist-spark"
+"""Under the system temp dir: one ``<pid>-<id>`` scratch dir (``spark.local.dir``) per local-master driver."""
+_LOCAL_DIR: dict[str, Path] = {}
 # Set by spark-submit's PythonRunner in the driver's environment: then the JVM (and its master,
 # resources and --conf values) already exists and wins.
 PYSPARK_GATEWAY_PORT = "PYSPARK_GATEWAY_PORT"
@@ -91,11 +101,42 @@ def build_spark_session(cfg: SparkConfig, launch: LaunchConfig | None = None) ->
             os.environ.setdefault(SPARK_LOCAL_IP, "127.0.0.1")
             # Local Python workers run the driver's interpreter (the project venv), not the system one.
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+            if "spark.local.dir" not in wanted and SparkSession.getActiveSession() is None:
+                wanted["spark.local.dir"] = str(_own_local_dir())
     for key, value in wanted.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(cfg.log_level)
     return spark
+
+
+def _own_local_dir() -> Path:
+    """A scratch dir for this driver's Spark (shuffle files, blocks), named by its pid; and the sweep of
+    those whose driver is gone. A SIGKILLed driver cannot remove its own (Spark's shutdown hook never runs),
+    so the next local driver on the machine removes it: scratch outlives a killed driver until then."""
+    if "path" in _LOCAL_DIR and _LOCAL_DIR["path"].is_dir():  # a second session of this process
+        return _LOCAL_DIR["path"]
+    root = Path(tempfile.gettempdir()) / LOCAL_DIRS
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.iterdir():
+        pid = old.name.split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("removed %s, the Spark scratch dir of driver pid %s, which is gone", old, pid)
+    mine = root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    mine.mkdir()
+    _LOCAL_DIR["path"] = mine
+    return mine
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def stop_spark_session(spark: SparkSession) -> None:
@@ -109,6 +150,9 @@ def stop_spark_session(spark: SparkSession) -> None:
     """
     jvm = spark.sparkContext._jvm
     spark.stop()
+    own = _LOCAL_DIR.pop("path", None)
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
     if under_spark_submit() and jvm is not None:
         module = getattr(getattr(jvm.org.apache.spark, "BarrierTaskContext$"), "MODULE$")
         timer = getattr(module, "org$apache$spark$BarrierTaskContext$$timer")()

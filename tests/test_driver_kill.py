@@ -12,11 +12,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+
+from sparkml_dist.session import LOCAL_DIRS
 
 REPO = Path(__file__).resolve().parents[1]
 OUTLIVE_S = 60.0
@@ -76,9 +79,9 @@ def _epochs_logged(work: Path, since_ms: int) -> int:
     return int(row[0] or 0)
 
 
-def _kill_after_epoch(work: Path, sets: list[str], epoch: int) -> tuple[list[psutil.Process], str]:
+def _kill_after_epoch(work: Path, sets: list[str], epoch: int) -> tuple[list[psutil.Process], str, int]:
     """Start the job, SIGKILL it once ``epoch`` epochs are logged; (every process it had started, with the
-    command line it had, and its stderr)."""
+    command line it had, its stderr, its pid)."""
     env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"}
     since_ms = int(time.time() * 1000)
     proc = subprocess.Popen(_command(sets), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -92,7 +95,7 @@ def _kill_after_epoch(work: Path, sets: list[str], epoch: int) -> tuple[list[psu
     _collect(proc.pid, children)
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=30)
-    return list(children.values()), err.decode()
+    return list(children.values()), err.decode(), proc.pid
 
 
 def _collect(pid: int, into: dict[int, psutil.Process]) -> None:
@@ -124,19 +127,22 @@ def _run(sets: list[str]) -> tuple[dict, str]:
 @pytest.mark.parametrize("extra", [(), ("comm.strategy=parameter_server", "comm.staleness=0")], ids=["ring", "ps"])
 def test_a_killed_driver_leaves_nothing_behind_and_the_same_command_resumes_its_run(kill_data, extra):
     sets = _sets(kill_data, f"tracking.run_key=kill-{len(extra)}", *extra)
-    started, _ = _kill_after_epoch(kill_data, sets, 2)
+    started, _, pid = _kill_after_epoch(kill_data, sets, 2)
     commands = " | ".join(p.info["cmd"] for p in started)
     assert "java" in commands, commands  # its Spark JVM (executors included, on a local master)
     if extra:
         assert "sparkml_dist.ps.server" in commands, commands
     _assert_nothing_outlives(started)
+    scratch = list((Path(tempfile.gettempdir()) / LOCAL_DIRS).glob(f"{pid}-*"))
+    assert scratch, "the killed driver had no Spark scratch dir of its own"  # and could not remove it
     out, _ = _run(sets)
     assert out["resumed_from_epoch"] >= 2 and out["epochs"] == 6, out
+    assert not [p for p in scratch if p.exists()], "the next driver did not remove the killed one's scratch dir"
 
 
 def test_without_a_run_key_the_rerun_names_the_flag_that_resumes_the_killed_run(kill_data):
     sets = _sets(kill_data, "train.seed=11")  # a training of its own: no other run has this fingerprint
-    started, _ = _kill_after_epoch(kill_data, sets, 2)
+    started, _, _ = _kill_after_epoch(kill_data, sets, 2)
     _assert_nothing_outlives(started)
     out, err = _run(sets)
     hint = [line for line in err.splitlines() if "--set train.resume_run_id=" in line]
