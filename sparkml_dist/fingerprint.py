@@ -63,10 +63,10 @@ def file_digests(
     files: Sequence[tuple[str, int, int]],
     fmt: str,
     known: Mapping[str, FileDigest] | None = None,
-) -> list[FileDigest]:
+) -> tuple[list[FileDigest], int]:
     """A ``FileDigest`` per file of ``files`` ((URL, size, mtime) below ``url``, in ``fmt`` ``parquet`` or
-    ``text``). A file in ``known`` (by relative path) with the same size and mtime keeps its digest; the rest
-    are read by one Spark job."""
+    ``text``), and how many files were read for them. A file in ``known`` (by relative path) with the same size
+    and mtime keeps its digest; the rest are read by one Spark job."""
     url = url.rstrip("/")
     known = known or {}
     rel = {u: (u[len(url) + 1 :] or u.rsplit("/", 1)[-1]) for u, _, _ in files}
@@ -84,7 +84,7 @@ def file_digests(
         computed = _digest_files(spark, [u for u, _, _ in todo], fmt)
         for u, size, mtime in todo:
             out[u] = FileDigest(rel[u], size, mtime, computed.get(_norm(u), _EMPTY))
-    return [out[u] for u, _, _ in files]
+    return [out[u] for u, _, _ in files], len(todo)
 
 
 _EMPTY = "0:0:0:0:-"
@@ -102,9 +102,8 @@ def _digest_files(spark: SparkSession, urls: list[str], fmt: str) -> dict[str, s
     """{normalized file URL: digest} for the files that hold rows, by one aggregation job."""
     df: DataFrame = spark.read.parquet(*urls) if fmt == "parquet" else spark.read.text(urls)
     cols = sorted(df.columns)
-    schema = hashlib.sha256(json.dumps([(c, df.schema[c].dataType.simpleString()) for c in cols]).encode()).hexdigest()[
-        :12
-    ]
+    types = json.dumps([(c, df.schema[c].dataType.simpleString()) for c in cols])
+    schema = hashlib.sha256(types.encode()).hexdigest()[:12]
     h = F.xxhash64(*[F.col(f"`{c}`") for c in cols]) if cols else F.lit(0)
     spark.sparkContext.setJobDescription(f"fingerprint: digest {len(urls)} input file(s) by content")
     rows = (

@@ -108,9 +108,10 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
         _say_how_to_resume(cfg, tags[TRAIN_FINGERPRINT_TAG])
     run = tracking.start_run(cfg, tags, kind=kind, resume_run_id=resume_run_id)
     tracking.log_manifest_input(run, manifest, context="training")
-    checkpoint_url = f"{cfg.train.runs_url.rstrip('/')}/{run.run_id}/checkpoints"
+    run_dir = f"{cfg.train.runs_url.rstrip('/')}/{run.run_id}"
+    checkpoint_url = f"{run_dir}/checkpoints"
     tracking.set_tags(run, {"checkpoint_url": checkpoint_url})
-    run = dataclasses.replace(run, spool_url=f"{cfg.train.runs_url.rstrip('/')}/{run.run_id}/{SPOOL_DIR}")
+    run = dataclasses.replace(run, spool_url=f"{run_dir}/{SPOOL_DIR}")
     rows_per_rank = steps * cfg.train.batch_size + manifest.validation.rows / world  # what bounds an epoch
     launch_cfg = job_deadline(cfg.launch, cfg.train.epochs, rows_per_rank)
     job = TrainJob(cfg.train, launch_cfg, manifest, run, checkpoint_url, steps, cfg.comm, cfg.tracking.system_metrics_s)

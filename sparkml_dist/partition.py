@@ -145,9 +145,7 @@ def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
     if existing and existing.input_fingerprint == inp.fingerprint and existing.config == settings:
         try:
             verify_files(existing)
-            return dataclasses.replace(
-                _result(existing, skipped=True, started=started), fingerprint_s=inp.fingerprint_s
-            )
+            return _result(existing, skipped=True, started=started, fingerprint_s=inp.fingerprint_s)
         except ManifestError as exc:  # our own output, damaged since: write it again
             log.warning("re-partitioning: the earlier output no longer matches its manifest (%s)", exc)
 
@@ -195,8 +193,8 @@ def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
     finally:
         if groups:
             assigned.unpersist()
-    result = _result(manifest, skipped=False, started=started)
-    return dataclasses.replace(result, row_ids_rekeyed=rekeyed, fingerprint_s=inp.fingerprint_s)
+    result = _result(manifest, skipped=False, started=started, fingerprint_s=inp.fingerprint_s)
+    return dataclasses.replace(result, row_ids_rekeyed=rekeyed)
 
 
 def _assign(inp: _Input, dcfg: DataConfig, pcfg: PartitionConfig) -> tuple[DataFrame, dict[str, int]]:
@@ -295,11 +293,10 @@ def _read_input(
     df, files, file_columns = _read_libsvm(spark, url, dcfg) if libsvm else read_parquet_checked(spark, url)
     t0 = time.monotonic()
     try:
-        digests = file_digests(spark, url, files, "text" if libsvm else "parquet", known)
+        digests, read = file_digests(spark, url, files, "text" if libsvm else "parquet", known)
     except Exception as exc:  # the first full read of the data: a damaged page shows here
         raise _clean_error(exc) from exc
-    read_any = any((known or {}).get(d.path) is not d for d in digests)  # a reused digest is the known object
-    fingerprint_s = round(time.monotonic() - t0, 3) if read_any else 0.0
+    fingerprint_s = round(time.monotonic() - t0, 3) if read else 0.0
     fields = {f.name: f.dataType for f in df.schema.fields}
     unknown = [c for c in dcfg.ignore_cols if c not in fields]
     if unknown:
@@ -1058,7 +1055,7 @@ def _check_row_groups(manifest: Manifest, pcfg: PartitionConfig) -> None:
         )
 
 
-def _result(m: Manifest, skipped: bool, started: float) -> PartitionResult:
+def _result(m: Manifest, skipped: bool, started: float, fingerprint_s: float) -> PartitionResult:
     return PartitionResult(
         manifest_url=f"{m.root_url}/{MANIFEST_NAME}",
         mode=m.mode,
@@ -1069,6 +1066,7 @@ def _result(m: Manifest, skipped: bool, started: float) -> PartitionResult:
         feature_groups=len(m.feature_groups),
         skipped=skipped,
         seconds=round(time.monotonic() - started, 3),
+        fingerprint_s=fingerprint_s,
     )
 
 

@@ -310,7 +310,7 @@ def log_metrics(
     rows = [(mlflow_key(k), float(v), ts, step) for k, v in metrics.items() if v is not None and np.isfinite(v)]
     if not rows:
         return
-    if not (run.spool_url and spool.is_server(run.tracking_uri)):
+    if not _spooled(run):
         send_rows(run, rows)
         return
     if spool.reachable(run.tracking_uri):
@@ -335,9 +335,14 @@ def log_metrics(
 _OUTAGE = {"on": False}
 
 
+def _spooled(run: RunHandle) -> bool:
+    """Whether ``run``'s metrics go through its spool: it has one, and its store is a server."""
+    return bool(run.spool_url) and spool.is_server(run.tracking_uri)
+
+
 def in_outage(run: RunHandle) -> bool:
     """Whether ``run`` has a spool and its tracking server does not answer now."""
-    return bool(run.spool_url) and not spool.reachable(run.tracking_uri)
+    return _spooled(run) and not spool.reachable(run.tracking_uri)
 
 
 def send_rows(run: RunHandle, rows: list[tuple[str, float, int, int]]) -> None:
@@ -362,7 +367,7 @@ def settle(run: RunHandle, wait_s: float, model_url: str) -> None:
     spool holds. If the server stays away, fail saying where the metrics and the trained model are."""
     import time
 
-    if not (run.spool_url and spool.is_server(run.tracking_uri)):
+    if not _spooled(run):
         return
     deadline = time.monotonic() + wait_s
     warned = False

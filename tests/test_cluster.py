@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _mlflow_db import epochs_logged
 
 from sparkml_dist.cluster import ClusterError, alive_workers, package_library, read_state, running_cluster, spark_home
 from sparkml_dist.config import load_config
@@ -130,8 +131,6 @@ def test_a_killed_driver_on_a_standalone_cluster_leaves_no_executor_and_the_reru
 
     import psutil
 
-    from sparkml_dist.metric_names import mlflow_key
-
     work = tmp_path / "work"
     work.mkdir()
     py_files = package_library(tmp_path / "dist")
@@ -144,7 +143,7 @@ def test_a_killed_driver_on_a_standalone_cluster_leaves_no_executor_and_the_reru
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         executors: dict[int, psutil.Process] = {}  # and everything else the driver started
         deadline = time.monotonic() + 400
-        while _epochs_logged(work, mlflow_key("val_log_loss")) < 2:
+        while epochs_logged(work / "mlflow.db") < 2:
             assert proc.poll() is None, proc.communicate()[1].decode()[-4000:]
             assert time.monotonic() < deadline, "training did not reach epoch 2 in 400 s"
             for child in psutil.Process(proc.pid).children(recursive=True):  # the Python driver itself
@@ -163,14 +162,3 @@ def test_a_killed_driver_on_a_standalone_cluster_leaves_no_executor_and_the_reru
         assert not left, f"outlived the killed driver by 60 s: {left}"
         resumed = _submit(info.master_url, py_files, "train", work, *sets)
     assert resumed["resumed_from_epoch"] >= 2 and resumed["epochs"] == 5, resumed
-
-
-def _epochs_logged(work: Path, key: str) -> int:
-    import sqlite3
-
-    try:
-        with sqlite3.connect(work / "mlflow.db", timeout=1) as con:
-            row = con.execute("select max(step) from metrics where key = ?", (key,)).fetchone()
-    except sqlite3.Error:
-        return 0
-    return int(row[0] or 0)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _mlflow_db import epochs_logged
 
 from sparkml_dist.session import LOCAL_DIRS
 
@@ -57,28 +58,6 @@ def _command(sets: list[str]) -> list[str]:
     return cmd
 
 
-def _epochs_logged(work: Path, since_ms: int) -> int:
-    """Epochs logged by the newest run started after ``since_ms`` in the work dir's MLflow store (0 until
-    there is one)."""
-    import sqlite3
-
-    from sparkml_dist.metric_names import mlflow_key
-
-    db = work / "mlflow.db"
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db, timeout=1) as con:
-            row = con.execute(
-                "select max(step) from metrics where key = ? and run_uuid = "
-                "(select run_uuid from runs where start_time > ? order by start_time desc limit 1)",
-                (mlflow_key("val_log_loss"), since_ms),
-            ).fetchone()
-    except sqlite3.Error:
-        return 0
-    return int(row[0] or 0)
-
-
 def _kill_after_epoch(work: Path, sets: list[str], epoch: int) -> tuple[list[psutil.Process], str, int]:
     """Start the job, SIGKILL it once ``epoch`` epochs are logged; (every process it had started, with the
     command line it had, its stderr, its pid)."""
@@ -87,7 +66,7 @@ def _kill_after_epoch(work: Path, sets: list[str], epoch: int) -> tuple[list[psu
     proc = subprocess.Popen(_command(sets), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     children: dict[int, psutil.Process] = {}
-    while _epochs_logged(work, since_ms) < epoch:
+    while epochs_logged(work / "mlflow.db", since_ms=since_ms) < epoch:
         assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
         assert time.monotonic() < deadline, "the job did not reach the epoch in 300 s"
         _collect(proc.pid, children)  # the JVM, Python workers, shards: all it ever started

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _mlflow_db import epochs_logged
 
 from sparkml_dist.config import TrackingConfig, load_config
 from sparkml_dist.metric_names import mlflow_key
@@ -64,20 +64,6 @@ def _start_server(work: Path, port: int) -> subprocess.Popen:
     return proc
 
 
-def _epochs_logged(work: Path, run_key: str) -> int:
-    """Epochs of the run tagged ``run_key`` that the store holds (read straight from its sqlite file)."""
-    try:
-        with sqlite3.connect(work / "mlflow.db", timeout=1) as con:
-            row = con.execute(
-                "select max(m.step) from metrics m join tags t on t.run_uuid = m.run_uuid "
-                "where m.key = ? and t.key = 'run_key' and t.value = ?",
-                (mlflow_key("val_log_loss"), run_key),
-            ).fetchone()
-    except sqlite3.Error:
-        return 0
-    return int(row[0] or 0)
-
-
 def _spooled(work: Path) -> list[Path]:
     return sorted(p for p in (work / "runs").glob("*/tracking-spool/*.json") if not p.name.startswith("."))
 
@@ -107,7 +93,7 @@ def test_an_outage_mid_run_is_absorbed_and_every_epoch_is_delivered(data):
     server = _start_server(data, port)
     job = _start_job(data, port, "outage-back")
     try:
-        _wait("epoch 1 logged", lambda: _epochs_logged(data, "outage-back") >= 1, job)
+        _wait("epoch 1 logged", lambda: epochs_logged(data / "mlflow.db", run_key="outage-back") >= 1, job)
         stop_server(server)
         outage_started = time.monotonic()
         _wait("two epochs kept in the spool", lambda: len(_spooled(data)) >= 2, job)
@@ -133,7 +119,7 @@ def test_a_server_that_never_comes_back_ends_the_job_saying_where_metrics_and_mo
     server = _start_server(data, port)
     job = _start_job(data, port, "outage-gone", "tracking.outage_wait_s=3")
     try:
-        _wait("epoch 1 logged", lambda: _epochs_logged(data, "outage-gone") >= 1, job)
+        _wait("epoch 1 logged", lambda: epochs_logged(data / "mlflow.db", run_key="outage-gone") >= 1, job)
         stop_server(server)
         _, err = job.communicate(timeout=300)
     finally:
