@@ -358,8 +358,10 @@ def _deliver_spool(run: RunHandle) -> None:
     sent = spool.deliver(run.spool_url, lambda rows: send_rows(run, rows))
     if sent:
         _OUTAGE["on"] = False
-        log.info("tracking server %s is back: delivered %d kept metric batch(es) of run %s", run.tracking_uri,
-                 sent, run.run_id)  # fmt: skip
+        # the same level as the warning that started the outage: whoever saw that one sees it end, also when
+        # rank 0 delivers it from an executor (whose Python logs only warnings and worse)
+        log.warning("tracking server %s is back: delivered %d kept metric batch(es) of run %s", run.tracking_uri,
+                    sent, run.run_id)  # fmt: skip
 
 
 def settle(run: RunHandle, wait_s: float, model_url: str) -> None:
