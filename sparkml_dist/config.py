@@ -269,8 +269,10 @@ class DataConfig:
 class PartitionConfig:
     output_url: str = "{work_dir}/data/partitioned"
     """Output directory: shards, validation, feature groups and _manifest.json."""
-    mode: Literal["shuffle_split", "random_sample"] = "shuffle_split"
-    """shuffle_split: a seeded permutation cut into equal shards; random_sample: independent samples."""
+    mode: Literal["shuffle_split", "stratified_split", "random_sample"] = "shuffle_split"
+    """shuffle_split: one seeded global permutation cut into equal shards; stratified_split: the same sizes,
+    each input task dealing its rows to the shards without a network shuffle (faster; which rows share a
+    shard depends on how Spark splits the input); random_sample: independent samples."""
     num_shards: int = 2
     """K sample shards, one per Horovod rank."""
     validation_fraction: float = 0.1

@@ -187,6 +187,7 @@ def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
                 fs, tmp, out_url, inp, groups, stats["input_rows"], stats["dropped_rows"], settings, cfg, sparse_groups
             )
             _check_row_groups(manifest, pcfg)
+            _check_split(manifest, stats["rows"], pcfg)
             fs.write_text(f"{tmp}/{MANIFEST_NAME}", manifest.to_json())
     except Exception as exc:
         raise _clean_error(exc) from exc
@@ -200,11 +201,7 @@ def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
 def _assign(inp: _Input, dcfg: DataConfig, pcfg: PartitionConfig) -> tuple[DataFrame, dict[str, int]]:
     """Count (and check) the rows, then give each its shard (-1: validation)."""
     keyed = inp.df.withColumn(_KEY, F.xxhash64(F.col("row_id"), F.lit(pcfg.seed)))
-    if pcfg.mode == "shuffle_split":
-        assigned, stats = _shuffle_split(keyed, dcfg, pcfg, inp)
-    else:
-        assigned, stats = _random_sample(keyed, dcfg, pcfg, inp)
-    return assigned, stats
+    return _MODES[pcfg.mode](keyed, dcfg, pcfg, inp)
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -712,12 +709,8 @@ def clean_invalid_row_error(exc: BaseException, row_id_col: str = "row_id") -> P
     return PartitionError(text[start : end + len(_INVALID_END)])
 
 
-def _shuffle_split(
-    keyed: DataFrame, dcfg: DataConfig, pcfg: PartitionConfig, inp: _Input
-) -> tuple[DataFrame, dict[str, int]]:
-    b = _num_buckets(pcfg, inp.input_bytes)
-    counts, stats = _checked_counts(keyed, dcfg, b, inp.ids_from_input)
-    n = stats["rows"]
+def _validation_rows(n: int, pcfg: PartitionConfig) -> int:
+    """The exact size of the validation split of ``n`` rows; refuse an empty split or too few training rows."""
     n_val = int(round(n * pcfg.validation_fraction))
     if n_val == 0:
         raise PartitionError(
@@ -729,6 +722,16 @@ def _shuffle_split(
             f"partition.num_shards={pcfg.num_shards} is larger than the {n - n_val} training rows: "
             "lower num_shards or use more data"
         )
+    return n_val
+
+
+def _shuffle_split(
+    keyed: DataFrame, dcfg: DataConfig, pcfg: PartitionConfig, inp: _Input
+) -> tuple[DataFrame, dict[str, int]]:
+    b = _num_buckets(pcfg, inp.input_bytes)
+    counts, stats = _checked_counts(keyed, dcfg, b, inp.ids_from_input)
+    n = stats["rows"]
+    n_val = _validation_rows(n, pcfg)
     offsets, acc = {}, 0
     for bucket in range(b):
         offsets[bucket] = acc
@@ -759,6 +762,63 @@ def _shuffle_split(
     return df.withColumn(SHARD_COL, shard.cast("int")), stats
 
 
+def _stratified_split(
+    keyed: DataFrame, dcfg: DataConfig, pcfg: PartitionConfig, inp: _Input
+) -> tuple[DataFrame, dict[str, int]]:
+    """Deal each input task's rows to the validation split and the shards, without a network shuffle.
+
+    Inside each input partition the rows are put in a seeded random order by a local sort on the same
+    64-bit key shuffle_split uses; the partition's first rows (its share of the validation split, the
+    shares apportioned exactly on the driver) go to validation, the rest take consecutive global training
+    positions t, and t mod K is the shard. So the validation split has exactly round(n * fraction) rows,
+    shard sizes differ by at most one row, every input partition is spread over the shards in proportion
+    (a stratified sample), and the result is a pure function of (input files, their split into tasks,
+    seed). What it gives up against shuffle_split: the order inside a shard (and which rows share a shard)
+    depends on how Spark splits the input into tasks (``spark.sql.files.maxPartitionBytes``, the files),
+    and each task writes its own file per shard, so there are (input tasks) x (K + 1) files.
+    """
+    _, stats = _checked_counts(keyed, dcfg, _num_buckets(pcfg, inp.input_bytes), inp.ids_from_input)
+    n = stats["rows"]
+    n_val = _validation_rows(n, pcfg)
+    df = _fail_invalid(keyed, dcfg)
+    # Under invalid_values=fail an invalid row fails the write below, so counting needs no feature column
+    # (Parquet answers from its footers); under drop the count is of the rows kept.
+    counted = df if dcfg.invalid_values == "drop" else keyed
+    per_task = counted.groupBy(F.spark_partition_id().alias("p")).agg(F.count(F.lit(1)).alias("n")).collect()
+    counts = {int(r["p"]): int(r["n"]) for r in per_task}
+    if sum(counts.values()) != n:  # the same rows read twice must count the same
+        raise PartitionError(
+            f"data.input_url {dcfg.input_url} changed while it was being partitioned ({n} rows, then "
+            f"{sum(counts.values())}): partition it again once it is complete"
+        )
+    val_share = _apportion(counts, n_val)
+    shift, trained = {}, 0
+    for p in sorted(counts):
+        shift[p] = trained - val_share[p]  # training position = index in the task + shift
+        trained += counts[p] - val_share[p]
+    as_map = lambda d: F.create_map(*[x for k, v in d.items() for x in (F.lit(k), F.lit(v))])  # noqa: E731
+    unsigned_key = F.col(_KEY).bitwiseXOR(F.lit(-(2**63)))
+    df = df.sortWithinPartitions(unsigned_key, "row_id")
+    task = F.shiftright(F.monotonically_increasing_id(), 33)  # no shuffle since the read: the input task
+    index = F.monotonically_increasing_id().bitwiseAND(F.lit((1 << 33) - 1))
+    shard = F.when(index < as_map(val_share)[task], F.lit(-1)).otherwise(
+        F.pmod(index + as_map(shift)[task], F.lit(pcfg.num_shards))
+    )
+    return df.withColumn(SHARD_COL, shard.cast("int")), stats
+
+
+def _apportion(counts: dict[int, int], total: int) -> dict[int, int]:
+    """Split ``total`` over the keys in proportion to ``counts`` (largest remainder, ties by key): exact
+    integers that sum to ``total``, each within one of its exact share."""
+    n = sum(counts.values())
+    share = {k: c * total // n for k, c in counts.items()}
+    left = total - sum(share.values())
+    by_remainder = sorted(counts, key=lambda k: (-(counts[k] * total % n), k))
+    for k in by_remainder[:left]:
+        share[k] += 1
+    return share
+
+
 def _random_sample(
     keyed: DataFrame, dcfg: DataConfig, pcfg: PartitionConfig, inp: _Input
 ) -> tuple[DataFrame, dict[str, int]]:
@@ -781,6 +841,10 @@ def _random_sample(
         reps.append(F.array_repeat(F.lit(k), count))
     shards = F.when(is_val, F.array(F.lit(-1))).otherwise(F.flatten(F.array(*reps)))
     return df.withColumn(SHARD_COL, F.explode(shards)), stats
+
+
+_MODES = {"shuffle_split": _shuffle_split, "stratified_split": _stratified_split, "random_sample": _random_sample}
+"""partition.mode -> how rows get their shard (-1: validation); each returns (assigned rows, counts)."""
 
 
 def _uniform(row_id: Column, seed: int, salt: int) -> Column:
@@ -1044,6 +1108,23 @@ def verify_pages(spark: SparkSession, manifest: Manifest) -> None:
             df.select(F.sum(F.xxhash64(*df.columns))).collect()
         except Exception as exc:
             raise corrupt_file_error(exc, manifest.root_url) or exc from exc
+
+
+def _check_split(manifest: Manifest, rows: int, pcfg: PartitionConfig) -> None:
+    """What was written is what the split promises, counted from the files' footers: every row once, the
+    exact validation size, shard sizes within one row. A miss means the input changed while it was read
+    (or Spark read it differently twice); nothing is published then."""
+    if pcfg.mode == "random_sample":
+        return
+    n_val = _validation_rows(rows, pcfg)
+    sizes = [s.rows for s in manifest.train]
+    if manifest.validation.rows != n_val or sum(sizes) != rows - n_val or max(sizes) - min(sizes) > 1:
+        raise PartitionError(
+            f"partition.mode={pcfg.mode} wrote {manifest.validation.rows} validation rows and shards of {sizes} "
+            f"rows from {rows} counted input rows (expected {n_val} and {rows - n_val} within one row): "
+            f"data.input_url {manifest.input_url} changed while it was partitioned; partition it again once it "
+            "is complete. Nothing was published"
+        )
 
 
 def _check_row_groups(manifest: Manifest, pcfg: PartitionConfig) -> None:

@@ -41,7 +41,10 @@ def test_dump_round_trips(tmp_path):
         ("train.epochs=0", "train.epochs must be >= 1, got 0"),
         ("train.lr=fast", "train.lr must be a number, got 'fast'"),
         ("train.shuffle=maybe", "train.shuffle must be true or false"),
-        ("partition.mode=sorted", "partition.mode must be one of shuffle_split, random_sample; got 'sorted'"),
+        (
+            "partition.mode=sorted",
+            "partition.mode must be one of shuffle_split, stratified_split, random_sample; got 'sorted'",
+        ),
         ("partition.validation_fraction=1.0", "partition.validation_fraction must be in [0, 1), got 1.0"),
         ("trainepochs=3", "expected section.key=value"),
         ("spark.log_level=LOUD", "spark.log_level must be one of ERROR, WARN, INFO, DEBUG"),
