@@ -12,7 +12,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from pyspark import SparkConf
+from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
 from sparkml_dist.config import LaunchConfig, SparkConfig
@@ -91,6 +91,10 @@ def build_spark_session(cfg: SparkConfig, launch: LaunchConfig | None = None) ->
     defaults = {**_DEFAULTS, BARRIER_TIMEOUT: f"{barrier_timeout_s(launch or LaunchConfig())}s"}
     wanted = {**defaults, **cfg.conf}
     if under_spark_submit():
+        # spark-submit's settings live in its JVM's system properties; a SparkConf made before the gateway
+        # is up sees none of them (it would then let the YAML's spark.driver.host=127.0.0.1 replace the
+        # --conf a cluster submit gave). _ensure_initialized only connects to the gateway spark-submit opened.
+        SparkContext._ensure_initialized()
         existing = SparkConf()
         wanted = {k: v for k, v in wanted.items() if not existing.contains(k)}
     else:

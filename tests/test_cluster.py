@@ -162,3 +162,32 @@ def test_a_killed_driver_on_a_standalone_cluster_leaves_no_executor_and_the_reru
         assert not left, f"outlived the killed driver by 60 s: {left}"
         resumed = _submit(info.master_url, py_files, "train", work, *sets)
     assert resumed["resumed_from_epoch"] >= 2 and resumed["epochs"] == 5, resumed
+
+
+def test_spark_submit_settings_win_over_the_yaml(tmp_path: Path) -> None:
+    """Under spark-submit, a key its --conf set is not replaced by conf/local.yaml's (the YAML's driver host
+    127.0.0.1 once replaced a cluster submit's, so executors on other hosts could not reach the driver);
+    keys it left unset still come from the YAML."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from sparkml_dist.config import load_config\n"
+        "from sparkml_dist.session import build_spark_session\n"
+        f"cfg = load_config({str(REPO / 'conf' / 'local.yaml')!r}, [])\n"
+        "spark = build_spark_session(cfg.spark)\n"
+        "conf = spark.sparkContext.getConf()\n"
+        "print(json.dumps({k: conf.get(k) for k in ('spark.sql.shuffle.partitions', 'spark.driver.bindAddress', "
+        "'spark.ui.showConsoleProgress')}))\n"
+        "spark.stop()\n"
+    )
+    cmd = [str(spark_home() / "bin" / "spark-submit"), "--master", "local[1]",
+           "--conf", "spark.sql.shuffle.partitions=3", "--conf", "spark.driver.bindAddress=127.0.0.1",
+           "--conf", "spark.ui.enabled=false", str(probe)]  # fmt: skip
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
+           "PYSPARK_DRIVER_PYTHON": sys.executable}  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    conf = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert conf["spark.sql.shuffle.partitions"] == "3"  # spark-submit's, not the YAML's "8"
+    assert conf["spark.ui.showConsoleProgress"] == "false"  # unset by spark-submit: the YAML's
