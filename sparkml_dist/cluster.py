@@ -122,18 +122,18 @@ def start_cluster(
     webui_port = webui_port or free_port()
     master_url = f"spark://{HOST}:{port}"
     webui_url = f"http://{HOST}:{webui_port}"
-    env = _daemon_env(run_path)
+    env = daemon_env(run_path)
     spark_class = str(spark_home() / "bin" / "spark-class")
     started: list[int] = []
     try:
         started.append(
-            _spawn(
+            spawn(
                 [spark_class, MASTER_CLASS, "--host", HOST, "--port", str(port), "--webui-port", str(webui_port)],
                 env,
                 run_path / "master.log",
             )
         )
-        _wait_for(lambda: _master_json(webui_url) is not None, timeout_s, f"the master's web UI {webui_url}", run_path)
+        wait_for(lambda: master_json(webui_url) is not None, timeout_s, f"the master's web UI {webui_url}", run_path)
         for i in range(workers):
             work = run_path / f"worker-{i}"
             work.mkdir(exist_ok=True)
@@ -141,11 +141,11 @@ def start_cluster(
                 spark_class, WORKER_CLASS, master_url, "--host", HOST, "--cores", str(cores), "--memory", memory,
                 "--webui-port", str(free_port()), "--work-dir", str(work),
             ]  # fmt: skip
-            started.append(_spawn(cmd, env, run_path / f"worker-{i}.log"))
+            started.append(spawn(cmd, env, run_path / f"worker-{i}.log"))
         info = ClusterInfo(master_url, webui_url, str(run_path), started[0], started[1:], cores, memory)
         # Record the PIDs before waiting, so `stop` can end them even if this process is killed meanwhile.
         state.write_text(info.to_json())
-        _wait_for(
+        wait_for(
             lambda: alive_workers(webui_url) >= workers, timeout_s, f"{workers} alive workers at {webui_url}", run_path
         )
         return info
@@ -180,7 +180,7 @@ def read_state(run_dir: str | Path) -> ClusterInfo:
 
 def alive_workers(webui_url: str) -> int:
     """Number of ALIVE workers the master reports (0 if it cannot be reached)."""
-    status = _master_json(webui_url)
+    status = master_json(webui_url)
     if status is None:
         return 0
     return sum(1 for w in status.get("workers", []) if w.get("state") == "ALIVE")
@@ -216,7 +216,7 @@ def package_library(dest_dir: str | Path, root: str | Path | None = None) -> Pat
 # ------------------------------------------------------------------------------------------------ internals
 
 
-def _daemon_env(run_path: Path) -> dict[str, str]:
+def daemon_env(run_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env[SPARK_HOME] = str(spark_home())
     env[SPARK_LOCAL_IP] = HOST
@@ -228,13 +228,13 @@ def _daemon_env(run_path: Path) -> dict[str, str]:
     return env
 
 
-def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> int:
+def spawn(cmd: list[str], env: dict[str, str], log: Path) -> int:
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return proc.pid
 
 
-def _master_json(webui_url: str) -> dict | None:
+def master_json(webui_url: str) -> dict | None:
     try:
         with urllib.request.urlopen(f"{webui_url}/json/", timeout=5) as resp:
             return dict(json.loads(resp.read()))
@@ -242,7 +242,7 @@ def _master_json(webui_url: str) -> dict | None:
         return None
 
 
-def _wait_for(ready: object, timeout_s: float, what: str, run_path: Path) -> None:
+def wait_for(ready: object, timeout_s: float, what: str, run_path: Path) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ready():  # type: ignore[operator]

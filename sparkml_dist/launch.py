@@ -322,6 +322,7 @@ def _run_rank(
     attempt: int,
 ) -> T | None:
     plan = host_plan(hosts)
+    _check_hostname(hosts, host)
     server = None
     try:
         if rank == 0:
@@ -435,6 +436,22 @@ def _pick_device(ctx: Any, cfg: LaunchConfig) -> str:
     index = int(gpus.addresses[0])
     torch.cuda.set_device(index)
     return f"cuda:{index}"
+
+
+def _check_hostname(hosts: list[str], host: str) -> None:
+    """Refuse a multi-host stage on a host whose name resolves to loopback. Horovod 0.28.1's Gloo binds its
+    process-set context (created by every hvd.init) to the address the machine's hostname resolves to, not to
+    HOROVOD_GLOO_IFACE; resolving to 127.x there, each rank would tell the others to connect to their own
+    loopback, and hvd.init would crash on every attempt with 'connect [127.0.0.1]: Connection refused'."""
+    if len({_resolve(h) for h in hosts}) < 2 or _resolve(host).startswith("127."):
+        return  # one host (loopback is right), or this task's own address is loopback anyway
+    name = socket.gethostname()
+    if _resolve(name).startswith("127."):
+        raise LaunchError(
+            f"host {host}: its hostname {name!r} resolves to {_resolve(name)}, a loopback address, and the ranks "
+            f"run on {len(set(hosts))} hosts; Horovod's Gloo would advertise that address to the other hosts. "
+            f"Make {name!r} resolve to {host} on this host (its /etc/hosts or DNS), as Spark's own address does"
+        )
 
 
 def _iface_of(host: str) -> str:

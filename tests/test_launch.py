@@ -126,3 +126,18 @@ def test_every_wait_has_a_finite_default_that_scales_with_the_rows(spark):
     with pytest.raises(Exception, match="job_timeout_s must be >= 0"):
         LaunchConfig(job_timeout_s=-1)
     assert spark.conf.get(BARRIER_TIMEOUT) == f"{barrier_timeout_s(LaunchConfig())}s" == "360s"
+
+
+def test_a_multi_host_stage_refuses_a_hostname_that_resolves_to_loopback(monkeypatch):
+    """Horovod 0.28.1's Gloo binds its process-set context to the hostname's address: on a host whose name
+    resolves to 127.x the ranks of a multi-host stage would advertise loopback to each other (found on the
+    namespaced cluster, tests/test_netcluster.py). One host, or loopback task addresses, are fine."""
+    import socket
+
+    from sparkml_dist.launch import LaunchError, _check_hostname
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "localhost")
+    with pytest.raises(LaunchError, match=r"hostname 'localhost' resolves to 127\.0\.0\.1, a loopback address"):
+        _check_hostname(["10.9.9.1", "10.9.9.2"], "10.9.9.1")
+    _check_hostname(["127.0.0.1", "127.0.0.1"], "127.0.0.1")
+    _check_hostname(["10.9.9.1", "10.9.9.1"], "10.9.9.1")

@@ -1,0 +1,462 @@
+"""A Spark cluster of several "hosts" on one machine, with a real, shaped network between them (issue 20).
+
+    python -m sparkml_dist.netcluster up --workers 2 --rate 1gbit [--name sdn] [--subnet 10.213.7]
+                                         [--run-dir work/netcluster]
+    python -m sparkml_dist.netcluster exec [--run-dir work/netcluster] [--host head] -- CMD ...
+    python -m sparkml_dist.netcluster bytes [--run-dir work/netcluster]
+    python -m sparkml_dist.netcluster down [--run-dir work/netcluster] [--name sdn]
+
+Each host is a network namespace (``<name>-head``, ``<name>-w1`` ...) with one interface, ``eth0``, the end of
+a veth pair whose other end is on a bridge (``<name>-br``) in the machine's own namespace, and its own
+address on a private /24 that only these namespaces use (head .10, worker i .10+i; the bridge .1). The
+head runs the Spark master and is where the driver runs (``exec``; the parameter servers, which the driver
+starts on its own address, run there too); each worker host runs one Spark worker, and so its executors,
+their Python workers and the Horovod ranks. Every daemon is started with ``SPARK_LOCAL_IP`` and ``--host``
+set to its namespace's address, so nothing can take a loopback shortcut between hosts: a namespace's
+``lo`` reaches only itself.
+
+``--rate`` shapes every host's link in both directions with a token bucket (``tc qdisc ... tbf``: on
+``eth0`` inside the namespace for what the host sends, on the bridge-side end for what it receives), like a
+full-duplex NIC of that rate; ``unshaped`` leaves the links at veth speed. ``bytes`` prints what each
+host's link carried (the bridge-side end's counters: rx is what the host sent), to check a strategy's own
+byte accounting against the wire.
+
+``down`` ends every process inside the namespaces (``ip netns pids``: the daemons, executors, Python
+workers, and anything else started there), then deletes the namespaces (their veth pairs go with them) and
+the bridge. It works from the name alone, so it cleans up after a crashed ``up`` or a killed job, and
+it is a no-op when nothing is left. Needs root and a kernel with network namespaces, veth, bridge and
+``sch_tbf``; ``up`` refuses clearly otherwise. Pure standard library; no pyspark import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sparkml_dist.cluster import (
+    MASTER_CLASS,
+    SPARK_LOCAL_IP,
+    WORKER_CLASS,
+    ClusterError,
+    alive_workers,
+    daemon_env,
+    master_json,
+    spark_home,
+    spawn,
+    wait_for,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "netcluster.json"
+NETNS_ETC = Path("/etc/netns")
+"""Per-namespace files ``ip netns exec`` mounts over /etc (here: each host's /etc/hosts)."""
+MASTER_PORT = 7077
+WEBUI_PORT = 8080
+WORKER_WEBUI_PORT = 8081
+HEAD = "head"
+IFACE = "eth0"
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)(kbit|mbit|gbit)$")
+_UNIT_BITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+_NAME = re.compile(r"^[a-z][a-z0-9]{0,5}$")  # leaves room for "-w99" inside Linux's 15-character names
+
+
+class NetClusterError(ClusterError):
+    """The simulated cluster cannot be brought up or down here; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    """``head`` or ``w<i>``."""
+    netns: str
+    address: str
+    link: str
+    """The bridge-side end of the host's veth pair (in the machine's own namespace)."""
+
+
+@dataclass(frozen=True)
+class NetCluster:
+    """What ``up`` recorded: the hosts, the master, and the daemons' PIDs."""
+
+    name: str
+    subnet: str
+    rate: str
+    run_dir: str
+    hosts: list[Host]
+    master_url: str = ""
+    webui_url: str = ""
+    pids: list[int] = field(default_factory=list)
+
+    @property
+    def head(self) -> Host:
+        return self.hosts[0]
+
+    @property
+    def workers(self) -> list[Host]:
+        return self.hosts[1:]
+
+    def host(self, name: str) -> Host:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise NetClusterError(f"no host {name!r} in cluster {self.name}; hosts: {[h.name for h in self.hosts]}")
+
+    def exec_prefix(self, host: str = HEAD) -> list[str]:
+        """The command prefix that runs a program on ``host`` (inside its namespace)."""
+        return ["ip", "netns", "exec", self.host(host).netns]
+
+    def env(self, host: str = HEAD) -> dict[str, str]:
+        """The environment a process on ``host`` needs: its address as SPARK_LOCAL_IP."""
+        return {**os.environ, SPARK_LOCAL_IP: self.host(host).address}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> NetCluster:
+        data = json.loads(text)
+        data["hosts"] = [Host(**h) for h in data["hosts"]]
+        return cls(**data)
+
+
+def rate_bits(rate: str) -> float:
+    """``100mbit`` -> 1e8; ``unshaped`` -> 0. Refuses anything else, naming the forms it takes."""
+    if rate == "unshaped":
+        return 0.0
+    m = _RATE.match(rate)
+    if not m or float(m.group(1)) <= 0:
+        raise NetClusterError(
+            f"link rate {rate!r} is not one of <number>kbit, <number>mbit, <number>gbit (e.g. 100mbit, 1gbit) or "
+            "unshaped"
+        )
+    return float(m.group(1)) * _UNIT_BITS[m.group(2)]
+
+
+def plan(name: str, workers: int, subnet: str, rate: str, run_dir: str | Path) -> NetCluster:
+    """The hosts of a cluster (nothing is created): checks the name, the subnet and the rate."""
+    if not _NAME.match(name):
+        raise NetClusterError(f"cluster name {name!r} must be 1-6 lowercase letters or digits, starting with a letter")
+    if not 1 <= workers <= 200:
+        raise NetClusterError(f"workers must be between 1 and 200, got {workers}")
+    parts = subnet.split(".")
+    if len(parts) != 3 or not all(p.isdigit() and 0 <= int(p) <= 255 for p in parts):
+        raise NetClusterError(f"subnet {subnet!r} must be the first three octets of a private /24, e.g. 10.213.7")
+    rate_bits(rate)
+    names = [HEAD, *[f"w{i}" for i in range(1, workers + 1)]]
+    hosts = [Host(h, f"{name}-{h}", f"{subnet}.{10 + i}", f"{name}-{h}") for i, h in enumerate(names)]
+    return NetCluster(name, subnet, rate, str(Path(run_dir).absolute()), hosts)
+
+
+def up(
+    run_dir: str | Path,
+    workers: int = 2,
+    rate: str = "1gbit",
+    name: str = "sdn",
+    subnet: str = "10.213.7",
+    cores: int = 1,
+    memory: str = "1g",
+    timeout_s: float = 120.0,
+) -> NetCluster:
+    """Create the namespaces, the bridge and the shaped links; start the master on the head and one worker per
+    worker host; return once the master reports them all alive. Whatever was left of an earlier cluster of
+    the same name is removed first; on any failure, everything this call made is removed again."""
+    cluster = plan(name, workers, subnet, rate, run_dir)
+    _check_can_run()
+    run_path = Path(cluster.run_dir)
+    run_path.mkdir(parents=True, exist_ok=True)
+    down(run_path, name)
+    (run_path / STATE_FILE).write_text(cluster.to_json())  # before creating anything: `down` finds it
+    try:
+        _network(cluster)
+        cluster = _daemons(cluster, cores, memory, timeout_s)
+        (run_path / STATE_FILE).write_text(cluster.to_json())
+        log.info(
+            "cluster %s up: master %s on %s, %d worker host(s) %s, links %s", name, cluster.master_url,
+            cluster.head.netns, workers, ", ".join(h.address for h in cluster.workers), rate,
+        )  # fmt: skip
+        return cluster
+    except BaseException:
+        down(run_path, name)
+        raise
+
+
+def down(run_dir: str | Path | None = None, name: str | None = None, timeout_s: float = 30.0) -> list[str]:
+    """End every process in the cluster's namespaces, delete the namespaces and the bridge; return the
+    namespaces removed. ``name`` alone is enough (after a crash); with neither, the one in ``run_dir``."""
+    state = Path(run_dir).absolute() / STATE_FILE if run_dir is not None else None
+    if name is None:
+        if state is None or not state.exists():
+            return []
+        name = NetCluster.from_json(state.read_text()).name
+    if shutil.which("ip") is None:
+        return []
+    spaces = [ns for ns in _netns_list() if ns.startswith(f"{name}-")]
+    leftover_etc = list(NETNS_ETC.glob(f"{name}-*"))
+    pids = [pid for ns in spaces for pid in _netns_pids(ns)]
+    _end(pids, timeout_s)
+    for ns in spaces:
+        _ip("netns", "del", ns, check=False)
+    for folder in NETNS_ETC.glob(f"{name}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+    if Path(f"/sys/class/net/{name}-br").exists():
+        _ip("link", "del", f"{name}-br", check=False)
+    if state is not None and state.exists():
+        state.unlink()
+    if spaces or leftover_etc:
+        log.info("cluster %s down: ended %d process(es), removed %s", name, len(pids), ", ".join(spaces))
+    return spaces
+
+
+def read_state(run_dir: str | Path) -> NetCluster:
+    path = Path(run_dir).absolute() / STATE_FILE
+    if not path.exists():
+        raise NetClusterError(
+            f"no cluster recorded in {path}; bring one up with `python -m sparkml_dist.netcluster up`"
+        )
+    return NetCluster.from_json(path.read_text())
+
+
+def link_bytes(cluster: NetCluster) -> dict[str, dict[str, int]]:
+    """Per host: bytes it ``sent`` and ``received`` over its link (the bridge-side end's counters, so what the
+    host sent is that end's rx), and what its own loopback carried (``lo``, which never leaves the host)."""
+    out = {}
+    for h in cluster.hosts:
+        stats = Path(f"/sys/class/net/{h.link}/statistics")
+        lo = _run([*cluster.exec_prefix(h.name), "cat", "/sys/class/net/lo/statistics/tx_bytes"], check=False)
+        out[h.name] = {
+            "sent": int((stats / "rx_bytes").read_text()),
+            "received": int((stats / "tx_bytes").read_text()),
+            "loopback": int(lo.stdout.strip() or 0) if lo.returncode == 0 else -1,
+        }
+    return out
+
+
+@contextlib.contextmanager
+def running(run_dir: str | Path, workers: int = 2, rate: str = "1gbit", **kwargs: object) -> Iterator[NetCluster]:
+    """``up`` as a context manager: ``down`` on exit, whatever happened."""
+    cluster = up(run_dir, workers, rate, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield cluster
+    finally:
+        down(run_dir, cluster.name)
+
+
+def why_not_here() -> str | None:
+    """None when this machine can run the simulated cluster; else the reason (for tests to print when they skip)."""
+    try:
+        _check_can_run()
+    except NetClusterError as exc:
+        return str(exc)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ internals
+
+
+def _check_can_run() -> None:
+    if sys.platform != "linux":
+        raise NetClusterError(f"network namespaces are Linux only; this is {sys.platform}")
+    if os.geteuid() != 0:
+        raise NetClusterError(
+            "the simulated cluster needs root (it creates network namespaces, veth links and tc qdiscs): run it "
+            "as root, e.g. `sudo .venv/bin/python -m sparkml_dist.netcluster up ...`"
+        )
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            raise NetClusterError(
+                f"`{tool}` is not on PATH: install iproute2 (Debian/Ubuntu: apt-get install iproute2)"
+            )
+    probe = f"sdprobe{os.getpid() % 100000}"
+    bridge = _ip("link", "add", probe, "type", "bridge", check=False)
+    if bridge.returncode != 0:
+        raise NetClusterError(
+            f"this kernel refuses a bridge device (`ip link add ... type bridge` said: {bridge.stderr.strip()}): "
+            "load the bridge module (modprobe bridge)"
+        )
+    _ip("link", "del", probe, check=False)
+    made = _ip("netns", "add", probe, check=False)
+    if made.returncode != 0:
+        raise NetClusterError(
+            f"this kernel or container refuses network namespaces (`ip netns add` said: {made.stderr.strip()}); "
+            "a container needs CAP_SYS_ADMIN and CAP_NET_ADMIN"
+        )
+    try:
+        tbf = _run(["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1gbit",
+                    "burst", "128kb", "latency", "50ms"], check=False)  # fmt: skip
+        if tbf.returncode != 0:
+            raise NetClusterError(
+                f"the kernel lacks the token-bucket qdisc (`tc qdisc add ... tbf` said: {tbf.stderr.strip()}): load "
+                "sch_tbf (modprobe sch_tbf), or bring the cluster up with --rate unshaped"
+            )
+    finally:
+        _ip("netns", "del", probe, check=False)
+
+
+def _network(cluster: NetCluster) -> None:
+    bridge = f"{cluster.name}-br"
+    _ip("link", "add", bridge, "type", "bridge")
+    _ip("addr", "add", f"{cluster.subnet}.1/24", "dev", bridge)
+    _ip("link", "set", bridge, "up")
+    bits = rate_bits(cluster.rate)
+    for h in cluster.hosts:
+        _ip("netns", "add", h.netns)
+        _ip("link", "add", h.link, "type", "veth", "peer", "name", IFACE, "netns", h.netns)
+        _ip("link", "set", h.link, "master", bridge, "up")
+        _ip("-n", h.netns, "addr", "add", f"{h.address}/24", "dev", IFACE)
+        _ip("-n", h.netns, "link", "set", IFACE, "up")
+        _ip("-n", h.netns, "link", "set", "lo", "up")
+        _hosts_file(cluster, h)
+        if bits:
+            _shape(cluster, h, bits)
+
+
+def _hosts_file(cluster: NetCluster, h: Host) -> None:
+    """``/etc/netns/<ns>/hosts``, which ``ip netns exec`` mounts over ``/etc/hosts`` inside the namespace: the
+    machine's hostname resolves to the host's own address there, as on a real host (Horovod 0.28.1's Gloo
+    binds the address the hostname resolves to for its process-set context, whatever HOROVOD_GLOO_IFACE
+    says), and every host of the cluster is known by name."""
+    lines = ["127.0.0.1 localhost", f"{h.address} {socket.gethostname()} {h.name}"]
+    lines += [f"{o.address} {o.name}" for o in cluster.hosts if o is not h]
+    folder = NETNS_ETC / h.netns
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "hosts").write_text("\n".join(lines) + "\n")
+
+
+def _shape(cluster: NetCluster, h: Host, bits: float) -> None:
+    """tbf at ``bits``/s each way: the bucket holds ~10 ms of traffic (at least 64 KiB, so a full-size
+    segment always fits), and a packet waits at most 50 ms in the queue before it is dropped."""
+    burst = max(64 * 1024, int(bits / 8 / 100))
+    args = ["root", "tbf", "rate", f"{int(bits)}bit", "burst", str(burst), "latency", "50ms"]
+    _run(["tc", "qdisc", "add", "dev", h.link, *args])  # what the host receives
+    _run([*cluster.exec_prefix(h.name), "tc", "qdisc", "add", "dev", IFACE, *args])  # what it sends
+
+
+def _daemons(cluster: NetCluster, cores: int, memory: str, timeout_s: float) -> NetCluster:
+    run_path = Path(cluster.run_dir)
+    spark_class = str(spark_home() / "bin" / "spark-class")
+    head = cluster.head
+    master_url = f"spark://{head.address}:{MASTER_PORT}"
+    webui_url = f"http://{head.address}:{WEBUI_PORT}"
+    pids = []
+
+    def env(h: Host) -> dict[str, str]:
+        return {**daemon_env(run_path), SPARK_LOCAL_IP: h.address}
+
+    master = [spark_class, MASTER_CLASS, "--host", head.address, "--port", str(MASTER_PORT),
+              "--webui-port", str(WEBUI_PORT)]  # fmt: skip
+    pids.append(spawn([*cluster.exec_prefix(HEAD), *master], env(head), run_path / "master.log"))
+    wait_for(lambda: master_json(webui_url) is not None, timeout_s, f"the master {webui_url}", run_path)
+    for h in cluster.workers:
+        work = run_path / f"worker-{h.name}"
+        work.mkdir(exist_ok=True)
+        cmd = [spark_class, WORKER_CLASS, master_url, "--host", h.address, "--cores", str(cores), "--memory", memory,
+               "--webui-port", str(WORKER_WEBUI_PORT), "--work-dir", str(work)]  # fmt: skip
+        pids.append(spawn([*cluster.exec_prefix(h.name), *cmd], env(h), run_path / f"worker-{h.name}.log"))
+    n = len(cluster.workers)
+    wait_for(lambda: alive_workers(webui_url) >= n, timeout_s, f"{n} alive workers at {webui_url}", run_path)
+    return NetCluster(cluster.name, cluster.subnet, cluster.rate, cluster.run_dir, cluster.hosts, master_url,
+                      webui_url, pids)  # fmt: skip
+
+
+def _netns_list() -> list[str]:
+    out = _ip("netns", "list", check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _netns_pids(ns: str) -> list[int]:
+    out = _ip("netns", "pids", ns, check=False).stdout
+    return [int(p) for p in out.split() if p.isdigit()]
+
+
+def _end(pids: list[int], timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL what is still alive after ``timeout_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + (timeout_s if sig == signal.SIGTERM else 10)
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.2)
+        pids = [p for p in pids if _alive(p)]
+        if not pids:
+            return
+
+
+def _alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _run(["ip", *args], check=check)
+
+
+def _run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise NetClusterError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Spark hosts as network namespaces joined by shaped links.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_up = sub.add_parser("up")
+    p_up.add_argument("--workers", type=int, default=2)
+    p_up.add_argument("--rate", default="1gbit", help="100mbit, 1gbit, 10gbit, ... or unshaped")
+    p_up.add_argument("--name", default="sdn")
+    p_up.add_argument("--subnet", default="10.213.7")
+    p_up.add_argument("--cores", type=int, default=1)
+    p_up.add_argument("--memory", default="1g")
+    p_exec = sub.add_parser("exec")
+    p_exec.add_argument("--host", default=HEAD)
+    p_exec.add_argument("command", nargs=argparse.REMAINDER)
+    sub.add_parser("bytes")
+    p_down = sub.add_parser("down")
+    p_down.add_argument("--name", default=None)
+    for p in (p_up, p_exec, p_down, *sub.choices.values()):
+        if not any(a.dest == "run_dir" for a in p._actions):
+            p.add_argument("--run-dir", default="work/netcluster")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "up":
+            c = up(args.run_dir, args.workers, args.rate, args.name, args.subnet, args.cores, args.memory)
+            print(json.dumps({"master_url": c.master_url, "hosts": {h.name: h.address for h in c.hosts}}))
+        elif args.cmd == "exec":
+            c = read_state(args.run_dir)
+            command = args.command[1:] if args.command[:1] == ["--"] else args.command
+            if not command:
+                raise NetClusterError("exec needs a command after --, e.g. exec --host head -- spark-submit ...")
+            os.execvpe("ip", [*c.exec_prefix(args.host), *command], c.env(args.host))
+        elif args.cmd == "bytes":
+            print(json.dumps(link_bytes(read_state(args.run_dir))))
+        else:
+            print(json.dumps({"removed": down(args.run_dir, args.name)}))
+    except ClusterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sys.exit(main())

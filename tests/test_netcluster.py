@@ -1,0 +1,115 @@
+"""The simulated multi-host cluster (issue 20 section 1): Spark hosts as network namespaces joined by shaped
+veth links. A 2-host training job runs across the namespaces and its ranks' traffic is seen on the links.
+
+Skipped only where this machine refuses namespaces (not root, no netns, no bridge or tbf), with the reason.
+Cost: about 2 minutes (a master and two workers, then one spark-submit of training).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sparkml_dist import netcluster
+from sparkml_dist.cluster import alive_workers, package_library, spark_home
+from sparkml_dist.config import load_config
+from sparkml_dist.netcluster import NetClusterError
+from sparkml_dist.tracking import get_run_record
+
+REPO = Path(__file__).resolve().parents[1]
+WHY_NOT = netcluster.why_not_here()
+
+
+def test_bad_rate_name_and_subnet_are_refused_naming_the_forms_taken(tmp_path):
+    with pytest.raises(NetClusterError, match=r"link rate 'fast' is not one of .*e.g. 100mbit, 1gbit"):
+        netcluster.rate_bits("fast")
+    assert netcluster.rate_bits("100mbit") == 1e8 and netcluster.rate_bits("unshaped") == 0
+    with pytest.raises(NetClusterError, match="cluster name 'My_Cluster' must be 1-6 lowercase"):
+        netcluster.plan("My_Cluster", 2, "10.213.7", "1gbit", tmp_path)
+    with pytest.raises(NetClusterError, match="subnet '10.213' must be the first three octets"):
+        netcluster.plan("sdn", 2, "10.213", "1gbit", tmp_path)
+    c = netcluster.plan("sdn", 2, "10.213.7", "1gbit", tmp_path)
+    assert [(h.name, h.netns, h.address) for h in c.hosts] == [
+        ("head", "sdn-head", "10.213.7.10"), ("w1", "sdn-w1", "10.213.7.11"), ("w2", "sdn-w2", "10.213.7.12"),
+    ]  # fmt: skip
+
+
+def _train_command(cluster, work: Path, py_files: Path) -> list[str]:
+    python = sys.executable
+    head = cluster.head.address
+    sets = [
+        f"paths.work_dir={work}", "train.manifest_url=" + str(work / "data" / "partitioned"),
+        "train.model=mlp", "train.hidden_sizes=[256]", "train.batch_size=256", "train.epochs=1",
+        "train.max_steps_per_epoch=20", "tracking.log_model=false",
+        "launch.start_timeout_s=180", "launch.collective_timeout_s=120", "launch.job_timeout_s=500",
+    ]  # fmt: skip
+    cmd = [
+        *cluster.exec_prefix("head"), str(spark_home() / "bin" / "spark-submit"),
+        "--master", cluster.master_url, "--deploy-mode", "client", "--py-files", str(py_files),
+        "--driver-memory", "1g", "--executor-memory", "512m", "--executor-cores", "1", "--total-executor-cores", "2",
+        "--conf", f"spark.pyspark.python={python}", "--conf", f"spark.pyspark.driver.python={python}",
+        "--conf", f"spark.driver.host={head}", "--conf", f"spark.driver.bindAddress={head}",
+        "--conf", "spark.scheduler.minRegisteredResourcesRatio=1.0",
+        "--conf", "spark.scheduler.maxRegisteredResourcesWaitingTime=120s",
+        "--conf", "spark.ui.enabled=false", "--conf", f"spark.local.dir={work / 'spark-local'}",
+        str(REPO / "jobs" / "train.py"), "--config", str(REPO / "conf" / "local.yaml"),
+    ]  # fmt: skip
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+@pytest.mark.skipif(WHY_NOT is not None, reason=f"no simulated cluster here: {WHY_NOT}")
+def test_a_two_host_job_trains_across_namespaces_and_its_ranks_talk_over_the_links(spark, tmp_path):
+    from sparkml_dist.partition import partition
+    from sparkml_dist.synthetic import write_dataset
+
+    work = tmp_path / "work"
+    sets = [f"paths.work_dir={work}", "generate.rows=20000", "generate.features=64", "generate.partitions=2",
+            "partition.num_shards=2", "partition.row_group_mb=0.2"]  # fmt: skip
+    cfg = load_config(None, sets)
+    write_dataset(spark, cfg.generate)
+    partition(spark, cfg)
+    py_files = package_library(tmp_path / "dist")
+    run_dir = tmp_path / "netcluster"
+    with netcluster.running(run_dir, workers=2, rate="1gbit", name="sdt", subnet="10.213.9", timeout_s=180) as c:
+        assert alive_workers(c.webui_url) == 2
+        before = netcluster.link_bytes(c)
+        python = sys.executable
+        env = {**c.env("head"), "PYSPARK_PYTHON": python, "PYSPARK_DRIVER_PYTHON": python}
+        proc = subprocess.run(_train_command(c, work, py_files), cwd=work, env=env, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+        after = netcluster.link_bytes(c)
+        spaces = [h.netns for h in c.hosts]
+    assert proc.returncode == 0, (proc.stdout[-3000:], [x for x in proc.stderr.splitlines() if " INFO " not in x][-80:])
+    # down removed everything it made
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [ns for ns in spaces if ns in listed]
+    assert not Path("/sys/class/net/sdt-br").exists() and not (run_dir / netcluster.STATE_FILE).exists()
+
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    record = get_run_record(cfg.tracking, summary["run_id"], ("comm_wire_bytes_per_rank_per_step", "train_loss"))
+    assert record.status == "FINISHED" and record.tags["world_size"] == "2"
+    wire_per_step = record.histories["comm_wire_bytes_per_rank_per_step"][-1][1]
+    steps = 20
+    for host in ("w1", "w2"):  # each rank sent at least its share of the ring's bytes over its own link
+        sent = after[host]["sent"] - before[host]["sent"]
+        assert sent >= wire_per_step * steps, (host, sent, wire_per_step, after)
+
+
+@pytest.mark.skipif(WHY_NOT is not None, reason=f"no simulated cluster here: {WHY_NOT}")
+def test_down_cleans_up_after_a_crash_from_the_name_alone(tmp_path):
+    c = netcluster.plan("sdc", 1, "10.213.8", "100mbit", tmp_path)
+    netcluster._network(c)  # as if `up` had died after making the network
+    sleeper = subprocess.Popen([*c.exec_prefix("w1"), "sleep", "600"])
+    time.sleep(0.5)
+    removed = netcluster.down(name="sdc")
+    assert sorted(removed) == ["sdc-head", "sdc-w1"]
+    assert not Path(f"/proc/{sleeper.pid}").exists()  # the process inside was ended (and reaped by down)
+    assert not Path("/sys/class/net/sdc-br").exists()
+    assert netcluster.down(name="sdc") == []  # a no-op the second time
