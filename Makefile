@@ -70,7 +70,7 @@ endif
 # spark-submit block, which covers session.stop_spark_session on 4.0) on Spark 4.0, in its own venv (set up
 # here if needed: the Horovod wheel in .cache/wheels is reused). The standalone-cluster block is left to the
 # default run to keep this part short.
-SPARK4_TESTS := tests/test_partition.py tests/test_launch.py tests/test_train.py tests/test_feature_parallel.py \
+SPARK4_TESTS := tests/test_partition.py tests/test_partition_stratified.py tests/test_launch.py tests/test_train.py tests/test_feature_parallel.py \
 	tests/test_baselines.py tests/test_score.py tests/test_readme.py tests/test_baselines_sparse.py \
 	tests/test_sparse.py::test_a_feature_hasher_vector_stays_sparse_and_exact \
 	tests/test_sparse.py::test_libsvm_written_by_spark_trains_on_two_ranks \

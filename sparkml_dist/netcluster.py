@@ -1,8 +1,10 @@
 """A Spark cluster of several "hosts" on one machine, with a real, shaped network between them (issue 20).
 
     python -m sparkml_dist.netcluster up --workers 2 --rate 1gbit [--name sdn] [--subnet 10.213.7]
-                                         [--run-dir work/netcluster]
+                                         [--pin] [--run-dir work/netcluster]
+    python -m sparkml_dist.netcluster submit [--executors N] -- jobs/train.py --config conf/local.yaml ...
     python -m sparkml_dist.netcluster exec [--run-dir work/netcluster] [--host head] -- CMD ...
+    python -m sparkml_dist.netcluster shape --rate 100mbit [--run-dir work/netcluster]
     python -m sparkml_dist.netcluster bytes [--run-dir work/netcluster]
     python -m sparkml_dist.netcluster down [--run-dir work/netcluster] [--name sdn]
 
@@ -170,10 +172,13 @@ def up(
     cores: int = 1,
     memory: str = "1g",
     timeout_s: float = 120.0,
+    pin: bool = False,
 ) -> NetCluster:
     """Create the namespaces, the bridge and the shaped links; start the master on the head and one worker per
     worker host; return once the master reports them all alive. Whatever was left of an earlier cluster of
-    the same name is removed first; on any failure, everything this call made is removed again."""
+    the same name is removed first; on any failure, everything this call made is removed again. ``pin``:
+    worker host i runs on its own ``cores`` CPUs (``taskset``; round robin when there are fewer), so ranks on
+    different hosts do not share a core while the machine has enough."""
     cluster = plan(name, workers, subnet, rate, run_dir)
     _check_can_run()
     run_path = Path(cluster.run_dir)
@@ -182,7 +187,7 @@ def up(
     (run_path / STATE_FILE).write_text(cluster.to_json())  # before creating anything: `down` finds it
     try:
         _network(cluster)
-        cluster = _daemons(cluster, cores, memory, timeout_s)
+        cluster = _daemons(cluster, cores, memory, timeout_s, pin)
         (run_path / STATE_FILE).write_text(cluster.to_json())
         log.info(
             "cluster %s up: master %s on %s, %d worker host(s) %s, links %s", name, cluster.master_url,
@@ -255,6 +260,55 @@ def running(run_dir: str | Path, workers: int = 2, rate: str = "1gbit", **kwargs
         down(run_dir, cluster.name)
 
 
+def reshape(cluster: NetCluster, rate: str) -> NetCluster:
+    """Change every link's rate in place (processes keep running): ``tc qdisc replace`` with the new bucket,
+    or the qdiscs removed for ``unshaped``. Returns the cluster with its new rate (also recorded)."""
+    bits = rate_bits(rate)
+    for h in cluster.hosts:
+        for prefix, dev in (([], h.link), (cluster.exec_prefix(h.name), IFACE)):
+            if bits:
+                _run([*prefix, "tc", "qdisc", "replace", "dev", dev, *_tbf(bits)])
+            else:
+                _run([*prefix, "tc", "qdisc", "del", "dev", dev, "root"], check=False)  # none there: fine
+    changed = NetCluster(cluster.name, cluster.subnet, rate, cluster.run_dir, cluster.hosts, cluster.master_url,
+                         cluster.webui_url, cluster.pids)  # fmt: skip
+    state = Path(cluster.run_dir) / STATE_FILE
+    if state.exists():
+        state.write_text(changed.to_json())
+    return changed
+
+
+def submit_command(
+    cluster: NetCluster,
+    app: str | Path,
+    args: list[str],
+    executors: int,
+    py_files: str | Path | None = None,
+    executor_memory: str = "1g",
+    driver_memory: str = "2g",
+    conf: dict[str, str] | None = None,
+) -> list[str]:
+    """The ``spark-submit`` command line that runs ``app`` (a .py file) with ``args`` from the head host, in
+    client mode, on ``executors`` one-core executors (waiting until all registered, so a barrier stage sees
+    its slots), the driver bound to the head's address. Run it with ``cluster.env("head")``."""
+    python = sys.executable
+    settings = {
+        "spark.pyspark.python": python, "spark.pyspark.driver.python": python,
+        "spark.driver.host": cluster.head.address, "spark.driver.bindAddress": cluster.head.address,
+        "spark.dynamicAllocation.enabled": "false", "spark.scheduler.minRegisteredResourcesRatio": "1.0",
+        "spark.scheduler.maxRegisteredResourcesWaitingTime": "120s", "spark.ui.enabled": "false",
+        **(conf or {}),
+    }  # fmt: skip
+    cmd = [*cluster.exec_prefix(HEAD), str(spark_home() / "bin" / "spark-submit"), "--master", cluster.master_url,
+           "--deploy-mode", "client", "--driver-memory", driver_memory, "--executor-memory", executor_memory,
+           "--executor-cores", "1", "--total-executor-cores", str(executors)]  # fmt: skip
+    if py_files is not None:
+        cmd += ["--py-files", str(py_files)]
+    for k, v in settings.items():
+        cmd += ["--conf", f"{k}={v}"]
+    return [*cmd, str(app), *args]
+
+
 def why_not_here() -> str | None:
     """None when this machine can run the simulated cluster; else the reason (for tests to print when they skip)."""
     try:
@@ -273,7 +327,7 @@ def _check_can_run() -> None:
     if os.geteuid() != 0:
         raise NetClusterError(
             "the simulated cluster needs root (it creates network namespaces, veth links and tc qdiscs): run it "
-            "as root, e.g. `sudo .venv/bin/python -m sparkml_dist.netcluster up ...`"
+            "as root, e.g. `sudo -E .venv/bin/python -m sparkml_dist.netcluster up ...`"
         )
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
@@ -339,13 +393,16 @@ def _hosts_file(cluster: NetCluster, h: Host) -> None:
 def _shape(cluster: NetCluster, h: Host, bits: float) -> None:
     """tbf at ``bits``/s each way: the bucket holds ~10 ms of traffic (at least 64 KiB, so a full-size
     segment always fits), and a packet waits at most 50 ms in the queue before it is dropped."""
+    _run(["tc", "qdisc", "add", "dev", h.link, *_tbf(bits)])  # what the host receives
+    _run([*cluster.exec_prefix(h.name), "tc", "qdisc", "add", "dev", IFACE, *_tbf(bits)])  # what it sends
+
+
+def _tbf(bits: float) -> list[str]:
     burst = max(64 * 1024, int(bits / 8 / 100))
-    args = ["root", "tbf", "rate", f"{int(bits)}bit", "burst", str(burst), "latency", "50ms"]
-    _run(["tc", "qdisc", "add", "dev", h.link, *args])  # what the host receives
-    _run([*cluster.exec_prefix(h.name), "tc", "qdisc", "add", "dev", IFACE, *args])  # what it sends
+    return ["root", "tbf", "rate", f"{int(bits)}bit", "burst", str(burst), "latency", "50ms"]
 
 
-def _daemons(cluster: NetCluster, cores: int, memory: str, timeout_s: float) -> NetCluster:
+def _daemons(cluster: NetCluster, cores: int, memory: str, timeout_s: float, pin: bool) -> NetCluster:
     run_path = Path(cluster.run_dir)
     spark_class = str(spark_home() / "bin" / "spark-class")
     head = cluster.head
@@ -360,11 +417,16 @@ def _daemons(cluster: NetCluster, cores: int, memory: str, timeout_s: float) -> 
               "--webui-port", str(WEBUI_PORT)]  # fmt: skip
     pids.append(spawn([*cluster.exec_prefix(HEAD), *master], env(head), run_path / "master.log"))
     wait_for(lambda: master_json(webui_url) is not None, timeout_s, f"the master {webui_url}", run_path)
-    for h in cluster.workers:
+    for i, h in enumerate(cluster.workers):
         work = run_path / f"worker-{h.name}"
         work.mkdir(exist_ok=True)
         cmd = [spark_class, WORKER_CLASS, master_url, "--host", h.address, "--cores", str(cores), "--memory", memory,
                "--webui-port", str(WORKER_WEBUI_PORT), "--work-dir", str(work)]  # fmt: skip
+        if pin and shutil.which("taskset"):
+            # the worker, its executors and their Python workers (the rank) inherit the CPU set
+            first = (i * cores) % (os.cpu_count() or 1)
+            cpus = ",".join(str((first + c) % (os.cpu_count() or 1)) for c in range(cores))
+            cmd = ["taskset", "-c", cpus, *cmd]
         pids.append(spawn([*cluster.exec_prefix(h.name), *cmd], env(h), run_path / f"worker-{h.name}.log"))
     n = len(cluster.workers)
     wait_for(lambda: alive_workers(webui_url) >= n, timeout_s, f"{n} alive workers at {webui_url}", run_path)
@@ -427,19 +489,27 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--subnet", default="10.213.7")
     p_up.add_argument("--cores", type=int, default=1)
     p_up.add_argument("--memory", default="1g")
+    p_up.add_argument("--pin", action="store_true", help="each worker host on its own CPU(s) (taskset)")
+    p_shape = sub.add_parser("shape")
+    p_shape.add_argument("--rate", required=True)
     p_exec = sub.add_parser("exec")
     p_exec.add_argument("--host", default=HEAD)
     p_exec.add_argument("command", nargs=argparse.REMAINDER)
+    p_submit = sub.add_parser("submit")
+    p_submit.add_argument("--executors", type=int, default=0, help="default: one per worker host")
+    p_submit.add_argument("--executor-memory", default="1g")
+    p_submit.add_argument("command", nargs=argparse.REMAINDER)
     sub.add_parser("bytes")
     p_down = sub.add_parser("down")
     p_down.add_argument("--name", default=None)
-    for p in (p_up, p_exec, p_down, *sub.choices.values()):
+    for p in sub.choices.values():
         if not any(a.dest == "run_dir" for a in p._actions):
             p.add_argument("--run-dir", default="work/netcluster")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "up":
-            c = up(args.run_dir, args.workers, args.rate, args.name, args.subnet, args.cores, args.memory)
+            c = up(args.run_dir, args.workers, args.rate, args.name, args.subnet, args.cores, args.memory,
+                   pin=args.pin)  # fmt: skip
             print(json.dumps({"master_url": c.master_url, "hosts": {h.name: h.address for h in c.hosts}}))
         elif args.cmd == "exec":
             c = read_state(args.run_dir)
@@ -447,6 +517,19 @@ def main(argv: list[str] | None = None) -> int:
             if not command:
                 raise NetClusterError("exec needs a command after --, e.g. exec --host head -- spark-submit ...")
             os.execvpe("ip", [*c.exec_prefix(args.host), *command], c.env(args.host))
+        elif args.cmd == "submit":
+            c = read_state(args.run_dir)
+            command = args.command[1:] if args.command[:1] == ["--"] else args.command
+            if not command:
+                raise NetClusterError("submit needs an application after --, e.g. submit -- jobs/train.py --config ...")
+            from sparkml_dist.cluster import package_library
+
+            py_files = package_library(Path(c.run_dir) / "dist")
+            cmd = submit_command(c, command[0], command[1:], args.executors or len(c.workers), py_files,
+                                 args.executor_memory)  # fmt: skip
+            os.execvpe(cmd[0], cmd, c.env(HEAD))
+        elif args.cmd == "shape":
+            print(json.dumps({"rate": reshape(read_state(args.run_dir), args.rate).rate}))
         elif args.cmd == "bytes":
             print(json.dumps(link_bytes(read_state(args.run_dir))))
         else:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sparkml_dist import netcluster
-from sparkml_dist.cluster import alive_workers, package_library, spark_home
+from sparkml_dist.cluster import alive_workers, package_library
 from sparkml_dist.config import load_config
 from sparkml_dist.netcluster import NetClusterError
 from sparkml_dist.tracking import get_run_record
@@ -40,28 +40,14 @@ def test_bad_rate_name_and_subnet_are_refused_naming_the_forms_taken(tmp_path):
 
 
 def _train_command(cluster, work: Path, py_files: Path) -> list[str]:
-    python = sys.executable
-    head = cluster.head.address
     sets = [
-        f"paths.work_dir={work}", "train.manifest_url=" + str(work / "data" / "partitioned"),
-        "train.model=mlp", "train.hidden_sizes=[256]", "train.batch_size=256", "train.epochs=1",
-        "train.max_steps_per_epoch=20", "tracking.log_model=false",
+        f"paths.work_dir={work}", "train.model=mlp", "train.hidden_sizes=[256]", "train.batch_size=256",
+        "train.epochs=1", "train.max_steps_per_epoch=20", "tracking.log_model=false",
         "launch.start_timeout_s=180", "launch.collective_timeout_s=120", "launch.job_timeout_s=500",
     ]  # fmt: skip
-    cmd = [
-        *cluster.exec_prefix("head"), str(spark_home() / "bin" / "spark-submit"),
-        "--master", cluster.master_url, "--deploy-mode", "client", "--py-files", str(py_files),
-        "--driver-memory", "1g", "--executor-memory", "512m", "--executor-cores", "1", "--total-executor-cores", "2",
-        "--conf", f"spark.pyspark.python={python}", "--conf", f"spark.pyspark.driver.python={python}",
-        "--conf", f"spark.driver.host={head}", "--conf", f"spark.driver.bindAddress={head}",
-        "--conf", "spark.scheduler.minRegisteredResourcesRatio=1.0",
-        "--conf", "spark.scheduler.maxRegisteredResourcesWaitingTime=120s",
-        "--conf", "spark.ui.enabled=false", "--conf", f"spark.local.dir={work / 'spark-local'}",
-        str(REPO / "jobs" / "train.py"), "--config", str(REPO / "conf" / "local.yaml"),
-    ]  # fmt: skip
-    for s in sets:
-        cmd += ["--set", s]
-    return cmd
+    args = ["--config", str(REPO / "conf" / "local.yaml"), *[x for s in sets for x in ("--set", s)]]
+    conf = {"spark.local.dir": str(work / "spark-local")}
+    return netcluster.submit_command(cluster, REPO / "jobs" / "train.py", args, 2, py_files, "512m", "1g", conf)
 
 
 @pytest.mark.skipif(WHY_NOT is not None, reason=f"no simulated cluster here: {WHY_NOT}")
@@ -106,6 +92,14 @@ def test_a_two_host_job_trains_across_namespaces_and_its_ranks_talk_over_the_lin
 def test_down_cleans_up_after_a_crash_from_the_name_alone(tmp_path):
     c = netcluster.plan("sdc", 1, "10.213.8", "100mbit", tmp_path)
     netcluster._network(c)  # as if `up` had died after making the network
+    qdisc = ["tc", "qdisc", "show", "dev", "sdc-w1"]
+    assert "rate 100Mbit" in subprocess.run(qdisc, capture_output=True, text=True).stdout
+    netcluster.reshape(c, "10mbit")  # in place, both ends
+    inside = [*c.exec_prefix("w1"), "tc", "qdisc", "show", "dev", "eth0"]
+    assert "rate 10Mbit" in subprocess.run(qdisc, capture_output=True, text=True).stdout
+    assert "rate 10Mbit" in subprocess.run(inside, capture_output=True, text=True).stdout
+    netcluster.reshape(c, "unshaped")
+    assert "tbf" not in subprocess.run(inside, capture_output=True, text=True).stdout
     sleeper = subprocess.Popen([*c.exec_prefix("w1"), "sleep", "600"])
     time.sleep(0.5)
     removed = netcluster.down(name="sdc")
