@@ -134,8 +134,11 @@ def test_a_killed_driver_on_a_standalone_cluster_leaves_no_executor_and_the_reru
     work = tmp_path / "work"
     work.mkdir()
     py_files = package_library(tmp_path / "dist")
+    # rank 1 sleeps 0.1 s a step: ~3 s epochs, so the kill lands after epoch 2 and well before the last
+    # (unslowed, the 30-step epochs took 0.1 s each and the run could end before the poll saw epoch 2)
     sets = ("train.epochs=5", "train.max_steps_per_epoch=30", "tracking.run_key=standalone-kill",
-            "launch.job_timeout_s=0", "tracking.system_metrics_s=0")  # fmt: skip
+            "launch.job_timeout_s=0", "tracking.system_metrics_s=0",
+            "launch.fault_kind=slow", "launch.fault_rank=1", "launch.fault_delay_s=0.1")  # fmt: skip
     with running_cluster(tmp_path / "cluster", workers=2, cores=1, memory="1g", timeout_s=180) as info:
         _submit(info.master_url, py_files, "generate", work)
         _submit(info.master_url, py_files, "partition", work)
@@ -154,7 +157,7 @@ def test_a_killed_driver_on_a_standalone_cluster_leaves_no_executor_and_the_reru
                     for child in p.children(recursive=True):  # the executors' Python workers
                         executors.setdefault(child.pid, child)
             time.sleep(0.5)
-        assert len([p for p in executors.values() if "java" in p.name()]) == 2, executors
+        assert len([p for p in executors.values() if "java" in _name(p)]) == 2, executors
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
         _, alive = psutil.wait_procs(list(executors.values()), timeout=60)
@@ -162,6 +165,16 @@ def test_a_killed_driver_on_a_standalone_cluster_leaves_no_executor_and_the_reru
         assert not left, f"outlived the killed driver by 60 s: {left}"
         resumed = _submit(info.master_url, py_files, "train", work, *sets)
     assert resumed["resumed_from_epoch"] >= 2 and resumed["epochs"] == 5, resumed
+
+
+def _name(p) -> str:
+    """A process's name, or "" once it is gone (the poll above may have collected it just before it ended)."""
+    import psutil
+
+    try:
+        return str(p.name())
+    except psutil.NoSuchProcess:
+        return ""
 
 
 def test_spark_submit_settings_win_over_the_yaml(tmp_path: Path) -> None:
