@@ -750,14 +750,11 @@ def _shuffle_split(
         bucket, part = int(row[_BUCKET]), int(row["p"])
         shift[bucket] = offsets[bucket] - before.get(part, 0)
         before[part] = before.get(part, 0) + counts.get(bucket, 0)
-    shift_map = F.create_map(*[x for k, v in shift.items() for x in (F.lit(k), F.lit(v))])
     df = _fail_invalid(keyed, dcfg).withColumn(_BUCKET, _bucket_of(b))
     # One 64-bit sort key whose order is (bucket, key): Spark sorts it by prefix alone, where a leading
     # bucket column would make nearly every comparison a full-row compare. row_id only breaks hash ties.
-    unsigned_key = F.col(_KEY).bitwiseXOR(F.lit(-(2**63)))
-    df = df.repartition(b, _BUCKET).sortWithinPartitions(unsigned_key, "row_id")
-    index_in_partition = F.monotonically_increasing_id().bitwiseAND(F.lit((1 << 33) - 1))
-    df = df.withColumn(_POS, shift_map[F.col(_BUCKET)] + index_in_partition)
+    df = df.repartition(b, _BUCKET).sortWithinPartitions(_unsigned_key(), "row_id")
+    df = df.withColumn(_POS, _literal_map(shift)[F.col(_BUCKET)] + _index_in_partition())
     shard = F.when(F.col(_POS) < n_val, F.lit(-1)).otherwise(F.pmod(F.col(_POS) - n_val, F.lit(pcfg.num_shards)))
     return df.withColumn(SHARD_COL, shard.cast("int")), stats
 
@@ -796,15 +793,28 @@ def _stratified_split(
     for p in sorted(counts):
         shift[p] = trained - val_share[p]  # training position = index in the task + shift
         trained += counts[p] - val_share[p]
-    as_map = lambda d: F.create_map(*[x for k, v in d.items() for x in (F.lit(k), F.lit(v))])  # noqa: E731
-    unsigned_key = F.col(_KEY).bitwiseXOR(F.lit(-(2**63)))
-    df = df.sortWithinPartitions(unsigned_key, "row_id")
+    df = df.sortWithinPartitions(_unsigned_key(), "row_id")
     task = F.shiftright(F.monotonically_increasing_id(), 33)  # no shuffle since the read: the input task
-    index = F.monotonically_increasing_id().bitwiseAND(F.lit((1 << 33) - 1))
-    shard = F.when(index < as_map(val_share)[task], F.lit(-1)).otherwise(
-        F.pmod(index + as_map(shift)[task], F.lit(pcfg.num_shards))
+    index = _index_in_partition()
+    shard = F.when(index < _literal_map(val_share)[task], F.lit(-1)).otherwise(
+        F.pmod(index + _literal_map(shift)[task], F.lit(pcfg.num_shards))
     )
     return df.withColumn(SHARD_COL, shard.cast("int")), stats
+
+
+def _unsigned_key() -> Column:
+    """The row's 64-bit hash key with its sign bit flipped, so Spark's signed sort orders it as unsigned."""
+    return F.col(_KEY).bitwiseXOR(F.lit(-(2**63)))
+
+
+def _index_in_partition() -> Column:
+    """The row's index in its (sorted) partition: monotonically_increasing_id's low 33 bits."""
+    return F.monotonically_increasing_id().bitwiseAND(F.lit((1 << 33) - 1))
+
+
+def _literal_map(d: dict[int, int]) -> Column:
+    """``d`` as a literal Spark map column (Spark folds it to one constant)."""
+    return F.create_map(*[x for k, v in d.items() for x in (F.lit(k), F.lit(v))])
 
 
 def _apportion(counts: dict[int, int], total: int) -> dict[int, int]:
