@@ -1,11 +1,12 @@
 """A Spark cluster of several "hosts" on one machine, with a real, shaped network between them (issue 20).
 
     python -m sparkml_dist.netcluster up --workers 2 --rate 1gbit [--name sdn] [--subnet 10.213.7]
-                                         [--pin] [--run-dir work/netcluster]
+                                         [--pin] [--cpus 0.5] [--run-dir work/netcluster]
     python -m sparkml_dist.netcluster submit [--executors N] -- jobs/train.py --config conf/local.yaml ...
     python -m sparkml_dist.netcluster exec [--run-dir work/netcluster] [--host head] -- CMD ...
     python -m sparkml_dist.netcluster shape --rate 100mbit [--run-dir work/netcluster]
     python -m sparkml_dist.netcluster bytes [--run-dir work/netcluster]
+    python -m sparkml_dist.netcluster probe [--src w1] [--dst head] [--seconds 2] [--run-dir work/netcluster]
     python -m sparkml_dist.netcluster down [--run-dir work/netcluster] [--name sdn]
 
 Each host is a network namespace (``<name>-head``, ``<name>-w1`` ...) with one interface, ``eth0``, the end of
@@ -21,13 +22,22 @@ set to its namespace's address, so nothing can take a loopback shortcut between 
 ``eth0`` inside the namespace for what the host sends, on the bridge-side end for what it receives), like a
 full-duplex NIC of that rate; ``unshaped`` leaves the links at veth speed. ``bytes`` prints what each
 host's link carried (the bridge-side end's counters: rx is what the host sent), to check a strategy's own
-byte accounting against the wire.
+byte accounting against the wire; ``probe`` measures what one TCP stream gets between two hosts (the rate
+the shaping really gives, payload only).
+
+CPU: ``--pin`` puts worker host i on CPU i (round robin); ``--cpus F`` caps each worker host at F CPUs
+with the kernel's CFS bandwidth control (a cgroup per host, ``sparkml-netcluster-<name>/<host>``, v1
+``cpu.cfs_quota_us`` or v2 ``cpu.max``), so that more hosts than cores still get equal, fixed shares: 4 hosts
+at ``--cpus 0.4`` on 2 cores each get 0.4 of a core, and a 1-host run at the same cap is the fair
+denominator of a speedup. The worker daemon joins its group before it starts; executors, their Python
+workers and the ranks inherit it.
 
 ``down`` ends every process inside the namespaces (``ip netns pids``: the daemons, executors, Python
 workers, and anything else started there), then deletes the namespaces (their veth pairs go with them) and
 the bridge. It works from the name alone, so it cleans up after a crashed ``up`` or a killed job, and
 it is a no-op when nothing is left. Needs root and a kernel with network namespaces, veth, bridge and
-``sch_tbf``; ``up`` refuses clearly otherwise. Pure standard library; no pyspark import.
+``sch_tbf`` (and, for ``--cpus``, a writable cgroup ``cpu`` controller); ``up`` refuses clearly otherwise.
+``down`` also removes the CPU groups. Pure standard library; no pyspark import.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sparkml_dist.cluster import (
@@ -65,6 +75,9 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "netcluster.json"
 NETNS_ETC = Path("/etc/netns")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CFS_PERIOD_US = 100_000
+PROBE_PORT = 7199
 """Per-namespace files ``ip netns exec`` mounts over /etc (here: each host's /etc/hosts)."""
 MASTER_PORT = 7077
 WEBUI_PORT = 8080
@@ -102,6 +115,8 @@ class NetCluster:
     master_url: str = ""
     webui_url: str = ""
     pids: list[int] = field(default_factory=list)
+    cpus: float | None = None
+    """Each worker host's CPU cap (None: uncapped)."""
 
     @property
     def head(self) -> Host:
@@ -173,25 +188,32 @@ def up(
     memory: str = "1g",
     timeout_s: float = 120.0,
     pin: bool = False,
+    cpus: float | None = None,
 ) -> NetCluster:
     """Create the namespaces, the bridge and the shaped links; start the master on the head and one worker per
     worker host; return once the master reports them all alive. Whatever was left of an earlier cluster of
     the same name is removed first; on any failure, everything this call made is removed again. ``pin``:
     worker host i runs on its own ``cores`` CPUs (``taskset``; round robin when there are fewer), so ranks on
-    different hosts do not share a core while the machine has enough."""
+    different hosts do not share a core while the machine has enough. ``cpus``: each worker host capped at
+    that many CPUs (CFS bandwidth control), equal fixed shares when hosts outnumber cores."""
     cluster = plan(name, workers, subnet, rate, run_dir)
     _check_can_run()
+    if cpus is not None:
+        why = why_no_cpu_cap(cpus)
+        if why:
+            raise NetClusterError(why)
     run_path = Path(cluster.run_dir)
     run_path.mkdir(parents=True, exist_ok=True)
     down(run_path, name)
     (run_path / STATE_FILE).write_text(cluster.to_json())  # before creating anything: `down` finds it
     try:
         _network(cluster)
-        cluster = _daemons(cluster, cores, memory, timeout_s, pin)
+        cluster = _daemons(cluster, cores, memory, timeout_s, pin, cpus)
         (run_path / STATE_FILE).write_text(cluster.to_json())
         log.info(
-            "cluster %s up: master %s on %s, %d worker host(s) %s, links %s", name, cluster.master_url,
+            "cluster %s up: master %s on %s, %d worker host(s) %s, links %s%s", name, cluster.master_url,
             cluster.head.netns, workers, ", ".join(h.address for h in cluster.workers), rate,
+            f", {cpus} CPU(s) per worker host" if cpus else "",
         )  # fmt: skip
         return cluster
     except BaseException:
@@ -219,6 +241,7 @@ def down(run_dir: str | Path | None = None, name: str | None = None, timeout_s: 
         shutil.rmtree(folder, ignore_errors=True)
     if Path(f"/sys/class/net/{name}-br").exists():
         _ip("link", "del", f"{name}-br", check=False)
+    _remove_cpu_groups(name)
     if state is not None and state.exists():
         state.unlink()
     if spaces or leftover_etc:
@@ -270,8 +293,7 @@ def reshape(cluster: NetCluster, rate: str) -> NetCluster:
                 _run([*prefix, "tc", "qdisc", "replace", "dev", dev, *_tbf(bits)])
             else:
                 _run([*prefix, "tc", "qdisc", "del", "dev", dev, "root"], check=False)  # none there: fine
-    changed = NetCluster(cluster.name, cluster.subnet, rate, cluster.run_dir, cluster.hosts, cluster.master_url,
-                         cluster.webui_url, cluster.pids)  # fmt: skip
+    changed = replace(cluster, rate=rate)
     state = Path(cluster.run_dir) / STATE_FILE
     if state.exists():
         state.write_text(changed.to_json())
@@ -402,7 +424,9 @@ def _tbf(bits: float) -> list[str]:
     return ["root", "tbf", "rate", f"{int(bits)}bit", "burst", str(burst), "latency", "50ms"]
 
 
-def _daemons(cluster: NetCluster, cores: int, memory: str, timeout_s: float, pin: bool) -> NetCluster:
+def _daemons(
+    cluster: NetCluster, cores: int, memory: str, timeout_s: float, pin: bool, cpus: float | None = None
+) -> NetCluster:
     run_path = Path(cluster.run_dir)
     spark_class = str(spark_home() / "bin" / "spark-class")
     head = cluster.head
@@ -425,13 +449,154 @@ def _daemons(cluster: NetCluster, cores: int, memory: str, timeout_s: float, pin
         if pin and shutil.which("taskset"):
             # the worker, its executors and their Python workers (the rank) inherit the CPU set
             first = (i * cores) % (os.cpu_count() or 1)
-            cpus = ",".join(str((first + c) % (os.cpu_count() or 1)) for c in range(cores))
-            cmd = ["taskset", "-c", cpus, *cmd]
-        pids.append(spawn([*cluster.exec_prefix(h.name), *cmd], env(h), run_path / f"worker-{h.name}.log"))
+            cpu_list = ",".join(str((first + c) % (os.cpu_count() or 1)) for c in range(cores))
+            cmd = ["taskset", "-c", cpu_list, *cmd]
+        cmd = [*cluster.exec_prefix(h.name), *cmd]
+        if cpus is not None:
+            # join the host's group, then exec into the namespace (whose /sys, remounted by `ip netns exec`,
+            # has no cgroup tree): everything the worker starts inherits the cap
+            procs = _cpu_group(cluster.name, h.name, cpus) / "cgroup.procs"
+            cmd = ["sh", "-c", 'echo $$ > "$1" && shift && exec "$@"', "sh", str(procs), *cmd]
+        pids.append(spawn(cmd, env(h), run_path / f"worker-{h.name}.log"))
     n = len(cluster.workers)
     wait_for(lambda: alive_workers(webui_url) >= n, timeout_s, f"{n} alive workers at {webui_url}", run_path)
-    return NetCluster(cluster.name, cluster.subnet, cluster.rate, cluster.run_dir, cluster.hosts, master_url,
-                      webui_url, pids)  # fmt: skip
+    return replace(cluster, master_url=master_url, webui_url=webui_url, pids=pids, cpus=cpus)
+
+
+def _cpu_base() -> tuple[Path, str] | None:
+    """Where CPU groups can be made and which interface: (``/sys/fs/cgroup/cpu``, "v1") or
+    (``/sys/fs/cgroup``, "v2"); None when neither has the ``cpu`` controller."""
+    unified = CGROUP_ROOT / "cgroup.controllers"
+    if unified.exists():
+        return (CGROUP_ROOT, "v2") if "cpu" in unified.read_text().split() else None
+    if (CGROUP_ROOT / "cpu" / "cpu.cfs_quota_us").exists():
+        return CGROUP_ROOT / "cpu", "v1"
+    return None
+
+
+def _group_dir(name: str) -> Path | None:
+    base = _cpu_base()
+    return base[0] / f"sparkml-netcluster-{name}" if base else None
+
+
+def why_no_cpu_cap(cpus: float = 0.5) -> str | None:
+    """None when worker hosts can be capped at ``cpus`` CPUs here; else why not, and what to do."""
+    if not 0.01 <= cpus <= (os.cpu_count() or 1):
+        return f"--cpus {cpus} must be between 0.01 and this machine's {os.cpu_count()} CPUs"
+    base = _cpu_base()
+    if base is None:
+        return (
+            f"no cgroup cpu controller under {CGROUP_ROOT} (neither v1 cpu/cpu.cfs_quota_us nor v2 with 'cpu' in "
+            "cgroup.controllers): mount it, or bring the cluster up without --cpus"
+        )
+    probe = base[0] / f"sparkml-netcluster-probe{os.getpid()}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        return f"cannot make a CPU group in {base[0]} ({exc}): run as root with a writable cgroup filesystem"
+    return None
+
+
+def _cpu_group(name: str, host: str, cpus: float) -> Path:
+    """The host's CPU group, capped at ``cpus`` CPUs per CFS period (made if missing)."""
+    base = _cpu_base()
+    if base is None:
+        raise NetClusterError(why_no_cpu_cap(cpus) or "no cgroup cpu controller")
+    root, kind = base
+    group = root / f"sparkml-netcluster-{name}"
+    folder = group / host
+    quota = max(1000, int(cpus * CFS_PERIOD_US))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if kind == "v1":
+            (folder / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+            (folder / "cpu.cfs_quota_us").write_text(str(quota))
+        else:
+            for parent in (root, group):  # the cpu controller must be enabled down to the host's group
+                (parent / "cgroup.subtree_control").write_text("+cpu")
+            (folder / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+    except OSError as exc:
+        raise NetClusterError(
+            f"cannot cap host {host} at {cpus} CPUs in {folder} ({exc}): run as root on a writable cgroup "
+            "filesystem, or bring the cluster up without --cpus"
+        ) from exc
+    return folder
+
+
+def _remove_cpu_groups(name: str, timeout_s: float = 10.0) -> None:
+    """Remove the cluster's CPU groups (their processes were ended first; a group empties as they exit)."""
+    group = _group_dir(name)
+    if group is None or not group.exists():
+        return
+    deadline = time.monotonic() + timeout_s
+    for folder in [*sorted(p for p in group.iterdir() if p.is_dir()), group]:
+        while True:
+            try:
+                folder.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    log.warning("could not remove CPU group %s (%s): remove it with rmdir once empty", folder, exc)
+                    break
+                time.sleep(0.2)
+
+
+_PROBE_SERVER = """
+import json, socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(float(sys.argv[3]))
+c, _ = s.accept(); c.settimeout(float(sys.argv[3])); n, t0 = 0, None
+while True:
+    b = c.recv(1 << 20)
+    if not b:
+        break
+    t0 = t0 or time.monotonic()
+    n += len(b)
+print(json.dumps({"bytes": n, "seconds": time.monotonic() - (t0 or time.monotonic())}))
+"""
+_PROBE_CLIENT = """
+import socket, sys, time
+deadline = time.monotonic() + 10
+while True:
+    try:
+        c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10); break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+buf, end = bytes(1 << 16), time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    c.sendall(buf)
+c.close()
+"""
+
+
+def probe(cluster: NetCluster, src: str = "w1", dst: str = HEAD, seconds: float = 2.0) -> dict[str, object]:
+    """One TCP stream from ``src`` to ``dst`` for ``seconds``: what it carried and at what rate (payload bits
+    per second, so a little under the link rate: headers are ~3% at 1,500-byte frames)."""
+    if src == dst:
+        raise NetClusterError(f"probe needs two different hosts, got {src} -> {dst}")
+    target = cluster.host(dst).address
+    wait = seconds + 20
+    server = subprocess.Popen([*cluster.exec_prefix(dst), sys.executable, "-c", _PROBE_SERVER, target,
+                               str(PROBE_PORT), str(wait)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        _run([*cluster.exec_prefix(src), sys.executable, "-c", _PROBE_CLIENT, target, str(PROBE_PORT), str(seconds)])
+        out, err = server.communicate(timeout=wait)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    if server.returncode != 0:
+        raise NetClusterError(f"the probe's receiver on {dst} failed ({server.returncode}): {err.strip()[-2000:]}")
+    got = json.loads(out.strip().splitlines()[-1])
+    bits = got["bytes"] * 8 / got["seconds"] if got["seconds"] > 0 else 0.0
+    return {"src": src, "dst": dst, "bytes": got["bytes"], "seconds": round(got["seconds"], 3),
+            "payload_bits_per_s": round(bits), "link_rate_bits_per_s": rate_bits(cluster.rate)}  # fmt: skip
 
 
 def _netns_list() -> list[str]:
@@ -490,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--cores", type=int, default=1)
     p_up.add_argument("--memory", default="1g")
     p_up.add_argument("--pin", action="store_true", help="each worker host on its own CPU(s) (taskset)")
+    p_up.add_argument("--cpus", type=float, default=None, help="cap each worker host at this many CPUs (cgroup)")
     p_shape = sub.add_parser("shape")
     p_shape.add_argument("--rate", required=True)
     p_exec = sub.add_parser("exec")
@@ -500,6 +666,10 @@ def main(argv: list[str] | None = None) -> int:
     p_submit.add_argument("--executor-memory", default="1g")
     p_submit.add_argument("command", nargs=argparse.REMAINDER)
     sub.add_parser("bytes")
+    p_probe = sub.add_parser("probe")
+    p_probe.add_argument("--src", default="w1")
+    p_probe.add_argument("--dst", default=HEAD)
+    p_probe.add_argument("--seconds", type=float, default=2.0)
     p_down = sub.add_parser("down")
     p_down.add_argument("--name", default=None)
     for p in sub.choices.values():
@@ -509,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "up":
             c = up(args.run_dir, args.workers, args.rate, args.name, args.subnet, args.cores, args.memory,
-                   pin=args.pin)  # fmt: skip
+                   pin=args.pin, cpus=args.cpus)  # fmt: skip
             print(json.dumps({"master_url": c.master_url, "hosts": {h.name: h.address for h in c.hosts}}))
         elif args.cmd == "exec":
             c = read_state(args.run_dir)
@@ -532,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"rate": reshape(read_state(args.run_dir), args.rate).rate}))
         elif args.cmd == "bytes":
             print(json.dumps(link_bytes(read_state(args.run_dir))))
+        elif args.cmd == "probe":
+            print(json.dumps(probe(read_state(args.run_dir), args.src, args.dst, args.seconds)))
         else:
             print(json.dumps({"removed": down(args.run_dir, args.name)}))
     except ClusterError as exc:

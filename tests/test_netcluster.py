@@ -23,6 +23,7 @@ from sparkml_dist.tracking import get_run_record
 
 REPO = Path(__file__).resolve().parents[1]
 WHY_NOT = netcluster.why_not_here()
+WHY_NO_CAP = netcluster.why_no_cpu_cap(0.5) if WHY_NOT is None else WHY_NOT
 
 
 def test_bad_rate_name_and_subnet_are_refused_naming_the_forms_taken(tmp_path):
@@ -37,6 +38,7 @@ def test_bad_rate_name_and_subnet_are_refused_naming_the_forms_taken(tmp_path):
     assert [(h.name, h.netns, h.address) for h in c.hosts] == [
         ("head", "sdn-head", "10.213.7.10"), ("w1", "sdn-w1", "10.213.7.11"), ("w2", "sdn-w2", "10.213.7.12"),
     ]  # fmt: skip
+    assert "--cpus 0.0 must be between 0.01 and this machine's" in (netcluster.why_no_cpu_cap(0.0) or "")
 
 
 def _train_command(cluster, work: Path, py_files: Path) -> list[str]:
@@ -63,8 +65,23 @@ def test_a_two_host_job_trains_across_namespaces_and_its_ranks_talk_over_the_lin
     partition(spark, cfg)
     py_files = package_library(tmp_path / "dist")
     run_dir = tmp_path / "netcluster"
-    with netcluster.running(run_dir, workers=2, rate="1gbit", name="sdt", subnet="10.213.9", timeout_s=180) as c:
+    cpus = 0.5 if WHY_NO_CAP is None else None  # each worker host capped at half a core where cgroups allow
+    if cpus is None:
+        print(f"worker hosts not CPU-capped here: {WHY_NO_CAP}")
+    with netcluster.running(
+        run_dir, workers=2, rate="1gbit", name="sdt", subnet="10.213.9", timeout_s=180, cpus=cpus
+    ) as c:
         assert alive_workers(c.webui_url) == 2
+        groups = netcluster._group_dir("sdt")
+        if cpus is not None:  # each worker daemon (and so its executors and ranks) is in its host's capped group
+            for h, pid in zip(c.workers, c.pids[1:], strict=True):
+                assert str(pid) in (groups / h.name / "cgroup.procs").read_text().split()
+                quota = (
+                    groups
+                    / h.name
+                    / ("cpu.cfs_quota_us" if (groups / h.name / "cpu.cfs_quota_us").exists() else "cpu.max")
+                )
+                assert quota.read_text().split()[0] == "50000"
         before = netcluster.link_bytes(c)
         python = sys.executable
         env = {**c.env("head"), "PYSPARK_PYTHON": python, "PYSPARK_DRIVER_PYTHON": python}
@@ -77,6 +94,7 @@ def test_a_two_host_job_trains_across_namespaces_and_its_ranks_talk_over_the_lin
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not [ns for ns in spaces if ns in listed]
     assert not Path("/sys/class/net/sdt-br").exists() and not (run_dir / netcluster.STATE_FILE).exists()
+    assert groups is None or not groups.exists()  # and the CPU groups
 
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     record = get_run_record(cfg.tracking, summary["run_id"], ("comm_wire_bytes_per_rank_per_step", "train_loss"))
@@ -94,16 +112,24 @@ def test_down_cleans_up_after_a_crash_from_the_name_alone(tmp_path):
     netcluster._network(c)  # as if `up` had died after making the network
     qdisc = ["tc", "qdisc", "show", "dev", "sdc-w1"]
     assert "rate 100Mbit" in subprocess.run(qdisc, capture_output=True, text=True).stdout
-    netcluster.reshape(c, "10mbit")  # in place, both ends
+    c = netcluster.reshape(c, "10mbit")  # in place, both ends
     inside = [*c.exec_prefix("w1"), "tc", "qdisc", "show", "dev", "eth0"]
     assert "rate 10Mbit" in subprocess.run(qdisc, capture_output=True, text=True).stdout
     assert "rate 10Mbit" in subprocess.run(inside, capture_output=True, text=True).stdout
+    # what one TCP stream gets: under 10 Mbit/s while shaped at 10 (unshaped, veth carries Gbit/s)
+    got = netcluster.probe(c, "w1", "head", 1.0)
+    assert 0 < got["payload_bits_per_s"] <= 1.1e7 and got["link_rate_bits_per_s"] == 1e7, got
     netcluster.reshape(c, "unshaped")
     assert "tbf" not in subprocess.run(inside, capture_output=True, text=True).stdout
     sleeper = subprocess.Popen([*c.exec_prefix("w1"), "sleep", "600"])
     time.sleep(0.5)
+    group = None
+    if WHY_NO_CAP is None:  # a host's CPU group, with a process in it, is removed by down too
+        group = netcluster._cpu_group("sdc", "w1", 0.25)
+        (group / "cgroup.procs").write_text(str(sleeper.pid))
     removed = netcluster.down(name="sdc")
     assert sorted(removed) == ["sdc-head", "sdc-w1"]
     assert not Path(f"/proc/{sleeper.pid}").exists()  # the process inside was ended (and reaped by down)
     assert not Path("/sys/class/net/sdc-br").exists()
+    assert group is None or not group.parent.exists()
     assert netcluster.down(name="sdc") == []  # a no-op the second time
