@@ -237,6 +237,7 @@ def down(run_dir: str | Path | None = None, name: str | None = None, timeout_s: 
     _end(pids, timeout_s)
     for ns in spaces:
         _ip("netns", "del", ns, check=False)
+    _await_links_gone(name)
     for folder in NETNS_ETC.glob(f"{name}-*"):
         shutil.rmtree(folder, ignore_errors=True)
     if Path(f"/sys/class/net/{name}-br").exists():
@@ -247,6 +248,23 @@ def down(run_dir: str | Path | None = None, name: str | None = None, timeout_s: 
     if spaces or leftover_etc:
         log.info("cluster %s down: ended %d process(es), removed %s", name, len(pids), ", ".join(spaces))
     return spaces
+
+
+def _await_links_gone(name: str, timeout_s: float = 10.0) -> None:
+    """The kernel destroys a deleted namespace (and the veth pairs in it) asynchronously, so an ``up`` of the
+    same name right after ``down`` found ``<name>-w1`` still there ("RTNETLINK answers: File exists"): delete
+    the bridge-side ends ourselves and wait until no ``<name>-*`` link is left but the bridge."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        links = [p.name for p in Path("/sys/class/net").glob(f"{name}-*") if p.name != f"{name}-br"]
+        if not links:
+            return
+        if time.monotonic() > deadline:
+            log.warning("links %s of cluster %s are still there after %.0f s", links, name, timeout_s)
+            return
+        for link in links:
+            _ip("link", "del", link, check=False)
+        time.sleep(0.1)
 
 
 def read_state(run_dir: str | Path) -> NetCluster:

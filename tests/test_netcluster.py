@@ -133,3 +133,5 @@ def test_down_cleans_up_after_a_crash_from_the_name_alone(tmp_path):
     assert not Path("/sys/class/net/sdc-br").exists()
     assert group is None or not group.parent.exists()
     assert netcluster.down(name="sdc") == []  # a no-op the second time
+    netcluster._network(c)  # the same name again at once: nothing of the old links is in the way
+    assert sorted(netcluster.down(name="sdc")) == ["sdc-head", "sdc-w1"]
