@@ -292,10 +292,9 @@ def main() -> None:
         ]
         data = _sparse_data(work, args.sparse_rows, args.buckets)
         problems.append(Problem("sparse", "sparse", "sparse: ", True, SPARSE, sparse, data))
+        _local("jobs.generate", [f"paths.work_dir={work}", *data])
     if any(p.data_name == "partitioned" for p in problems):
         _local("jobs.generate", gen)
-    if args.sparse:
-        _local("jobs.generate", [f"paths.work_dir={work}", *_sparse_data(work, args.sparse_rows, args.buckets)])
     for p in problems:
         for shards in sorted({1, k}):
             marker = work / "data" / f"{p.data_name}-{shards}" / "_manifest.json"
@@ -327,7 +326,7 @@ def main() -> None:
             summary, wall = _submit(cluster, "train", one, 1, py_files, work)
             rec = get_run_record(cfg.tracking, summary["run_id"], METRICS)
             singles[p.key] = {"run_id": summary["run_id"], "rows_per_s": rec.metrics.get("rows_per_s"),
-                                               "step_s": _step_s(rec), "job_wall_s": round(wall, 1)}  # fmt: skip
+                              "step_s": _step_s(rec), "job_wall_s": round(wall, 1)}  # fmt: skip
         out["one_rank"] = singles
         for rate in rates:
             cluster = netcluster.reshape(cluster, rate)

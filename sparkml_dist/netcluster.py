@@ -75,10 +75,12 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "netcluster.json"
 NETNS_ETC = Path("/etc/netns")
+"""Per-namespace files ``ip netns exec`` mounts over /etc (here: each host's /etc/hosts)."""
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+CPU_GROUP = "sparkml-netcluster-{}"
+"""A cluster's CPU group (one child per worker host) under the cgroup cpu controller's root."""
 CFS_PERIOD_US = 100_000
 PROBE_PORT = 7199
-"""Per-namespace files ``ip netns exec`` mounts over /etc (here: each host's /etc/hosts)."""
 MASTER_PORT = 7077
 WEBUI_PORT = 8080
 WORKER_WEBUI_PORT = 8081
@@ -494,7 +496,7 @@ def _cpu_base() -> tuple[Path, str] | None:
 
 def _group_dir(name: str) -> Path | None:
     base = _cpu_base()
-    return base[0] / f"sparkml-netcluster-{name}" if base else None
+    return base[0] / CPU_GROUP.format(name) if base else None
 
 
 def why_no_cpu_cap(cpus: float = 0.5) -> str | None:
@@ -507,7 +509,7 @@ def why_no_cpu_cap(cpus: float = 0.5) -> str | None:
             f"no cgroup cpu controller under {CGROUP_ROOT} (neither v1 cpu/cpu.cfs_quota_us nor v2 with 'cpu' in "
             "cgroup.controllers): mount it, or bring the cluster up without --cpus"
         )
-    probe = base[0] / f"sparkml-netcluster-probe{os.getpid()}"
+    probe = base[0] / CPU_GROUP.format(f"probe{os.getpid()}")
     try:
         probe.mkdir()
         probe.rmdir()
@@ -522,7 +524,7 @@ def _cpu_group(name: str, host: str, cpus: float) -> Path:
     if base is None:
         raise NetClusterError(why_no_cpu_cap(cpus) or "no cgroup cpu controller")
     root, kind = base
-    group = root / f"sparkml-netcluster-{name}"
+    group = root / CPU_GROUP.format(name)
     folder = group / host
     quota = max(1000, int(cpus * CFS_PERIOD_US))
     try:
