@@ -173,10 +173,19 @@ def _run_figures(
 
 
 def _problem_runs(
-    cluster, work: Path, k: int, py_files: Path, cfg, problem: Problem, one: dict | None, only: set | None
+    cluster,
+    work: Path,
+    k: int,
+    py_files: Path,
+    cfg,
+    problem: Problem,
+    one: dict | None,
+    only: set | None,
+    fixed_target: float | None = None,
 ) -> tuple[dict, float | None]:
     """Every kind of one problem at the cluster's current rate: MLlib (the target), each strategy, then the
-    MapReduce baselines; returns the runs (keyed with the problem's prefix) and the target."""
+    MapReduce baselines; returns the runs (keyed with the problem's prefix) and the target. ``fixed_target``
+    (an earlier run's target of the same problem) replaces MLlib's, so a part of the kinds can run alone."""
     runs: dict = {}
     target = None
     prefix = problem.prefix
@@ -201,7 +210,14 @@ def _problem_runs(
             summary, wall, links = measured("train", [*base, *problem.train, *STRATEGIES[name]])
             runs[f"{prefix}{name}"] = _run_figures(cfg, summary["run_id"], target, links, wall, k, one)
     mllib = runs.get(f"{prefix}mllib_lr")
-    if target is not None and target > COIN_FLIP and mllib is not None:
+    if fixed_target is not None:
+        target = fixed_target
+        for f in runs.values():
+            f["target_note"] = f"target given on the command line (--target {fixed_target})"
+            if f.get("final_val_log_loss") is not None:
+                f["time_to_target_s"] = summarize_run(get_run_record(cfg.tracking, f["run_id"], METRICS),
+                                                      target).time_to_target_s  # fmt: skip
+    elif target is not None and target > COIN_FLIP and mllib is not None:
         mllib["final_val_log_loss"] = round(target / 1.01, 5)
         mllib["time_to_target_s_of_its_own_final"] = mllib.pop("time_to_target_s")
         target = _retarget(cfg, {k: v for k, v in runs.items() if v is not mllib}, target)
@@ -214,6 +230,8 @@ def _problem_runs(
             runs[f"{prefix}{b['kind']}"] = {
                 "run_id": b["run_id"], "job_wall_s_all_three": round(wall, 1),
                 "time_to_target_s": rec.time_to_target_s, "links_all_three": links,
+                "iterations": b["iterations"], "stopped": b["stopped"], "seconds": round(b["seconds"], 1),
+                "final_val_log_loss": round(b["final"]["val_log_loss"], 5),
             }  # fmt: skip
     return runs, target
 
@@ -251,6 +269,9 @@ def main() -> None:
                         help="cap each worker host at this many CPUs (default: uncapped, each pinned to its own "
                              "core, while hosts <= cores; 0.8 x cores / hosts when there are more)")  # fmt: skip
     parser.add_argument("--only", default=None, help="comma-separated kinds to run (default: all)")
+    parser.add_argument("--target", type=float, default=None,
+                        help="a fixed target log-loss (an earlier run's) instead of MLlib's x 1.01, e.g. to run "
+                             "only the baselines of a problem with --only baselines")  # fmt: skip
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--skip-dense", action="store_true", help="only the large model (and its one-rank run)")
     parser.add_argument("--work-dir", default="/tmp/sparkml-bench-network")
@@ -322,6 +343,8 @@ def main() -> None:
         cluster = netcluster.reshape(cluster, "unshaped")
         singles = {}
         for p in problems:
+            if only is not None and not only & set(p.kinds):
+                continue  # no strategy of it runs: no denominator needed
             one = [*_sets(work, 1, p.data_name), *p.data, *p.train]
             summary, wall = _submit(cluster, "train", one, 1, py_files, work)
             rec = get_run_record(cfg.tracking, summary["run_id"], METRICS)
@@ -336,7 +359,7 @@ def main() -> None:
                 out["link_check"][rate].append(netcluster.probe(cluster, "w2", "w1", 2.0))
             runs: dict = {}
             for p in problems:
-                got, target = _problem_runs(cluster, work, k, py_files, cfg, p, singles[p.key], only)
+                got, target = _problem_runs(cluster, work, k, py_files, cfg, p, singles.get(p.key), only, args.target)
                 runs.update(got)
                 if target is not None:
                     key = "target_log_loss" if p.key == "dense" else f"{p.key}_target_log_loss"
@@ -363,6 +386,8 @@ def _plot(out: dict, path: Path) -> None:
     panels = [x for x in panels if any(k.startswith(x[0]) and (x[0] or ": " not in k) for k in kinds)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (prefix, title, metric) in zip(axes[0], panels, strict=True):
+        ax.set_prop_cycle(color=[plt.get_cmap("tab20")(i) for i in range(20)])  # one colour per kind (default: 10)
+        missing = []
         for kind in [k for k in kinds if k.startswith(prefix) and (prefix or ": " not in k)]:
             ys = []
             for r in rates:
@@ -372,7 +397,13 @@ def _plot(out: dict, path: Path) -> None:
                 else:
                     y = (f.get("compute_s_per_step") or 0) + (f.get("comm_s_per_step") or 0) or None
                 ys.append(y if y is not None else float("nan"))
+            if all(y != y for y in ys):  # NaN everywhere: nothing to draw
+                missing.append(kind.removeprefix(prefix))
+                continue
             ax.plot(rates, ys, marker="o", label=kind.removeprefix(prefix))
+        if missing:
+            note = "no value at any rate (not reached, or no T + C): " + ", ".join(missing)
+            ax.text(0.01, 0.99, note, transform=ax.transAxes, fontsize=7, va="top")
         ax.set(title=title, xlabel="link rate", ylabel="s")
         ax.legend(fontsize=7)
     fig.suptitle(
