@@ -204,23 +204,21 @@ def _problem_runs(
         b = summary["baselines"][0]
         target = b["final"]["val_log_loss"] * 1.01
         runs[f"{prefix}mllib_lr"] = {"run_id": b["run_id"], "job_wall_s": round(wall, 1),
+                                     "final_val_log_loss": round(b["final"]["val_log_loss"], 5),
                                      "time_to_target_s": b["seconds"], "links": links}  # fmt: skip
+    overfit = target is not None and target > COIN_FLIP
+    if fixed_target is not None:  # known before the strategies run: their times are measured against it
+        target = fixed_target
     for name in problem.kinds:
         if wanted(name):
             summary, wall, links = measured("train", [*base, *problem.train, *STRATEGIES[name]])
             runs[f"{prefix}{name}"] = _run_figures(cfg, summary["run_id"], target, links, wall, k, one)
     mllib = runs.get(f"{prefix}mllib_lr")
-    if fixed_target is not None:
-        target = fixed_target
-        for f in runs.values():
-            f["target_note"] = f"target given on the command line (--target {fixed_target})"
-            if f.get("final_val_log_loss") is not None:
-                f["time_to_target_s"] = summarize_run(get_run_record(cfg.tracking, f["run_id"], METRICS),
-                                                      target).time_to_target_s  # fmt: skip
-    elif target is not None and target > COIN_FLIP and mllib is not None:
-        mllib["final_val_log_loss"] = round(target / 1.01, 5)
+    if mllib is not None and (fixed_target is not None or overfit):
+        # MLlib's seconds are its time to its own final loss (it is evaluated once, at the end), not to this target
         mllib["time_to_target_s_of_its_own_final"] = mllib.pop("time_to_target_s")
-        target = _retarget(cfg, {k: v for k, v in runs.items() if v is not mllib}, target)
+    if fixed_target is None and overfit and mllib is not None:
+        target = _retarget(cfg, {k: v for k, v in runs.items() if v is not mllib}, mllib["final_val_log_loss"])
     # the MapReduce baselines last: their target (and early stop) may be the fallback one
     if problem.baselines and target is not None and wanted("baselines"):
         sets = [*base, f"baselines.kinds=[{','.join(BASELINES)}]", f"baselines.target_log_loss={target}"]
@@ -233,10 +231,13 @@ def _problem_runs(
                 "iterations": b["iterations"], "stopped": b["stopped"], "seconds": round(b["seconds"], 1),
                 "final_val_log_loss": round(b["final"]["val_log_loss"], 5),
             }  # fmt: skip
+    if fixed_target is not None:
+        for f in runs.values():
+            f["target_note"] = f"target given on the command line (--target {fixed_target})"
     return runs, target
 
 
-def _retarget(cfg, runs: dict, mllib_target: float) -> float | None:
+def _retarget(cfg, runs: dict, mllib_final: float) -> float | None:
     """MLlib's loss x 1.01 is no target when MLlib ended worse than a coin flip (unregularized L-BFGS on ~2^20
     sparse features and fewer rows overfits to a log-loss of ~11): then the target is the best final loss any
     kind reached x 1.01, each kind's time to it recomputed, and the reason recorded in its runs."""
@@ -245,7 +246,7 @@ def _retarget(cfg, runs: dict, mllib_target: float) -> float | None:
         return None
     target = min(finals) * 1.01
     for f in runs.values():
-        f["target_note"] = (f"MLlib ended at {mllib_target / 1.01:.4f} (worse than a coin flip, {COIN_FLIP:.4f}): "
+        f["target_note"] = (f"MLlib ended at {mllib_final:.4f} (worse than a coin flip, {COIN_FLIP:.4f}): "
                             f"target is the best final loss of any kind x 1.01 = {target:.5f}")  # fmt: skip
         if f.get("final_val_log_loss") is not None:
             record = get_run_record(cfg.tracking, f["run_id"], METRICS)
@@ -397,7 +398,7 @@ def _plot(out: dict, path: Path) -> None:
                 else:
                     y = (f.get("compute_s_per_step") or 0) + (f.get("comm_s_per_step") or 0) or None
                 ys.append(y if y is not None else float("nan"))
-            if all(y != y for y in ys):  # NaN everywhere: nothing to draw
+            if all(math.isnan(y) for y in ys):  # nothing to draw
                 missing.append(kind.removeprefix(prefix))
                 continue
             ax.plot(rates, ys, marker="o", label=kind.removeprefix(prefix))
