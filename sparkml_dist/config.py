@@ -358,8 +358,13 @@ class TrainConfig:
     """Shuffle row groups and rows (through a buffer) each epoch, seeded by (seed, epoch, rank)."""
     shuffle_buffer_rows: int = 20_000
     """Rows held in the shuffle buffer per rank."""
+    reader: Literal["auto", "petastorm", "arrow"] = "auto"
+    """How a rank reads its shard (``sparkml_dist/readers``). petastorm: Petastorm 0.12.1's reader (the
+    default where it imports: pyarrow < 15). arrow: the project's own reader on pyarrow.parquet/pyarrow.fs,
+    which runs on any pyarrow >= 14 and yields the same batches bit for bit for the same seed. auto: petastorm
+    where it imports, else arrow (logged with the reason)."""
     reader_workers: int = 2
-    """Petastorm reader threads per rank decoding row groups in parallel (>= 1). The batch stream is the same
+    """Reader threads per rank decoding row groups in parallel (>= 1). The batch stream is the same
     for any count (row groups are reordered as ventilated); memory grows by about one row group per worker."""
     fp16_allreduce: bool = False
     """Deprecated spelling of comm.compression=fp16 (kept so existing configs run unchanged)."""
@@ -435,8 +440,12 @@ class LaunchConfig:
     """barrier: one Spark barrier stage, a Horovod rank per task. in_process: the ranks run as threads of
     the driver with in-memory collectives (rank.run_in_process): the same loop without Spark tasks or
     Horovod, for fast tests and debugging; no retries, stall detection or fault injection."""
+    collectives: Literal["horovod", "torch"] = "horovod"
+    """barrier backend: the engine the ranks' collectives run on. horovod: Horovod 0.28.1's ring AllReduce
+    (Gloo on CPU, NCCL on GPU), the default. torch: a torch.distributed process group (gloo on CPU, nccl on
+    GPU), initialized from the same guarded rendezvous; needs no Horovod."""
     start_timeout_s: float = 120.0
-    """Seconds every rank may take to reach the rendezvous and finish hvd.init."""
+    """Seconds every rank may take to reach the rendezvous and finish initializing its collectives."""
     collective_timeout_s: float = 300.0
     """Seconds a single collective may wait for the other ranks (Gloo timeout)."""
     job_timeout_s: float = 0.0

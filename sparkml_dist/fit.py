@@ -35,7 +35,10 @@ from sparkml_dist.train import TrainJob, train_rank
 log = logging.getLogger(__name__)
 
 PROGRESS_POLL_S = 2.0
-_LAUNCHERS = {"barrier": "spark-barrier+horovod-gloo (barrier)", "in_process": "threads of the driver (in_process)"}
+_LAUNCHERS = {
+    "barrier": "spark-barrier+{collectives} (barrier)",  # launch.collectives: horovod or torch (torch.distributed)
+    "in_process": "threads of the driver (in_process)",
+}
 TRAIN_FINGERPRINT_TAG = "train_fingerprint"
 
 
@@ -83,7 +86,7 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
         "manifest_fingerprint": manifest.fingerprint,
         "data_fingerprint": manifest.input_fingerprint,
         "world_size": str(world),
-        "launcher": _LAUNCHERS[cfg.launch.backend],
+        "launcher": _LAUNCHERS[cfg.launch.backend].format(collectives=cfg.launch.collectives),
         "comm_strategy": cfg.comm.strategy,
         "comm_compression": cfg.comm.compression,
         "model": cfg.train.model,

@@ -1,54 +1,39 @@
-"""Barrier-mode launch: one Spark barrier stage, one Horovod rank per task, Gloo rendezvous on task 0.
+"""Barrier-mode launch: one Spark barrier stage, one rank per task, the collectives' rendezvous on task 0.
 
-Task 0 starts a Horovod rendezvous HTTP server bound to its own address (not 0.0.0.0), computes the
-host plan from ``BarrierTaskContext.getTaskInfos()``, and shares ``host:port`` through ``allGather``.
-Every task sets the HOROVOD_* variables, calls ``hvd.init()`` under a watchdog, runs the user function
-and calls ``hvd.shutdown()`` so its Python worker can be reused. Rank 0's return value reaches the
-driver. A rank's exception comes back as a RankFailedError naming the rank, its host and its
-traceback; the stage runs in its own job group, which is cancelled on failure, interrupt or timeout.
+Task 0 starts the configured engine's rendezvous (``launch.collectives``: Horovod's HTTP server, or our
+``kvstore`` for torch.distributed) bound to its own address (not 0.0.0.0), guarded by a per-run secret and the
+stage's hosts, and shares its address through ``allGather``. Every task joins the group under a watchdog
+(``engines.Engine.join``), runs the user function and leaves the group so its Python worker can be reused.
+Rank 0's return value reaches the driver. A rank's exception comes back as a RankFailedError naming the rank,
+its host and its traceback; the stage runs in its own job group, which is cancelled on failure, interrupt or
+timeout.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import logging
 import os
 import re
-import secrets
-import socket
 import threading
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pyspark.sql import SparkSession
 
 from sparkml_dist import heartbeat
 from sparkml_dist.config import LaunchConfig
+from sparkml_dist.engines import LaunchError, build_engine, host_plan
+from sparkml_dist.engines import check_hostname as _check_hostname  # noqa: F401  (tests, older imports)
 from sparkml_dist.errors import InfraError, UserError
 from sparkml_dist.rank import RankContext, run_in_process
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-HOROVOD_RANK = "HOROVOD_RANK"
-HOROVOD_SIZE = "HOROVOD_SIZE"
-HOROVOD_LOCAL_RANK = "HOROVOD_LOCAL_RANK"
-HOROVOD_LOCAL_SIZE = "HOROVOD_LOCAL_SIZE"
-HOROVOD_CROSS_RANK = "HOROVOD_CROSS_RANK"
-HOROVOD_CROSS_SIZE = "HOROVOD_CROSS_SIZE"
-HOROVOD_HOSTNAME = "HOROVOD_HOSTNAME"
-HOROVOD_GLOO_RENDEZVOUS_ADDR = "HOROVOD_GLOO_RENDEZVOUS_ADDR"
-HOROVOD_GLOO_RENDEZVOUS_PORT = "HOROVOD_GLOO_RENDEZVOUS_PORT"
-HOROVOD_GLOO_IFACE = "HOROVOD_GLOO_IFACE"
-HOROVOD_GLOO_TIMEOUT_SECONDS = "HOROVOD_GLOO_TIMEOUT_SECONDS"
-HOROVOD_CONTROLLER = "HOROVOD_CONTROLLER"
-HOROVOD_CPU_OPERATIONS = "HOROVOD_CPU_OPERATIONS"
-HOROVOD_GPU_OPERATIONS = "HOROVOD_GPU_OPERATIONS"
 DYNAMIC_ALLOCATION = "spark.dynamicAllocation.enabled"
 TASK_CPUS = "spark.task.cpus"
 MAX_FAILURES = "spark.task.maxFailures"
@@ -75,34 +60,6 @@ class RankUserError(UserError):
     def __init__(self, message: str, details: str = "") -> None:
         super().__init__(message)
         self.details = details
-
-
-class LaunchError(UserError):
-    """The cluster cannot run the barrier stage as configured."""
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """Matches what horovod's rendezvous server reads from a host plan entry."""
-
-    hostname: str
-    rank: int
-    local_rank: int
-    cross_rank: int
-    size: int
-    local_size: int
-    cross_size: int
-
-
-def host_plan(hosts: list[str]) -> list[_Slot]:
-    """Rank i runs on hosts[i]; local ranks count per host, cross ranks count hosts per local rank."""
-    size = len(hosts)
-    local_rank = [hosts[:i].count(h) for i, h in enumerate(hosts)]
-    plan = []
-    for i, h in enumerate(hosts):
-        peers = [hosts[j] for j in range(size) if local_rank[j] == local_rank[i]]
-        plan.append(_Slot(h, i, local_rank[i], peers.index(h), size, hosts.count(h), len(peers)))
-    return plan
 
 
 def check_cluster(spark: SparkSession, world_size: int) -> None:
@@ -140,10 +97,10 @@ def run_on_ranks(
     fn: Callable[[RankContext], T],
     world_size: int,
     cfg: LaunchConfig,
-    description: str = "sparkml-dist Horovod ranks",
+    description: str = "sparkml-dist ranks",
     on_retry: Callable[[int, BaseException], None] | None = None,
 ) -> T:
-    """Run ``fn`` on ``world_size`` Horovod ranks in one barrier stage; return rank 0's result.
+    """Run ``fn`` on ``world_size`` ranks (``launch.collectives``) in one barrier stage; return rank 0's result.
 
     Spark cannot retry a failed barrier *result* stage ("Could not recover from a failed barrier
     ResultStage"), so the retry is here: when a rank's process is lost or stalls (not when it raises), the
@@ -322,104 +279,30 @@ def _run_rank(
     attempt: int,
 ) -> T | None:
     plan = host_plan(hosts)
-    _check_hostname(hosts, host)
-    server = None
+    engine = build_engine(cfg)
+    engine.check_hosts(hosts, host)
+    rendezvous = None
     try:
         if rank == 0:
-            server = _start_rendezvous(host, plan, hosts)
-            # Gloo's C++ store client builds "http://" + ADDR + ":" + PORT + "/" + scope + "/" + key and
-            # cannot send headers, so the per-run secret rides inside ADDR: "host:port/secret" makes the
-            # URL http://host:port/secret:port/scope/key, whose first path segment the handler checks.
-            address = f"{host}:{server.server_address[1]}/{server.secret}"
-        else:
-            address = ""
-        gathered = ctx.allGather(address)
-        rv_host, rv_port = gathered[0], gathered[0].split("/", 1)[0].rsplit(":", 1)[1]
+            rendezvous = engine.serve(host, hosts, plan)
+        gathered = ctx.allGather(rendezvous.address if rendezvous is not None else "")
         slot = plan[rank]
         cpus = int(ctx.getLocalProperty("spark.task.cpus") or os.environ.get("SPARK_TASK_CPUS", "1") or 1)
         device = _pick_device(ctx, cfg)
-        env = {
-            HOROVOD_RANK: slot.rank, HOROVOD_SIZE: slot.size, HOROVOD_LOCAL_RANK: slot.local_rank,
-            HOROVOD_LOCAL_SIZE: slot.local_size, HOROVOD_CROSS_RANK: slot.cross_rank,
-            HOROVOD_CROSS_SIZE: slot.cross_size, HOROVOD_HOSTNAME: host,
-            HOROVOD_GLOO_RENDEZVOUS_ADDR: rv_host, HOROVOD_GLOO_RENDEZVOUS_PORT: rv_port,
-            HOROVOD_GLOO_IFACE: cfg.nic or _iface_of(host), HOROVOD_CONTROLLER: "gloo",
-            HOROVOD_CPU_OPERATIONS: "gloo", HOROVOD_GLOO_TIMEOUT_SECONDS: int(cfg.collective_timeout_s),
-        }  # fmt: skip
-        if device.startswith("cuda"):
-            env[HOROVOD_GPU_OPERATIONS] = "NCCL"
-        os.environ.update({k: str(v) for k, v in env.items()})
-        import horovod.torch as hvd
         import torch
 
         torch.set_num_threads(max(1, cpus))
-        _init_with_timeout(hvd, cfg.start_timeout_s, rank)
+        comm = engine.join(gathered[0], slot, host, device)
         try:
             result = fn(RankContext(rank, world_size, slot.local_rank, slot.local_size, slot.cross_rank,
-                                    slot.cross_size, host, attempt, device, cpus))  # fmt: skip
+                                    slot.cross_size, host, attempt, device, cpus, comm))  # fmt: skip
         finally:
-            hvd.shutdown()
+            engine.leave()
         ctx.barrier()  # rank 0 keeps the rendezvous up until every rank is done with it
         return result if rank == 0 else None
     finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-
-
-def _start_rendezvous(host: str, plan: list[_Slot], hosts: list[str]) -> Any:
-    """Horovod's rendezvous server on this task's address, answering only the run's ranks.
-
-    A request must come from one of the stage's hosts and carry the per-run secret as its first path
-    segment (see ``_run_rank``); anything else gets 403 and never reaches the key-value store.
-    """
-    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
-
-    class GuardedHandler(RendezvousHandler):
-        def _guard(self) -> bool:
-            prefix = f"/{self.server.secret}:{self.server.server_address[1]}/"  # type: ignore[attr-defined]
-            path: str = self.path  # type: ignore[has-type]
-            head = path[: len(prefix)]
-            peer_ok = self.client_address[0] in self.server.allowed_peers  # type: ignore[attr-defined]
-            if peer_ok and hmac.compare_digest(head.encode(), prefix.encode()):
-                self.path = path[len(prefix) - 1 :]
-                return True
-            self.send_status_code(403)
-            return False
-
-        def do_GET(self) -> None:  # noqa: N802
-            if self._guard():
-                super().do_GET()
-
-        def do_PUT(self) -> None:  # noqa: N802
-            if self._guard():
-                super().do_PUT()
-
-        def do_DELETE(self) -> None:  # noqa: N802
-            if self._guard():
-                super().do_DELETE()
-
-    server = RendezvousHTTPServer((host, 0), GuardedHandler, 0)
-    server.secret = secrets.token_hex(16)  # type: ignore[attr-defined]
-    server.allowed_peers = {_resolve(h) for h in hosts}  # type: ignore[attr-defined]
-    server.init(plan)
-    threading.Thread(target=server.serve_forever, daemon=True, name="horovod-rendezvous").start()
-    return server
-
-
-def _init_with_timeout(hvd: Any, timeout_s: float, rank: int) -> None:
-    """hvd.init() blocks until every rank reached the rendezvous; fail the task instead of hanging."""
-    done = threading.Event()
-
-    def watchdog() -> None:
-        if not done.wait(timeout_s):
-            # hvd.init cannot be interrupted from Python; exiting the worker fails the task (and stage).
-            print(f"rank {rank}: hvd.init did not finish within launch.start_timeout_s={timeout_s}", flush=True)
-            os._exit(3)
-
-    threading.Thread(target=watchdog, daemon=True).start()
-    hvd.init()
-    done.set()
+        if rendezvous is not None:
+            rendezvous.close()
 
 
 def _pick_device(ctx: Any, cfg: LaunchConfig) -> str:
@@ -438,51 +321,14 @@ def _pick_device(ctx: Any, cfg: LaunchConfig) -> str:
     return f"cuda:{index}"
 
 
-def _check_hostname(hosts: list[str], host: str) -> None:
-    """Refuse a multi-host stage on a host whose name resolves to loopback. Horovod 0.28.1's Gloo binds its
-    process-set context (created by every hvd.init) to the address the machine's hostname resolves to, not to
-    HOROVOD_GLOO_IFACE; resolving to 127.x there, each rank would tell the others to connect to their own
-    loopback, and hvd.init would crash on every attempt with 'connect [127.0.0.1]: Connection refused'."""
-    if len({_resolve(h) for h in hosts}) < 2 or _resolve(host).startswith("127."):
-        return  # one host (loopback is right), or this task's own address is loopback anyway
-    name = socket.gethostname()
-    if _resolve(name).startswith("127."):
-        raise LaunchError(
-            f"host {host}: its hostname {name!r} resolves to {_resolve(name)}, a loopback address, and the ranks "
-            f"run on {len(set(hosts))} hosts; Horovod's Gloo would advertise that address to the other hosts. "
-            f"Make {name!r} resolve to {host} on this host (its /etc/hosts or DNS), as Spark's own address does"
-        )
-
-
-def _iface_of(host: str) -> str:
-    """The network interface that holds ``host``'s address (lo for loopback)."""
-    try:
-        addr = socket.gethostbyname(host)
-    except OSError:
-        return "lo"
-    if addr.startswith("127."):
-        return "lo"
-    import psutil
-
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(a.address == addr for a in addrs):
-            return name
-    return "lo"
-
-
-def _resolve(host: str) -> str:
-    try:
-        return socket.gethostbyname(host)
-    except OSError:
-        return host
-
-
 # A peer's death or stop surfaces on the other ranks as one of these (Gloo/Horovod), and in Spark as a
 # crashed Python worker or a lost executor: the infrastructure's failures, worth a retry.
 _LOST_MARKS = ("Python worker exited unexpectedly", "ExecutorLostFailure", "worker lost", "Connection reset by peer")
 _COMM_MARKS = (
     "HorovodInternalError",
     "Horovod has been shut down",
+    "DistBackendError",
+    "DistNetworkError",
     "gloo",
     "Gloo",
     "Connection closed by peer",

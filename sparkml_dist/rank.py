@@ -1,9 +1,9 @@
 """The rank side's seam: who a rank is (``RankContext``) and how it talks to the others (``Collectives``).
 
 Never imports pyspark: the barrier launcher (``launch.py``) builds a ``RankContext`` inside each Spark task
-with ``HorovodCollectives``; ``run_in_process`` runs the same rank function on threads of this process
-with ``ThreadCollectives``, for fast tests of the training loop and of communication strategies without
-Spark or Horovod.
+with the configured engine's collectives (``engines.py``: Horovod or torch.distributed); ``run_in_process``
+runs the same rank function on threads of this process with ``ThreadCollectives``, for fast tests of the
+training loop and of communication strategies without Spark or Horovod.
 
 Every collective is *metered*: the payload bytes handed to it, the per-rank bytes a ring algorithm moves
 for that payload, and the seconds spent in it. Measured here, at the one place every byte passes, a
@@ -44,7 +44,7 @@ class RankContext:
     device: str = "cpu"
     cpus: int = 1
     comm: Collectives | None = field(default=None, compare=False)
-    """How this rank talks to the others; None means Horovod (``HorovodCollectives``), set up by the launcher."""
+    """How this rank talks to the others: set by the launcher (``engines``) or by ``run_in_process``."""
 
     @property
     def master(self) -> bool:
@@ -52,7 +52,9 @@ class RankContext:
         return self.rank == 0
 
     def collectives(self) -> Collectives:
-        return self.comm if self.comm is not None else HorovodCollectives(self.rank, self.world_size)
+        if self.comm is None:
+            raise RuntimeError(f"rank {self.rank} has no collectives: RankContext.comm is set by the launcher")
+        return self.comm
 
 
 class CollectiveTimeoutError(InfraError):
@@ -145,32 +147,6 @@ class Collectives(ABC):
 
     @abstractmethod
     def _allgather_object(self, obj: T, name: str) -> list[T]: ...
-
-
-class HorovodCollectives(Collectives):
-    """Horovod's collectives (Gloo on CPU, NCCL on GPU); hvd.init() has been called by the launcher."""
-
-    def __init__(self, rank: int, world_size: int) -> None:
-        super().__init__(rank, world_size)
-        import horovod.torch as hvd
-
-        self._hvd = hvd
-
-    def _allreduce(self, tensor: torch.Tensor, average: bool, name: str) -> torch.Tensor:
-        hvd = self._hvd
-        return hvd.allreduce(tensor, op=hvd.Average if average else hvd.Sum, name=name)
-
-    def _allgather(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
-        return self._hvd.allgather(tensor, name=name)
-
-    def _broadcast_(self, tensor: torch.Tensor, root: int, name: str) -> None:
-        self._hvd.broadcast_(tensor, root_rank=root, name=name)
-
-    def _broadcast_object(self, obj: T, root: int, name: str) -> T:
-        return self._hvd.broadcast_object(obj, root_rank=root, name=name)
-
-    def _allgather_object(self, obj: T, name: str) -> list[T]:
-        return list(self._hvd.allgather_object(obj, name=name))
 
 
 class _ThreadGroup:

@@ -225,13 +225,15 @@ def _assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 SGD_STEPS = ("train.optimizer=sgd", "train.lr=0.5", "train.epochs=2", "train.max_steps_per_epoch=10")
 
 
-def test_in_process_backend_runs_the_same_loop_with_the_device_check_on(spark, comm_data):
+@pytest.mark.parametrize("engine", ["horovod", "torch"])
+def test_in_process_backend_runs_the_same_loop_with_the_device_check_on(spark, comm_data, engine):
     """The in-process backend (threads, in-memory collectives) runs the real loop: same parameters as the
-    barrier stage's Horovod ranks, and every tensor that reached the model went through the placement."""
+    barrier stage's ranks on either collective engine, and every tensor that reached the model went through
+    the placement."""
     from sparkml_dist.fit import run_training
 
     threads = run_training(spark, _cfg(comm_data, *SGD_STEPS, "launch.backend=in_process", "launch.device_check=true"))
-    cfg = _cfg(comm_data, *SGD_STEPS, "launch.device_check=true")
+    cfg = _cfg(comm_data, *SGD_STEPS, "launch.device_check=true", f"launch.collectives={engine}")
     ranks = run_training(spark, cfg)
     _assert_same_params(_params(cfg, threads), _params(cfg, ranks))
     assert threads.final["comm_bytes_per_step"] == ranks.final["comm_bytes_per_step"] == 33 * 4
@@ -265,8 +267,11 @@ def allreduce_sgd(spark, comm_data):
         ("comm.strategy=local_sgd", "comm.local_steps=1"),
         ("comm.compression=topk", "comm.topk_ratio=1.0"),
         ("comm.strategy=local_sgd", "comm.local_steps=1", "comm.compression=topk", "comm.topk_ratio=1.0"),
+        ("launch.collectives=torch",),
+        ("launch.collectives=torch", "comm.strategy=local_sgd", "comm.local_steps=1", "comm.compression=topk",
+         "comm.topk_ratio=1.0"),
     ],
-    ids=["local_sgd_k1", "topk_ratio1", "local_sgd_k1_topk_ratio1"],
+    ids=["local_sgd_k1", "topk_ratio1", "local_sgd_k1_topk_ratio1", "torch_allreduce", "torch_local_sgd_k1_topk1"],
 )
 def test_exact_special_cases_equal_allreduce_on_two_real_ranks(spark, comm_data, allreduce_sgd, sets):
     from sparkml_dist.fit import run_training

@@ -163,6 +163,13 @@ def test_two_feature_blocks_equal_one_process_on_all_features_and_mlflow_serves_
     np.testing.assert_allclose(probs, expected[order], atol=1e-5)
 
 
+def test_feature_blocks_on_torch_collectives_equal_one_process(spark, work, data, reference):
+    cfg = dataclasses.replace(data, launch=dataclasses.replace(data.launch, collectives="torch"))
+    result = run_training(spark, cfg)
+    _assert_same_model(_assembled(cfg, result), reference)
+    assert result.final["comm_bytes_per_step"] == (64 * CLASSES + 8) * 4
+
+
 def test_resume_from_the_block_checkpoints_ends_with_the_same_model(spark, work, data, reference):
     first = run_training(spark, _cfg(work, "train.epochs=1", "tracking.log_model=false"))
     resumed_cfg = _cfg(work, f"train.resume_run_id={first.run_id}", "tracking.log_model=false")

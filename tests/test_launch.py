@@ -141,3 +141,74 @@ def test_a_multi_host_stage_refuses_a_hostname_that_resolves_to_loopback(monkeyp
         _check_hostname(["10.9.9.1", "10.9.9.2"], "10.9.9.1")
     _check_hostname(["127.0.0.1", "127.0.0.1"], "127.0.0.1")
     _check_hostname(["10.9.9.1", "10.9.9.1"], "10.9.9.1")
+
+
+# ------------------------------------------------------------------ the collectives seam: both engines
+
+
+def _every_collective(ctx):
+    import torch
+
+    comm = ctx.collectives()
+    total = comm.allreduce(torch.tensor([float(ctx.rank + 1), 2.0]), average=False, name="sum")
+    mean = comm.allreduce(torch.tensor([float(ctx.rank + 1)]), average=True, name="mean")
+    rows = comm.allgather(torch.full((ctx.rank + 1, 2), float(ctx.rank)), name="rows")  # unequal first dims
+    param = torch.nn.Parameter(torch.full((3,), float(ctx.rank)))
+    comm.broadcast_([param], root=1, name="param")
+    obj = comm.broadcast_object({"from": ctx.rank}, root=0, name="obj")
+    objs = comm.allgather_object(ctx.rank * 10, name="objs")
+    kind = type(comm).__name__
+    return total.tolist(), mean.tolist(), rows.tolist(), param.tolist(), obj, objs, comm.meter.calls, kind
+
+
+@pytest.mark.parametrize("engine", ["horovod", "torch"])
+def test_both_engines_give_the_same_collectives_and_count_them(spark, engine):
+    import dataclasses
+
+    out = run_on_ranks(spark, _every_collective, 2, dataclasses.replace(CFG, collectives=engine))
+    total, mean, rows, param, obj, objs, calls, kind = out
+    assert total == [3.0, 4.0] and mean == [1.5]
+    assert rows == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    assert param == [1.0, 1.0, 1.0] and obj == {"from": 0} and objs == [0, 10]
+    assert calls == 4  # allreduce x2, allgather, one broadcast tensor (object collectives are not metered)
+    assert kind == {"horovod": "HorovodCollectives", "torch": "TorchCollectives"}[engine]
+
+
+def _torch_fails_on_rank_1(ctx):
+    import torch
+
+    if ctx.rank == 1:
+        raise ValueError("boom on purpose")
+    return ctx.collectives().allreduce(torch.tensor([1.0]), average=False, name="never_completes")
+
+
+def test_torch_engine_reports_the_failing_rank_and_leaves_the_worker_reusable(spark):
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, collectives="torch")
+    with pytest.raises(RankFailedError) as err:
+        run_on_ranks(spark, _torch_fails_on_rank_1, 2, cfg)
+    assert "rank 1 on 127.0.0.1" in str(err.value) and "ValueError: boom on purpose" in str(err.value)
+    assert run_on_ranks(spark, _every_collective, 2, cfg)[0] == [3.0, 4.0]
+
+
+def test_the_torch_rendezvous_answers_only_the_secret_and_the_stage_hosts():
+    import http.client
+    import os
+
+    from sparkml_dist.kvstore import HttpStore, KVServer, RendezvousError
+
+    with KVServer("127.0.0.1", {"127.0.0.1"}) as server:
+        store = HttpStore(server.address, timeout_s=5)
+        store.set("k", b"\x00\xffv")
+        assert store.get("k") == b"\x00\xffv" and store.add("n", 2) == 2 and store.add("n", 3) == 5
+        assert store.check(["k", "n"]) and not store.check(["missing"])
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        conn.request("POST", "/wrong-secret/get", body=b'{"keys": ["k"]}')
+        assert conn.getresponse().status == 403
+        assert not [k for k, v in os.environ.items() if server.secret in v]  # never in the environment
+        with pytest.raises(RendezvousError, match=r"did not appear .* within 0.2 s"):
+            HttpStore(server.address, timeout_s=0.2).get("never")
+    with KVServer("127.0.0.1", {"10.9.9.9"}) as server:  # this host is not one of the stage's
+        with pytest.raises(RendezvousError, match="refused"):
+            HttpStore(server.address, timeout_s=2).set("k", b"v")

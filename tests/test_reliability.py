@@ -136,10 +136,12 @@ def _reap(pids: list[int]) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_rank_is_retried_from_the_checkpoint_and_ends_like_an_uninterrupted_run(work, reference):
+@pytest.mark.parametrize("engine", ["horovod", "torch"])
+def test_a_killed_rank_is_retried_from_the_checkpoint_and_ends_like_an_uninterrupted_run(work, reference, engine):
     out, err = _train_subprocess(
-        work, "local[2,3]", "launch.fault_kind=kill", "launch.fault_rank=1", f"launch.fault_step={FAULT_STEP}"
-    )
+        work, "local[2,3]", "launch.fault_kind=kill", "launch.fault_rank=1", f"launch.fault_step={FAULT_STEP}",
+        f"launch.collectives={engine}",
+    )  # fmt: skip
     assert "rank 1 (pid" in err and f"kill at step {FAULT_STEP}" in err
     assert re.search(r"rank 1 on 127\.0\.0\.1 \(pid \d+.*\): its process was lost", err), err[-3000:]
     assert out["resumed_from_epoch"] == 1 and out["epochs"] == 3
