@@ -56,6 +56,30 @@ def _job(module: str, sets: list[str]) -> tuple[dict, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), wall
 
 
+def base_sets(work: Path, rows: int, features: int, time_cap: float) -> list[str]:
+    """The --set overrides every job of this benchmark (and bench/peers.py) shares: data, shards, Spark."""
+    return [
+        f"paths.work_dir={work}",
+        f"generate.rows={rows}",
+        f"generate.features={features}",
+        "generate.partitions=8",
+        "partition.num_shards=2",
+        "partition.validation_fraction=0.05",
+        "partition.row_group_mb=4",
+        "spark.log_level=ERROR",
+        "spark.conf={spark.ui.enabled: 'false', spark.driver.memory: 8g, spark.sql.shuffle.partitions: '8', "
+        "spark.driver.host: 127.0.0.1, spark.driver.bindAddress: 127.0.0.1}",
+        f"baselines.time_cap_s={time_cap}",
+        "baselines.max_iterations=200",
+        "baselines.partitions_per_shard=1",
+        "tracking.log_model=true",
+    ]
+
+
+TRAIN = ["train.batch_size=1024", "train.optimizer=adam", "train.lr=0.01"]
+"""The training settings every strategy row uses (bench/peers.py gives the peer the same)."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=2_000_000)
@@ -68,23 +92,8 @@ def main() -> None:
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     work = Path(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)
-    base = [
-        f"paths.work_dir={work}",
-        f"generate.rows={args.rows}",
-        f"generate.features={args.features}",
-        "generate.partitions=8",
-        "partition.num_shards=2",
-        "partition.validation_fraction=0.05",
-        "partition.row_group_mb=4",
-        "spark.log_level=ERROR",
-        "spark.conf={spark.ui.enabled: 'false', spark.driver.memory: 8g, spark.sql.shuffle.partitions: '8', "
-        "spark.driver.host: 127.0.0.1, spark.driver.bindAddress: 127.0.0.1}",
-        f"baselines.time_cap_s={args.time_cap}",
-        "baselines.max_iterations=200",
-        "baselines.partitions_per_shard=1",
-        "tracking.log_model=true",
-    ]
-    train = [f"train.epochs={args.epochs}", "train.batch_size=1024", "train.optimizer=adam", "train.lr=0.01"]
+    base = base_sets(work, args.rows, args.features, args.time_cap)
+    train = [f"train.epochs={args.epochs}", *TRAIN]
     out: dict = {"benchmark": "compare", "rows": args.rows, "features": args.features, "anchor_mllib_s": 25.0}
     _job("jobs.generate", base)
     _job("jobs.partition", base)
