@@ -318,32 +318,57 @@ class TorchCollectives(Collectives):
 
 @ENGINES.register("torch")
 class TorchEngine(Engine):
-    """A torch.distributed process group formed over our guarded ``kvstore`` (never torch's TCPStore, which
-    listens on every interface and checks no secret); gloo binds its pairs to the task address's interface."""
+    """A torch.distributed process group formed over a ``TCPStore`` that rank 0 serves on a socket we bind to
+    its task address (never torch's default, which listens on every interface), with every key under a
+    per-run secret prefix that travels only through the barrier stage's ``allGather`` (never argv or env).
+    gloo binds its pairs to the task address's interface (``GLOO_SOCKET_IFNAME``).
+
+    Why TCPStore and not a Python store over our guarded HTTP server (``kvstore``, which also checks the
+    peer's host): with a Python store, gloo's full-mesh connect failed 'Connection closed by peer' in 2-5 of
+    8 two-rank barrier stages on this machine (0 of 8 outside Spark, 0 of 8 with TCPStore in the same stage,
+    and 0 of 8 with a Python store forwarding to TCPStore); the cause is inside the Spark Python worker and not
+    pinned down. TCPStore has no peer check: anyone who can reach rank 0's address during the stage can
+    connect, but cannot name the run's keys without the secret.
+    """
 
     name = "torch"
 
-    def serve(self, host: str, hosts: list[str], plan: list[Slot]) -> Rendezvous:
-        from sparkml_dist.kvstore import KVServer
+    def __init__(self, cfg: LaunchConfig) -> None:
+        super().__init__(cfg)
+        self._server: Any = None
 
-        return KVServer(host, {resolve(h) for h in hosts})
+    def serve(self, host: str, hosts: list[str], plan: list[Slot]) -> Rendezvous:
+        import torch.distributed as dist
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((resolve(host), 0))
+        sock.listen(max(16, len(hosts) * 2))
+        port = sock.getsockname()[1]
+        self._server = dist.TCPStore(
+            host, port, len(hosts), True, datetime.timedelta(seconds=self.cfg.start_timeout_s),
+            wait_for_workers=False, master_listen_fd=sock.fileno(), use_libuv=False,
+        )  # fmt: skip
+        sock.detach()  # the TCPStore owns the listening socket now and closes it when it goes
+        return _TorchRendezvous(self, f"{host}:{port}/{secrets.token_hex(16)}")
 
     def join(self, address: str, slot: Slot, host: str, device: str) -> Collectives:
         import torch.distributed as dist
-
-        from sparkml_dist.kvstore import HttpStore
 
         cfg = self.cfg
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if not dist.is_available() or (backend == "gloo" and not dist.is_gloo_available()):
             raise LaunchError(f"launch.collectives=torch: this torch build has no {backend} backend")
         os.environ[GLOO_SOCKET_IFNAME] = cfg.nic or iface_of(host)
-        store = HttpStore(address, cfg.start_timeout_s)
+        hostport, _, secret = address.partition("/")
+        store_host, _, port = hostport.rpartition(":")
+        timeout = datetime.timedelta(seconds=cfg.start_timeout_s)
 
         def init() -> None:
+            base = self._server or dist.TCPStore(store_host, int(port), slot.size, False, timeout, use_libuv=False)
             dist.init_process_group(
                 backend,
-                store=store,
+                store=dist.PrefixStore(secret, base),
                 rank=slot.rank,
                 world_size=slot.size,
                 timeout=datetime.timedelta(seconds=cfg.collective_timeout_s),
@@ -357,6 +382,15 @@ class TorchEngine(Engine):
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@dataclass
+class _TorchRendezvous:
+    engine: TorchEngine
+    address: str
+
+    def close(self) -> None:
+        self.engine._server = None  # the TCPStore's server (and its socket) stops when its last reference goes
 
 
 # ------------------------------------------------------------------------------------------------ addresses

@@ -192,23 +192,19 @@ def test_torch_engine_reports_the_failing_rank_and_leaves_the_worker_reusable(sp
     assert run_on_ranks(spark, _every_collective, 2, cfg)[0] == [3.0, 4.0]
 
 
-def test_the_torch_rendezvous_answers_only_the_secret_and_the_stage_hosts():
-    import http.client
+def _listening(ctx):
     import os
 
-    from sparkml_dist.kvstore import HttpStore, KVServer, RendezvousError
+    import psutil
 
-    with KVServer("127.0.0.1", {"127.0.0.1"}) as server:
-        store = HttpStore(server.address, timeout_s=5)
-        store.set("k", b"\x00\xffv")
-        assert store.get("k") == b"\x00\xffv" and store.add("n", 2) == 2 and store.add("n", 3) == 5
-        assert store.check(["k", "n"]) and not store.check(["missing"])
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-        conn.request("POST", "/wrong-secret/get", body=b'{"keys": ["k"]}')
-        assert conn.getresponse().status == 403
-        assert not [k for k, v in os.environ.items() if server.secret in v]  # never in the environment
-        with pytest.raises(RendezvousError, match=r"did not appear .* within 0.2 s"):
-            HttpStore(server.address, timeout_s=0.2).get("never")
-    with KVServer("127.0.0.1", {"10.9.9.9"}) as server:  # this host is not one of the stage's
-        with pytest.raises(RendezvousError, match="refused"):
-            HttpStore(server.address, timeout_s=2).set("k", b"v")
+    listening = [c.laddr for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    leaked = [k for k, v in os.environ.items() if "/" in v and len(v.rsplit("/", 1)[-1]) == 32 and ":" in v]
+    return sorted({a.ip for a in listening}), leaked
+
+
+def test_the_torch_rendezvous_and_gloo_listen_only_on_the_task_address_and_keep_the_secret_out_of_env(spark):
+    import dataclasses
+
+    ips, leaked = run_on_ranks(spark, _listening, 2, dataclasses.replace(CFG, collectives="torch"))
+    assert ips == ["127.0.0.1"]  # the TCPStore (rank 0) and gloo's pairs: never 0.0.0.0 or ::
+    assert leaked == []  # host:port/secret travels through allGather only
