@@ -6,7 +6,12 @@ the wrong type are rejected with a message naming the key and listing the valid 
 Paths: any ``*_url`` may be written as a plain path (relative paths resolve against ``paths.work_dir``'s
 parent, i.e. the working directory) and is turned into a ``file://`` URL with an absolute path; URLs with
 another scheme (hdfs://, s3a://, ...) pass through. ``{work_dir}`` inside a string is replaced by
-``paths.work_dir``.
+``paths.work_dir``. ``paths.work_dir`` and plain-path ``*_url`` values have ``~`` and ``$VARS`` expanded
+(an unset variable is refused by name, not left in the path).
+
+Maps (``spark.conf``, ``data.null_fill``): ``--set section.key={k: v}`` merges into the file's map key by
+key, and ``{k: null}`` removes ``k``; every other value (lists included) replaces. A YAML file with a key
+given twice in one mapping is refused, naming the key and both lines.
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ def url_to_path(url: str) -> Path:
 @dataclass(frozen=True)
 class PathsConfig:
     work_dir: str = "work"
-    """Root for everything the embedded default writes (data, shards, runs, MLflow db)."""
+    """Root for everything the embedded default writes (data, shards, runs, MLflow db). ``~`` and ``$VARS``
+    are expanded (an unset variable is an error naming it); empty and the filesystem root ``/`` are refused."""
 
 
 @dataclass(frozen=True)
@@ -558,6 +564,10 @@ class CommConfig:
                 raise ConfigError(f"comm.{key} must be > 0, got {getattr(self, key)}")
 
 
+MAX_EXPERIMENT_NAME = 256
+"""Longest experiment name MLflow's SQL stores hold (their ``experiments.name`` column)."""
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     tracking_uri: str = "sqlite:///{work_dir}/mlflow.db"
@@ -565,7 +575,7 @@ class TrackingConfig:
     artifact_url: str = "{work_dir}/mlartifacts"
     """Artifact root for new experiments."""
     experiment: str = "sparkml-dist"
-    """MLflow experiment name."""
+    """MLflow experiment name: 1 to 256 characters (the longest MLflow's SQL stores hold)."""
     run_name: str | None = None
     """Run name; None = generated."""
     log_model: bool = True
@@ -585,6 +595,12 @@ class TrackingConfig:
     many seconds for the server, then fails saying where the metrics and the model are."""
 
     def __post_init__(self) -> None:
+        if not self.experiment.strip() or len(self.experiment) > MAX_EXPERIMENT_NAME:
+            shown = self.experiment if len(self.experiment) <= 40 else f"{self.experiment[:40]}..."
+            raise ConfigError(
+                f"tracking.experiment={shown!r} ({len(self.experiment)} characters): MLflow stores experiment "
+                f"names of 1 to {MAX_EXPERIMENT_NAME} characters; choose a name in that range"
+            )
         if self.outage_wait_s < 0:
             raise ConfigError(f"tracking.outage_wait_s must be >= 0, got {self.outage_wait_s}")
         if self.system_metrics_s < 0:
@@ -673,8 +689,16 @@ class ScoreConfig:
     """Predictions (row key, predicted class, prob_0..prob_{C-1}); replaced atomically on every run."""
     keep_cols: list[str] = field(default_factory=list)
     """Input columns copied into the output beside the row key, e.g. [label]."""
+    max_unseen_fraction: float = 0.5
+    """Sparse models with categorical columns: per column, the share of scored rows whose value the model
+    never saw in training (outside its vocabulary; for hash encoding, in a bucket no training row hit, where
+    the model records them) above which score.unseen acts. The counts are in the job's summary and
+    ``_score.json`` (``unseen``) and in the score run's MLflow metrics, whatever the threshold."""
+    unseen: Literal["warn", "fail"] = "warn"
+    """Above score.max_unseen_fraction: warn naming the column, or fail before any prediction is published."""
 
     def __post_init__(self) -> None:
+        _check_fraction("score.max_unseen_fraction", self.max_unseen_fraction)
         if self.model_uri is not None and not self.model_uri.startswith(("runs:/", "models:/")):
             raise ConfigError(
                 f"score.model_uri={self.model_uri!r} must be runs:/<run id>/model, models:/<name>@<alias> "
@@ -753,15 +777,7 @@ class JobConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Build a JobConfig from defaults, a YAML file and ``section.key=value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found (try conf/local.yaml)")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must be a mapping of sections")
-        raw = loaded
+    raw: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
@@ -770,7 +786,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"config section {section!r} must be a mapping")
-        raw[section][name] = _parse_value(value)
+        try:
+            parsed = _parse_value(value)
+        except _DuplicateKeyError as exc:
+            raise ConfigError(f"--set {item!r}: key {exc.key!r} is given twice; give it once") from None
+        raw[section][name] = _override(raw[section].get(name), parsed)
     cfg = _build(JobConfig, raw, "")
     return check_config(_resolve_paths(cfg))
 
@@ -809,20 +829,130 @@ def check_config(cfg: JobConfig) -> JobConfig:
     return cfg
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping gives the same key twice (YAML itself would keep the last one without a word)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, second: yaml.Mark) -> None:
+        super().__init__(f"key {key!r} given twice")
+        self.key, self.first, self.second = key, first, second
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error, not the last one wins."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, yaml.Mark] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base': keys after it may override the base's
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node.start_mark)
+        except TypeError:  # an unhashable key: construct_mapping names it
+            continue
+        if first is not key_node.start_mark:
+            raise _DuplicateKeyError(key, first, key_node.start_mark)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)  # type: ignore[arg-type]
+
+
+def _read_yaml(p: Path) -> dict[str, Any]:
+    """The config file's sections; every way it can be wrong is one line naming the file (and line) and the fix."""
+    if p.is_dir():
+        found = sorted(x.name for x in p.glob("*.yaml"))[:5]
+        hint = f": give one of its files, e.g. {p / found[0]}" if found else ": give a YAML file"
+        raise ConfigError(f"--config {str(p)!r} is a directory, not a config file{hint}")
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found (try conf/local.yaml)")
+    try:
+        with p.open(encoding="utf-8") as fh:
+            loaded = yaml.load(fh, Loader=_StrictLoader) or {}  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKeyError as exc:
+        raise ConfigError(
+            f"{p}:{exc.second.line + 1}: key {exc.key!r} is given twice in one mapping (lines {exc.first.line + 1} "
+            f"and {exc.second.line + 1}); YAML would keep only the last: merge them into one"
+        ) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        if "'\\t'" in str(exc.problem):
+            raise ConfigError(
+                f"{where}: a tab character; YAML indents with spaces only: replace it with spaces"
+            ) from None
+        raise ConfigError(f"{where}: not valid YAML ({exc.problem}): fix that line") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML ({exc})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(p)!r} must be a mapping of sections")
+    return loaded
+
+
 def _parse_value(value: str) -> Any:
     """A ``--set`` value as YAML (numbers, lists, booleans); text that is not YAML, e.g. ``{work_dir}/x``, as is."""
     if value == "":
         return ""
     try:
-        return yaml.safe_load(value)
+        return yaml.load(value, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKeyError:
+        raise
     except yaml.YAMLError:
         return value
 
 
-def _resolve_paths(cfg: JobConfig) -> JobConfig:
-    work_dir = os.path.abspath(cfg.paths.work_dir)
+def _override(current: Any, new: Any) -> Any:
+    """What ``--set`` makes of a value: a map merges into the file's map key by key (a null value removes that
+    key), so ``--set 'spark.conf={k: v}'`` keeps the file's other Spark settings; anything else replaces."""
+    if not (isinstance(current, dict) and isinstance(new, dict)):
+        if isinstance(new, dict):  # nothing to merge into: a null still means "not set"
+            return {k: v for k, v in new.items() if v is not None}
+        return new
+    merged = dict(current)
+    for key, value in new.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
 
-    def fix(obj: Any) -> Any:
+
+_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def _expand_path(key: str, value: str) -> str:
+    """``~`` and ``$VAR`` / ``${VAR}`` expanded in a plain path; an unset variable or unknown user is refused."""
+    unset = [a or b for a, b in _VAR.findall(value) if (a or b) not in os.environ]
+    if unset:
+        raise ConfigError(
+            f"{key}={value!r} uses ${unset[0]}, which is not set in the environment: export it, or write the path out"
+        )
+    expanded = os.path.expanduser(os.path.expandvars(value))
+    if expanded.startswith("~"):
+        raise ConfigError(f"{key}={value!r}: {expanded.split('/')[0]!r} is not a user on this machine")
+    return expanded
+
+
+def _resolve_work_dir(value: str) -> str:
+    if not value.strip():
+        raise ConfigError(
+            "paths.work_dir is empty, which would put every output in the current directory: set it to a "
+            "directory of its own, e.g. paths.work_dir=work"
+        )
+    work_dir = os.path.abspath(_expand_path("paths.work_dir", value))
+    if os.path.realpath(work_dir) == "/":
+        raise ConfigError(
+            f"paths.work_dir={value!r} is the filesystem root: outputs would be written to /data, /runs, ...; "
+            "set it to a directory of its own, e.g. paths.work_dir=work"
+        )
+    return work_dir
+
+
+def _resolve_paths(cfg: JobConfig) -> JobConfig:
+    work_dir = _resolve_work_dir(cfg.paths.work_dir)
+
+    def fix(section: str, obj: Any) -> Any:
         changes = {}
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
@@ -830,10 +960,12 @@ def _resolve_paths(cfg: JobConfig) -> JobConfig:
                 value = value.replace("{work_dir}", work_dir)
                 changes[f.name] = value
             if f.name.endswith("_url") and isinstance(value, str) and value:
+                if "://" not in value and ("$" in value or value.startswith("~")):
+                    value = _expand_path(f"{section}.{f.name}", value)
                 changes[f.name] = to_url(value)
         return dataclasses.replace(obj, **changes) if changes else obj
 
-    sections = {f.name: fix(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    sections = {f.name: fix(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     sections["paths"] = dataclasses.replace(cfg.paths, work_dir=work_dir)
     return dataclasses.replace(cfg, **sections)
 
@@ -889,6 +1021,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        empty = [k for k, v in value.items() if v is None]
+        if empty:  # str(None) would become the text 'None'
+            raise ConfigError(f"{key}[{empty[0]}] has no value: give one, or leave the key out")
         return {str(k): str(v) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):

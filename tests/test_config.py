@@ -14,7 +14,7 @@ def test_local_yaml_loads_and_overrides_win(tmp_path):
     cfg = load_config(REPO_CONF, ["train.epochs=7", f"paths.work_dir={tmp_path}", "spark.conf={a: 1}"])
     assert cfg.train.epochs == 7
     assert cfg.spark.master == "local[2]"
-    assert cfg.spark.conf == {"a": "1"}
+    assert cfg.spark.conf["a"] == "1" and cfg.spark.conf["spark.driver.host"] == "127.0.0.1"  # a map merges (issue 32)
     assert cfg.partition.output_url == f"file://{tmp_path}/data/partitioned"
     assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
 
