@@ -13,11 +13,16 @@ Three input forms become one layout (per row: ascending feature ``indices`` and 
   construction; a null category is a category of its own.
 
 What was decided (kind, dimension, columns in order, buckets, seed) is an ``Encoding``: stored in the
-manifest and with the model, so scoring rebuilds exactly the same space from columns picked by name.
+manifest and with the model, so scoring rebuilds exactly the same space from columns picked by name. It also
+records what scoring checks new data against: each categorical column's type, and which categories training
+saw (the vocabulary; for hash encoding the buckets training rows hit), so unseen values can be counted.
 """
 
 from __future__ import annotations
 
+import base64
+import logging
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -35,6 +40,16 @@ _CATEGORICAL = (T.StringType, T.ByteType, T.ShortType, T.IntegerType, T.LongType
 _VECTOR_JSON = "struct<v:struct<type:tinyint,size:int,indices:array<int>,values:array<double>>>"
 MAX_DIMENSION = (1 << 31) - 1
 """Indices are stored as int32 (as Spark ML vectors hold them)."""
+
+
+log = logging.getLogger(__name__)
+
+VOCABULARY_MIN_COVERAGE = 0.5
+"""A vocabulary that covers less than this share of its column's rows is logged as a warning: most rows
+then share the one out-of-vocabulary index (e.g. an id-like column whose values are all distinct)."""
+SEEN_BUCKETS_MAX_BITS = 1 << 22
+"""Hash encoding records the buckets training hit (one bit per bucket, all categorical columns together) up to
+this many buckets (512 KB before compression); beyond it unseen values are not counted at scoring."""
 
 
 class FeatureError(UserError):
@@ -64,6 +79,14 @@ class Encoding:
     vocabularies: dict[str, list[str]] = field(default_factory=dict)
     """Vocabulary encoding: per categorical column its values (as strings, most frequent first); value i of
     column j takes index offsets[j] + i, any other value offsets[j] + len(vocabulary)."""
+    types: dict[str, str] = field(default_factory=dict)
+    """kind=columns: each categorical column's type family in training (``category_type``: string, integer or
+    boolean). A value becomes a category through its text, so another family (5 for "5", or ints for hex
+    strings) would make every value an unseen one: scoring refuses it. Empty in encodings made before."""
+    seen: dict[str, str] = field(default_factory=dict)
+    """Hash encoding: per categorical column, the buckets the partitioned input's rows hit (bit b of byte b//8,
+    zlib-compressed, base64), so scoring can count values landing in a bucket training never saw; empty when
+    not recorded (encodings made before, or more than SEEN_BUCKETS_MAX_BITS buckets)."""
 
     def widths(self) -> list[int]:
         """Indices each categorical column takes: its buckets, or its vocabulary plus the OOV index."""
@@ -86,10 +109,68 @@ class Encoding:
     def from_dict(cls, d: dict[str, Any]) -> Encoding:
         return cls(**d)
 
+    def unseen_columns(self) -> dict[str, Column]:
+        """Per categorical column whose unseen values can be counted, an expression over the scoring input
+        (after ``with_vocabulary_indices``) that is true where the row's value was not seen in training."""
+        if self.vocabularies:
+            return {
+                c: F.col(_VOCAB_INDEX.format(j)) == F.lit(len(self.vocabularies[c]))
+                for j, c in enumerate(self.categorical)
+            }
+        out = {}
+        for c in self.categorical:
+            if c in self.seen:
+                bitmap = zlib.decompress(base64.b64decode(self.seen[c]))
+                # nibble i of the hex text holds buckets 4i..4i+3 (bit k: bucket 4i+k), read with built-ins
+                nibbles = "".join(f"{b & 15:x}{b >> 4:x}" for b in bitmap)
+                bucket = _bucket(c, self.buckets, self.seed)
+                nibble = F.conv(F.lit(nibbles).substr(F.shiftright(bucket, 2) + 1, F.lit(1)), 16, 10).cast("int")
+                bit = F.pow(F.lit(2), bucket.bitwiseAND(3)).cast("int")
+                out[c] = nibble.bitwiseAND(bit) == 0
+        return out
+
 
 def is_sparse_input(dcfg: DataConfig) -> bool:
     """The input form itself is sparse (LIBSVM, indices/values columns, categorical columns)."""
     return dcfg.input_format == "libsvm" or dcfg.indices_col is not None or bool(dcfg.categorical_cols)
+
+
+def category_type(dtype: T.DataType) -> str:
+    """The type family of a categorical column: values of one family with the same text are the same category
+    (an int 5 and a long 5 are both "5"), values of two families never are."""
+    if isinstance(dtype, T.StringType):
+        return "string"
+    if isinstance(dtype, T.BooleanType):
+        return "boolean"
+    if isinstance(dtype, T.IntegralType):
+        return "integer"
+    return dtype.simpleString()
+
+
+def _bucket(c: str, buckets: int, seed: int) -> Column:
+    """The hash bucket (0..buckets-1) of categorical column ``c``'s value."""
+    return F.pmod(F.xxhash64(F.col(c).cast("string"), F.lit(c), F.lit(seed)), F.lit(buckets)).cast("int")
+
+
+def _seen_buckets(df: DataFrame, categorical: list[str], buckets: int, seed: int) -> dict[str, str]:
+    """Per column the buckets its values hit, in one pass over the categorical columns: (column, 64-bucket word)
+    pairs OR-ed in the executors, so at most columns x buckets / 64 rows reach the driver."""
+    if not categorical or len(categorical) * buckets > SEEN_BUCKETS_MAX_BITS:
+        return {}
+    pairs = F.array(
+        *[F.struct(F.lit(j).alias("j"), _bucket(c, buckets, seed).alias("b")) for j, c in enumerate(categorical)]
+    )
+    hits = df.select(F.explode(pairs).alias("p")).select("p.j", "p.b")
+    words = hits.groupBy("j", F.shiftright("b", 6).alias("w")).agg(
+        F.expr("bit_or(shiftleft(1L, b & 63))").alias("bits")
+    )
+    maps = {j: bytearray((buckets + 7) // 8) for j in range(len(categorical))}
+    for row in words.collect():
+        word = (int(row["bits"]) & (2**64 - 1)).to_bytes(8, "little")
+        at = int(row["w"]) * 8
+        target = maps[int(row["j"])]
+        target[at : at + 8] = word[: len(target) - at]
+    return {c: base64.b64encode(zlib.compress(bytes(maps[j]), 9)).decode("ascii") for j, c in enumerate(categorical)}
 
 
 def build_encoding(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfig, vector_col: str | None) -> Encoding:
@@ -157,6 +238,7 @@ def build_encoding(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfi
     )
     if vocabularies:
         dimension = len(numeric) + sum(len(v) + 1 for v in vocabularies.values())
+    seen = {} if vocabularies else _seen_buckets(df, categorical, dcfg.hash_buckets, dcfg.hash_seed)
     scale = {}
     if dcfg.numeric_transform == "standardize" and numeric:
         filled = [_filled(c, fill).cast("double") for c in numeric]
@@ -181,6 +263,8 @@ def build_encoding(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfi
         dcfg.numeric_transform,
         scale,
         vocabularies,
+        {c: category_type(fields[c]) for c in categorical},
+        seen,
     )
 
 
@@ -202,11 +286,27 @@ def _vocabularies(df: DataFrame, categorical: list[str], size: int) -> dict[str,
         return {}
     pairs = F.array(*[F.struct(F.lit(j).alias("j"), _category(c).alias("v")) for j, c in enumerate(categorical)])
     counts = df.select(F.explode(pairs).alias("p")).select("p.j", "p.v").groupBy("j", "v").count()
-    rank = F.row_number().over(Window.partitionBy("j").orderBy(F.desc("count"), F.asc("v")))
-    top = counts.withColumn("r", rank).filter(F.col("r") <= size).select("j", "v", "r").collect()
+    per_column = Window.partitionBy("j")
+    rank = F.row_number().over(per_column.orderBy(F.desc("count"), F.asc("v")))
+    ranked = counts.withColumn("r", rank).withColumn("rows", F.sum("count").over(per_column))
+    ranked = ranked.withColumn("values", F.count(F.lit(1)).over(per_column))
+    top = ranked.filter(F.col("r") <= size).select("j", "v", "r", "count", "rows", "values").collect()
     out: dict[str, list[str]] = {c: [] for c in categorical}
+    covered: dict[int, int] = {}
     for row in sorted(top, key=lambda r: (r["j"], r["r"])):
         out[categorical[row["j"]]].append(row["v"])
+        covered[row["j"]] = covered.get(row["j"], 0) + int(row["count"])
+    for row in {r["j"]: r for r in top}.values():  # one per column: its row and value counts
+        share = covered[row["j"]] / row["rows"]
+        if share < VOCABULARY_MIN_COVERAGE:
+            ties = " (every value is as frequent as the next: the vocabulary is the first ones by value)"
+            log.warning(
+                "data.vocabulary_size=%d: the vocabulary of categorical column %r covers %.1f%% of its %d rows "
+                "(%d distinct values%s), below %.0f%%; every other row gets the one out-of-vocabulary index: raise "
+                "data.vocabulary_size, or use data.categorical_encoding=hash for an id-like column",
+                size, categorical[row["j"]], 100 * share, row["rows"], row["values"],
+                ties if row["rows"] == row["values"] else "", 100 * VOCABULARY_MIN_COVERAGE,
+            )  # fmt: skip
     return out
 
 
@@ -308,11 +408,7 @@ def sparse_columns(enc: Encoding) -> tuple[Column, Column, Column]:
     if enc.vocabularies:  # with_vocabulary_indices added each column's index inside its vocabulary
         hashed = [F.lit(at) + F.col(_VOCAB_INDEX.format(j)) for j, at in enumerate(enc.offsets())]
     else:
-        hashed = [
-            F.lit(n + j * enc.buckets)
-            + F.pmod(F.xxhash64(F.col(c).cast("string"), F.lit(c), F.lit(enc.seed)), F.lit(enc.buckets)).cast("int")
-            for j, c in enumerate(enc.categorical)
-        ]
+        hashed = [F.lit(n + j * enc.buckets) + _bucket(c, enc.buckets, enc.seed) for j, c in enumerate(enc.categorical)]
     indices = F.array(*[F.lit(i) for i in range(n)], *hashed).cast("array<int>")
     values = F.array(*numeric_values, *[F.lit(1.0).cast("float") for _ in hashed]).cast("array<float>")
     return indices, values, finite_values(values)
@@ -375,3 +471,16 @@ def check_scoring_columns(enc: Encoding, fields: dict[str, T.DataType], where: s
     bad += [f"{c} ({fields[c].simpleString()})" for c in enc.categorical if not isinstance(fields[c], _CATEGORICAL)]
     if bad:
         raise FeatureError(f"{where}: column(s) {bad} do not have the types the model was trained on")
+    for c in enc.categorical:
+        learned, given = enc.types.get(c), category_type(fields[c])
+        if learned is not None and learned != given:
+            raise FeatureError(
+                f"{where}: categorical column {c!r} is {fields[c].simpleString()} ({given}), but the model learned it "
+                f"as {learned}: its values would all score as unseen categories; cast {c} to {learned} as in training"
+            )
+    if enc.categorical and not enc.types:
+        log.warning(
+            "%s: the model does not record the types of its categorical columns %s (it predates them): a column "
+            "of another type than in training would score every value as unseen; re-train to have them checked",
+            where, enc.categorical,
+        )  # fmt: skip

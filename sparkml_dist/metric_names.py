@@ -8,7 +8,8 @@ tab instead of Model metrics. So what the model learned goes under ``train/`` an
 tab then opens on the loss curves: ``train`` < ``val``, nothing sorts before them), and how the system ran goes
 beside the per-rank host samples on the System metrics tab: ``system/time/`` (durations and throughput),
 ``system/comm/`` (traffic, staleness), ``system/run/`` (attempts, resumes). Promotion runs get
-``candidate/``, ``champion/`` and ``promotion/``; baselines their ``final/`` scores. The mapping (an exact
+``candidate/``, ``champion/`` and ``promotion/``; baselines their ``final/`` scores; scoring runs ``score/``
+(rows, unseen categories per column). The mapping (an exact
 table, then prefixes, then patterns; the first that matches wins) is applied only by ``tracking``: names are
 sectioned when logged, and a run read back has its metrics under the flat names again (``flat_key``), so
 code never spells an MLflow name.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import re
 
 TIME, COMM, RUN = "system/time/", "system/comm/", "system/run/"
-SECTIONED = re.compile(r"^(system|train|val|final|candidate|champion|promotion)/")
+SECTIONED = re.compile(r"^(system|train|val|final|candidate|champion|promotion|score)/")
 """Names that already carry a section (the per-rank host samples ``system/rank0/...``): logged as they are."""
 EXACT: dict[str, str] = {
     "lr": "train/lr",
@@ -37,6 +38,7 @@ PREFIXES: tuple[tuple[str, str], ...] = (
     ("final_", "final/"),
     ("candidate_", "candidate/"),
     ("champion_", "champion/"),
+    ("score_", "score/"),
 )
 """(flat prefix, section): the prefix is replaced by the section (``val_auc`` -> ``val/auc``)."""
 PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (

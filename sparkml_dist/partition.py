@@ -56,7 +56,7 @@ from sparkml_dist.manifest import (
 )
 from sparkml_dist.metrics import REGRESSION
 from sparkml_dist.outputs import OutputKind, check_output
-from sparkml_dist.storage import READ_VERIFY, WRITE_CHECKSUMS, HadoopFS, atomic_output
+from sparkml_dist.storage import READ_VERIFY, WRITE_CHECKSUMS, HadoopFS, atomic_output, output_lock
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,15 @@ class _Input:
 
 
 def partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
-    """Run the partition job described by ``cfg.data`` and ``cfg.partition``; publish atomically."""
+    """Run the partition job described by ``cfg.data`` and ``cfg.partition``; publish atomically.
+
+    The output's lock (``storage.output_lock``) is held from the first look at the output to the publish, so a
+    second job on the same ``partition.output_url`` fails at once, naming this one, and cannot delete its work."""
+    with output_lock(spark, cfg.partition.output_url, "partition.output_url"):
+        return _partition(spark, cfg)
+
+
+def _partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
     started = time.monotonic()
     pcfg, dcfg = cfg.partition, cfg.data
     out_url = pcfg.output_url.rstrip("/")
@@ -617,7 +625,7 @@ def _checked_counts(
         if lo < 0 or hi >= dcfg.num_classes:
             raise PartitionError(
                 f"labels range from {lo} to {hi}, outside the declared classes 0..{dcfg.num_classes - 1}: "
-                f"set data.num_classes={hi + 1} or fix the labels"
+                + _label_fix(lo, hi)
             )
     dropped = 0
     if dcfg.invalid_values == "drop":
@@ -625,6 +633,23 @@ def _checked_counts(
     if total == 0:
         raise PartitionError(f"data.input_url {dcfg.input_url} has no usable rows: the input is empty")
     return counts, {"input_rows": total + dropped, "dropped_rows": dropped, "rows": total}
+
+
+MAX_SUGGESTED_CLASSES = 100_000
+"""Above this many classes a label range is taken for ids or codes, not class ids: the message does not
+suggest data.num_classes (a softmax that wide over mostly empty classes is never what was meant)."""
+
+
+def _label_fix(lo: int, hi: int) -> str:
+    """What to do about labels ``lo..hi`` outside the declared classes."""
+    if lo < 0:
+        return "class ids start at 0, so map the labels to 0..K-1 (e.g. -1/+1 to 0/1), or set data.task=regression"
+    if hi + 1 > MAX_SUGGESTED_CLASSES:
+        return (
+            f"{hi} is no class id (more than {MAX_SUGGESTED_CLASSES} classes): map the labels to 0..K-1 (e.g. with "
+            "Spark ML's StringIndexer), or set data.task=regression for a numeric target"
+        )
+    return f"set data.num_classes={hi + 1} or fix the labels"
 
 
 def _report_bad_ids(df: DataFrame, dcfg: DataConfig, nulls: int, repeats: int, total: int) -> None:

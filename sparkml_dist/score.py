@@ -11,6 +11,14 @@ Columns are matched by name: a model trained by jobs/train.py records its featur
 refusing missing ones. Rows with a NaN, infinite or null feature follow ``data.invalid_values`` as in
 the partition job: fail naming the row, or drop and count them (``dropped_rows``).
 
+A sparse model with categorical columns also counts, per column, the scored rows whose value it never saw
+in training: outside its vocabulary, or (hash encoding) in a bucket no training row hit, where the model
+records those buckets; a hash model that does not (made before, or too many buckets) cannot tell a new value
+from a seen one, and the summary lists such columns as not counted. The counts go in the summary,
+``_score.json`` and the score run's MLflow metrics (``score/unseen_fraction_<column>``); above
+``score.max_unseen_fraction`` the job warns, or with ``score.unseen=fail`` stops before publishing anything.
+Every scoring job is an MLflow run of kind ``score`` (the model, the input, the counts).
+
 Output: the row key, ``prediction`` (the most probable class, and ``prob_0 .. prob_{C-1}``; for a regression
 model the predicted value, double) and any ``score.keep_cols``, published atomically with ``_score.json``
 (model URI and run, rows, files) beside the Parquet files; a rerun replaces the whole output, and only an
@@ -24,7 +32,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import reduce
 from typing import Any
 
@@ -75,6 +83,8 @@ PREDICTION = "prediction"
 PROB_PREFIX = "prob_"
 SUMMARY_NAME = "_score.json"
 SCORE_OUTPUT = OutputKind("score", SUMMARY_NAME, files_listed)
+SCORE_KIND = "score"
+"""MLflow run kind (tag) of a scoring job."""
 _VALID = "_valid"
 _NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.DoubleType, T.DecimalType)
 
@@ -98,6 +108,9 @@ class ScoreInput:
     """Sparse input: which rows are valid (indices in range, finite values); dense input: ``valid_features``."""
     sparse: bool = False
     """The features are ``SPARSE_INDICES`` and ``SPARSE_VALUES`` columns (a sparse model's input), not ``FEATURES``."""
+    encoded: bool = False
+    """A partition output: the rows hold the encoded features, not the input columns they were built from (so
+    there are no categories to check against the model's: they are the data it was partitioned from)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,14 @@ class ScoreResult:
     seconds: float
     dropped_rows: int = 0
     """Rows left out under data.invalid_values=drop (a NaN, infinite or null feature)."""
+    unseen_rows: dict[str, int] = field(default_factory=dict)
+    """Per categorical column of a sparse model: scored rows whose value training never saw."""
+    unseen_fraction: dict[str, float] = field(default_factory=dict)
+    """unseen_rows as a share of the scored rows."""
+    unseen_not_counted: list[str] = field(default_factory=list)
+    """Hash-encoded columns whose model does not record the buckets training hit: not counted."""
+    mlflow_run_id: str | None = None
+    """The score run in MLflow (kind ``score``)."""
 
 
 def resolve_model_uri(cfg: JobConfig) -> str:
@@ -304,8 +325,9 @@ def manifest_input(
         sp = manifest.sparse
         df = df.withColumn(SPARSE_INDICES, F.col(sp.indices_col)).withColumn(SPARSE_VALUES, F.col(sp.values_col))
         return ScoreInput(
-            df, manifest.row_id_col, sp.dimension, manifest.label_col, where, manifest.feature_names, F.lit(True), True
-        )
+            df, manifest.row_id_col, sp.dimension, manifest.label_col, where, manifest.feature_names, F.lit(True), True,
+            encoded=True,
+        )  # fmt: skip
     features: Column = (
         F.col(manifest.features_col).cast("array<float>")
         if manifest.features_col
@@ -348,6 +370,47 @@ def predict(spark: SparkSession, inp: ScoreInput, spec: tracking.ModelSpec) -> D
     return scored.withColumn(PREDICTION, argmax.cast("int"))
 
 
+def unseen_checks(encoding: dict[str, Any] | None) -> tuple[dict[str, Column], list[str]]:
+    """(column -> "the row's value is unseen" expression, columns whose unseen values cannot be counted) of a
+    model's stored encoding; both empty for a model without categorical columns."""
+    if encoding is None:
+        return {}, []
+    enc = Encoding.from_dict(encoding)
+    exprs = enc.unseen_columns()
+    return exprs, [c for c in enc.categorical if c not in exprs]
+
+
+def count_unseen(df: DataFrame, exprs: dict[str, Column]) -> tuple[int, dict[str, int]]:
+    """(rows, unseen rows per column) of ``df`` in one pass."""
+    aggs = [F.count(F.lit(1)).alias("_n")]
+    aggs += [F.sum(F.when(e, 1).otherwise(0)).alias(f"_u{j}") for j, e in enumerate(exprs.values())]
+    row = df.agg(*aggs).first()
+    assert row is not None
+    return int(row["_n"]), {c: int(row[f"_u{j}"] or 0) for j, c in enumerate(exprs)}
+
+
+def check_unseen(scfg: ScoreConfig, where: str, rows: int, unseen: dict[str, int]) -> None:
+    """Warn, or under score.unseen=fail raise, when a column's unseen share is above score.max_unseen_fraction."""
+    over = [(c, n) for c, n in unseen.items() if rows and n / rows > scfg.max_unseen_fraction]
+    if not over:
+        return
+    what = ", ".join(f"{c!r} ({n} of {rows} rows, {100 * n / rows:.1f}%)" for c, n in over)
+    text = (
+        f"{where}: categorical column(s) {what} hold values the model never saw in training, above "
+        f"score.max_unseen_fraction={scfg.max_unseen_fraction}"
+    )
+    if scfg.unseen == "fail":
+        raise ScoreError(
+            f"{text}: check that the input is coded as the training data was (same columns, same values), or set "
+            "score.unseen=warn or a higher score.max_unseen_fraction; nothing was published"
+        )
+    log.warning("%s; they score as an unknown category (score.unseen=fail refuses such input)", text)
+
+
+def _metric_name(column: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", column)
+
+
 def row_validity(inp: ScoreInput) -> Column:
     """Which rows can be scored: the sparse input's own rule, or ``valid_features`` of the dense array."""
     return inp.valid if inp.valid is not None else valid_features(F.col(FEATURES), inp.num_features)
@@ -381,10 +444,27 @@ def score(spark: SparkSession, cfg: JobConfig) -> ScoreResult:
         checked = checked.persist()
     rows_in = apply_invalid_policy(checked, F.col(_VALID), inp.row_id_col, policy, "a null feature value")
     scored = predict(spark, dataclasses.replace(inp, df=rows_in), spec).select(*columns)
+    unseen_exprs, not_counted = unseen_checks(None if inp.encoded else spec.encoding)
+    if not_counted:
+        log.info(
+            "unseen values of hash-encoded column(s) %s are not counted: the model does not record which buckets "
+            "training hit (trained before it did, or more buckets than recorded)", not_counted,
+        )  # fmt: skip
     log.info("scoring %s with %s (run %s) -> %s", inp.description, model_uri, spec.run_id, out_url)
     spark.sparkContext.setJobDescription(f"score: {model_uri} on {inp.description}")
+    run = tracking.start_run(
+        cfg, {"model_uri": model_uri, "model_run_id": spec.run_id or "", "output_url": out_url}, kind=SCORE_KIND
+    )
+    unseen: dict[str, int] = {}
+    status = "FAILED"
     try:
         with atomic_output(spark, out_url, SCORE_OUTPUT, "score.output_url", inputs) as tmp:
+            if unseen_exprs:  # before anything is written: score.unseen=fail publishes nothing
+                spark.sparkContext.setJobDescription(f"score: count unseen categories of {sorted(unseen_exprs)}")
+                counted, unseen = count_unseen(rows_in, unseen_exprs)
+                tracking.log_metrics(run, _unseen_metrics(counted, unseen), step=0)
+                check_unseen(scfg, inp.description, counted, unseen)
+            spark.sparkContext.setJobDescription(f"score: {model_uri} on {inp.description}")
             scored.write.mode("errorifexists").options(**WRITE_CHECKSUMS).parquet(tmp)
             rows = spark.read.parquet(tmp).count()  # from the Parquet footers
             dropped = checked.filter(~F.col(_VALID)).count() if policy == "drop" else 0
@@ -398,10 +478,15 @@ def score(spark: SparkSession, cfg: JobConfig) -> ScoreResult:
                 columns=scored.columns,
                 seconds=0.0,
                 dropped_rows=int(dropped),
+                unseen_rows=unseen,
+                unseen_fraction={c: round(n / rows, 6) if rows else 0.0 for c, n in unseen.items()},
+                unseen_not_counted=not_counted,
+                mlflow_run_id=run.run_id,
             )
             fs = HadoopFS(spark, tmp)
             marker = {**asdict(result), "files": [p for p, _, _ in fs.list_files(tmp)]}
             fs.write_text(f"{tmp}/{SUMMARY_NAME}", json.dumps(marker, indent=2))
+        status = "FINISHED"
     except UserError:
         raise
     except Exception as exc:
@@ -412,6 +497,18 @@ def score(spark: SparkSession, cfg: JobConfig) -> ScoreResult:
     finally:
         if policy == "drop":
             checked.unpersist()
+        if status == "FINISHED":
+            tracking.log_metrics(run, {"score_rows": rows, "score_dropped_rows": dropped}, step=0)
+            tracking.log_dict(run, asdict(result), "score.json")
+        tracking.finish_run(run, status)
     if dropped:
         log.warning("score: dropped %d row(s) with a NaN, infinite or null feature (data.invalid_values=drop)", dropped)
     return ScoreResult(**{**asdict(result), "seconds": round(time.monotonic() - started, 3)})
+
+
+def _unseen_metrics(rows: int, unseen: dict[str, int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for c, n in unseen.items():
+        out[f"score_unseen_rows_{_metric_name(c)}"] = n
+        out[f"score_unseen_fraction_{_metric_name(c)}"] = n / rows if rows else 0.0
+    return out

@@ -48,7 +48,7 @@ from pyspark.sql import SparkSession
 
 from sparkml_dist import tracking
 from sparkml_dist.comm.base import flatten, unflatten_into
-from sparkml_dist.config import ConfigError, JobConfig
+from sparkml_dist.config import CommConfig, ConfigError, JobConfig
 from sparkml_dist.errors import InfraError, UserError
 from sparkml_dist.launch import _FAILURE_MARK, _USER_MARK, LaunchError, _driver_host, available_slots
 from sparkml_dist.loader import build_loader_spec, read_all
@@ -110,6 +110,19 @@ def shard_ranges(size: int, shards: int, max_params: int) -> list[tuple[int, int
     return [(bounds[i], bounds[i + 1]) for i in range(n)]
 
 
+def plan_shards(size: int, comm: CommConfig) -> list[tuple[int, int]]:
+    """``shard_ranges`` of the config, saying so when comm.ps_shards asks for more shards than there are
+    parameters (each shard holds at least one, so fewer are started)."""
+    ranges = shard_ranges(size, comm.ps_shards, comm.ps_shard_max_params)
+    if comm.ps_shards > len(ranges):
+        log.warning(
+            "comm.ps_shards=%d asks for more server shards than the model has parameters (%d): starting %d shards "
+            "of one parameter each; set comm.ps_shards to at most %d (or 0: sized by comm.ps_shard_max_params)",
+            comm.ps_shards, size, len(ranges), size,
+        )  # fmt: skip
+    return ranges
+
+
 @dataclass
 class _Server:
     index: int
@@ -147,7 +160,7 @@ def train(
     model = build_model(tc, manifest.num_features, manifest.num_classes, manifest.sparse is not None)
     params = list(model.parameters())
     flat = flatten(params).numpy()
-    ranges = shard_ranges(flat.size, comm.ps_shards, comm.ps_shard_max_params)
+    ranges = plan_shards(flat.size, comm)
     host = _driver_host(spark)
     secret = secrets.token_hex(16)
     resume = _resumable(checkpoint_url, ranges)
