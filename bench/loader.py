@@ -1,8 +1,9 @@
-"""Loader throughput: our Petastorm path (1..4 reader threads or processes) against raw pyarrow scans of the
-same files into the same tensors, in one run.
+"""Loader throughput: both readers behind the loader (Petastorm with 1..4 reader threads or processes, the
+Arrow reader with 1..4 threads) against raw pyarrow scans of the same files into the same tensors, in one run.
 
     .venv/bin/python bench/loader.py [--rows 2000000] [--features 64] [--batch-size 512] [--repeats 1]
-                                     [--work-dir DIR] [--paths raw_pq,raw_dataset,loader_t1,...]
+                                     [--reader both|petastorm|arrow] [--work-dir DIR]
+                                     [--paths raw_pq,raw_dataset,loader_t1,arrow_t1,...]
 
 Generates ``--rows`` rows with the project's generate + partition code on local[2] Spark, partitioned twice
 (array column and scalar columns) into 4 shards. Two shard sizes: one rank reading all 4 shards (world
@@ -16,10 +17,13 @@ median. Prints one JSON object last.
 
 Paths: ``raw_pq`` (pyarrow.parquet, one row group at a time, columns decoded on pyarrow's threads),
 ``raw_dataset`` (pyarrow.dataset scanner: several row groups at once on its own threads), ``loader_t<N>``
-(iterate_batches, shuffle off, N Petastorm reader threads), ``loader_p<N>`` (N reader processes),
-``loader_shuffled`` (train.reader_workers threads, row-group order + 20k-row shuffle buffer), and, on
-request, ``petastorm_default`` (make_batch_reader with its defaults and its namedtuples).
-Goal: the best ``loader_*`` with <= 4 workers >= 1.0x the best raw scan, on both layouts and both sizes.
+(iterate_batches, shuffle off, train.reader=petastorm with N reader threads), ``loader_p<N>`` (N reader
+processes), ``loader_shuffled`` (train.reader_workers threads, row-group order + 20k-row shuffle buffer),
+``arrow_t<N>`` and ``arrow_shuffled`` (the same with train.reader=arrow), and, on request,
+``petastorm_default`` (make_batch_reader with its defaults and its namedtuples). ``--reader`` picks which
+reader's paths run by default (both: the JSON's ``readers_side_by_side`` gives their rows/s per thread count;
+arrow alone runs where Petastorm does not import). Goal: the best ``loader_*`` with <= 4 workers >= 1.0x the
+best raw scan, on both layouts and both sizes.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RAW = ("raw_pq", "raw_dataset")
 LOADERS = tuple(f"loader_{kind}{n}" for kind in "tp" for n in range(1, 5))
-PATHS = (*RAW, *LOADERS, "loader_shuffled")
+ARROW = tuple(f"arrow_t{n}" for n in range(1, 5))
+READER_PATHS = {"petastorm": (*LOADERS, "loader_shuffled"), "arrow": (*ARROW, "arrow_shuffled")}
+PATHS = (*RAW, *READER_PATHS["petastorm"], *READER_PATHS["arrow"])
 SHARDS = 4
 H100_ROWS_PER_S = {"logistic_regression_batch_8192": 13_200_000, "mlp_2x1024_batch_8192": 5_900_000}
 """What one H100 rank consumes (issue 17); 5.9M rows/s is the bar a GPU rank needs."""
@@ -89,7 +95,6 @@ def child(task: dict) -> dict:
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
     import torch  # noqa: F401  (imported before the clock starts, like the rank would have)
-    from petastorm import make_batch_reader
 
     from sparkml_dist.config import TrainConfig
     from sparkml_dist.loader import build_loader_spec, iterate_batches
@@ -98,19 +103,21 @@ def child(task: dict) -> dict:
     warnings.simplefilter("ignore", FutureWarning)
     path = task["path"]
     m = read_manifest(task["manifest_url"])
-    cfg = TrainConfig(batch_size=task["batch_size"], shuffle=path == "loader_shuffled")
+    reader = "arrow" if path.startswith("arrow_") else "petastorm" if path.startswith("loader_") else "auto"
+    cfg = TrainConfig(batch_size=task["batch_size"], shuffle=path.endswith("_shuffled"), reader=reader)
     spec = build_loader_spec(m, 0, task["world_size"], cfg)
     spec = dataclasses.replace(spec, steps=sum(s.rows for s in m.train[:: task["world_size"]]) // spec.batch_size)
-    if path.startswith("loader_") and path != "loader_shuffled":
-        pool = {"t": "thread", "p": "process"}[path[len("loader_")]]
-        spec = dataclasses.replace(spec, workers_count=int(path[len("loader_") + 1 :]), reader_pool=pool)
+    if path.startswith(("loader_", "arrow_")) and not path.endswith("_shuffled"):
+        kind, workers = path.split("_", 1)[1][0], int(path.split("_", 1)[1][1:])
+        pool = {"t": "thread", "p": "process"}[kind]
+        spec = dataclasses.replace(spec, workers_count=workers, reader_pool=pool)
     files = [u.removeprefix("file://") for u in spec.urls]
     names, label, bs = list(m.feature_names), m.label_col, spec.batch_size
     cols = [m.features_col] if m.features_col else names
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cpu0 = _cpu_s()
     rows, t0 = 0, time.perf_counter()
-    if path.startswith("loader"):
+    if path.startswith(("loader", "arrow")):
         with iterate_batches(spec, 0) as batches:
             for x, _ in batches:
                 rows += len(x)
@@ -128,6 +135,8 @@ def child(task: dict) -> dict:
         chunks = (_arrow_to_numpy(b, m.features_col, names, label) for b in scan)
         rows = sum(len(x) for x, _ in _rebatch(chunks, bs))
     elif path == "petastorm_default":  # defaults (10 threads, 50 queued row groups), its numpy namedtuples
+        from petastorm import make_batch_reader
+
         fields = [re.escape(c) + "$" for c in [*cols, label]]
         with make_batch_reader(list(spec.urls), schema_fields=fields) as reader:
             chunks = (
@@ -210,14 +219,20 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=1, help="runs of every path, interleaved")
-    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated; raw_pq and raw_dataset always")
+    parser.add_argument("--reader", choices=("both", "petastorm", "arrow"), default="both", help="readers to run")
+    parser.add_argument("--paths", default=None, help="comma-separated (default: --reader's); raw scans always")
     parser.add_argument("--work-dir", default=None, help="keep (and reuse) the data here; default: a temp dir")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
-        return
-    paths = list(dict.fromkeys([*RAW, *args.paths.split(",")]))
+        print(json.dumps(child(json.loads(args.child))), flush=True)
+        # The measurement is complete: skip interpreter teardown, where pyarrow 14's thread pools sometimes
+        # abort the process ('terminate called without an active exception', apache/arrow#34314; seen in
+        # about 1 of 8 Petastorm children, before the reader seam too).
+        os._exit(0)
+    readers = ("petastorm", "arrow") if args.reader == "both" else (args.reader,)
+    chosen = args.paths.split(",") if args.paths else [p for r in readers for p in READER_PATHS[r]]
+    paths = list(dict.fromkeys([*RAW, *chosen]))
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="sparkml-bench-loader-"))
     started = time.perf_counter()
@@ -242,10 +257,24 @@ def main() -> None:
     results = {
         lay: {size: {p: _summarize(v) for p, v in by.items()} for size, by in s.items()} for lay, s in measured.items()
     }
-    loaders = [p for p in paths if p.startswith("loader_") and p != "loader_shuffled"]
+    loaders = [p for p in paths if p.startswith(("loader_", "arrow_")) and not p.endswith("_shuffled")]
 
     def best(r: dict) -> str:
         return max(loaders, key=lambda p: r[p]["rows_per_s"])
+
+    def side_by_side(r: dict) -> dict:
+        """rows/s of both readers at each thread count (and shuffled), where both ran."""
+        pairs = {f"threads_{n}": (f"loader_t{n}", f"arrow_t{n}") for n in range(1, 5)}
+        pairs["shuffled"] = ("loader_shuffled", "arrow_shuffled")
+        return {
+            k: {
+                "petastorm": r[p]["rows_per_s"],
+                "arrow": r[a]["rows_per_s"],
+                "arrow_vs_petastorm": round(r[a]["rows_per_s"] / r[p]["rows_per_s"], 3),
+            }
+            for k, (p, a) in pairs.items()
+            if p in r and a in r
+        }
 
     summary = {
         "benchmark": "loader",
@@ -257,6 +286,7 @@ def main() -> None:
         "goal": "best loader_* (<= 4 workers) >= 1.0x the best raw scan, both layouts, both sizes",
         "prepare_s": round(prep_s, 1),
         "total_s": round(time.perf_counter() - started, 1),
+        "readers_side_by_side": {k: {s: side_by_side(v[s]) for s in v} for k, v in results.items()},
         "best_raw": {k: {s: max(RAW, key=lambda p: v[s][p]["rows_per_s"]) for s in v} for k, v in results.items()},
         "best_loader": {k: {s: best(v[s]) for s in v} for k, v in results.items()},
         "best_loader_ratio_vs_best_raw": {

@@ -368,7 +368,15 @@ class TrainConfig:
     """How a rank reads its shard (``sparkml_dist/readers``). petastorm: Petastorm 0.12.1's reader (the
     default where it imports: pyarrow < 15). arrow: the project's own reader on pyarrow.parquet/pyarrow.fs,
     which runs on any pyarrow >= 14 and yields the same batches bit for bit for the same seed. auto: petastorm
-    where it imports, else arrow (logged with the reason)."""
+    where it imports (and is < 0.13), else arrow (logged with the reason). With either, every row group a rank
+    reads is checked against the manifest's row counts (a lost one fails the run naming the shard)."""
+    cache: Literal["auto", "off", "memory"] = "auto"
+    """Keep the rank's decoded training shard in memory after its first read (``readers/cache.py``): later
+    epochs read no file, in the same seeded order, so the same batches. auto: when it fits
+    train.cache_max_mb, else stream (logged); memory: fail when it does not fit; off: stream every epoch."""
+    cache_max_mb: float = 0.0
+    """Bound of the shard cache per rank in MB; 0 = a quarter of the host's available memory, split over the
+    ranks on that host."""
     reader_workers: int = 2
     """Reader threads per rank decoding row groups in parallel (>= 1). The batch stream is the same
     for any count (row groups are reordered as ventilated); memory grows by about one row group per worker."""
@@ -403,7 +411,6 @@ class TrainConfig:
     gradients combined by comm.strategy. feature_parallel: one rank per feature group
     (partition.feature_groups), each holding only its weight block; partial outputs allreduced.
     Generalized linear models only: logistic, softmax, linear."""
-
     def __post_init__(self) -> None:
         if self.mode == "feature_parallel":
             _check_feature_parallel(self)
@@ -415,6 +422,8 @@ class TrainConfig:
                 f"train.checkpoint_every_steps must be >= 0 (0: epoch ends only), got {self.checkpoint_every_steps}"
             )
         _check_positive("train.reader_workers", self.reader_workers)
+        if self.cache_max_mb < 0:
+            raise ConfigError(f"train.cache_max_mb must be >= 0 (0 = derived from the host), got {self.cache_max_mb}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         _check_fraction("train.dropout", self.dropout, allow_one=False)

@@ -55,6 +55,7 @@ from sparkml_dist.loader import (
     LoaderError,
     LoaderSpec,
     build_loader_spec,
+    file_counts,
     iterate_aligned_batches,
     iterate_chunks,
     label_dtype_of,
@@ -64,6 +65,7 @@ from sparkml_dist.manifest import FeatureGroup, Manifest, arrow_fs
 from sparkml_dist.metrics import batch_sums, empty_sums
 from sparkml_dist.models import check_model_for_data, csr_times, loss_fn, output_width, predictions
 from sparkml_dist.rank import Collectives, RankContext
+from sparkml_dist.readers import resolve_reader
 from sparkml_dist.sparse import SparseRows, to_tensor
 
 MODE = "feature_parallel"
@@ -203,7 +205,9 @@ def build_block_spec(manifest: Manifest, rank: int, cfg: TrainConfig, steps: int
         shuffle_buffer_rows=cfg.shuffle_buffer_rows,
         seed=cfg.seed,  # the same on every rank: the batches must be the same rows
         rank=rank,
-        workers_count=cfg.reader_workers,  # the order is restored whatever the count (loader._SequencedPool)
+        workers_count=cfg.reader_workers,  # the planned order is kept whatever the count (sparkml_dist/readers)
+        reader=resolve_reader(cfg.reader),
+        file_counts=file_counts(group.shards),
         row_id_col=manifest.row_id_col,
         label_dtype=label_dtype_of(manifest),
         sparse=sparse,

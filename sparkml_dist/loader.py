@@ -1,4 +1,10 @@
-"""A rank's shard -> fixed-size torch batches, read with Petastorm; runs inside Horovod ranks (no pyspark).
+"""A rank's shard -> fixed-size torch batches; runs inside the training ranks (no pyspark).
+
+Reading: ``readers.open_row_groups`` hands over the shard's row groups as Arrow tables (only the needed
+columns) from the reader ``train.reader`` picks: Petastorm 0.12.1, or the project's own Arrow reader
+(``sparkml_dist/readers``). Everything from there on is the same code for both: windowing to ``row_range``,
+the batching (``_in_order``) or the seeded shuffle buffer (``_shuffled``), exactly ``steps`` batches
+(``_exactly_steps``), the conversion to tensors and the sparse layout.
 
 Steps: every rank runs exactly ``steps_per_epoch`` = min over ranks of floor(rows_r / batch_size) batches
 per epoch (capped by ``train.max_steps_per_epoch``), so unequal shards never leave a rank waiting in a
@@ -6,29 +12,30 @@ collective. A larger shard's remainder is skipped for that epoch: with shuffle o
 (the end of the shard in file order); with shuffle on, the last rows of that epoch's seeded stream, so a
 different random set each epoch.
 
-Order: Petastorm's ventilator hands row groups to ``workers_count`` reader workers (threads or processes)
-in one order: file order, or with shuffle on a permutation seeded through ``Reader(seed=...)``. Workers
-finish in any order, so our pool numbers every row group as it is ventilated, our worker tags the decoded
-table with that number, and a reorder buffer releases tables strictly in ventilation order. The stream is
-therefore the same for any number of workers (the one-worker stream) and a pure function of (files, seed,
-epoch, rank). Shuffle on: rows then pass through our seeded shuffle buffer; both seeds derive from (seed,
-epoch, rank).
+Order: row groups come in the planned order: file order, or with shuffle on a permutation seeded by (seed,
+epoch, rank) (Petastorm's own, reproduced by the Arrow reader), whatever order the reader's workers finish
+in. The stream is therefore a pure function of (files, seed, epoch, rank): the same for any number of
+reader workers and for either reader, bit for bit. Shuffle on: rows then pass through our seeded shuffle
+buffer; both seeds derive from (seed, epoch, rank).
 
-Memory: the ventilator keeps at most ``workers_count + 2`` row groups ventilated and not yet consumed, so
-the reorder buffer never holds more than that many tables, whatever the shard size; plus the shuffle buffer.
+Memory: a reader keeps at most ``workers_count + 2`` row groups read ahead and not yet handed over, whatever
+the shard size; plus the shuffle buffer.
 
-Speed: Petastorm's results reader turns every column into pandas and a list column into an object array
-stacked row by row (about 0.4x a raw pyarrow scan). Our worker's results reader hands over the Arrow table
-the worker decoded and we convert it ourselves: the array layout zero-copy
-(``ListArray.flatten().to_numpy().reshape``), the scalar-columns layout with one ``np.stack``. Decoding
-releases the GIL, so reader threads decode row groups in parallel; processes also decode in parallel but
-pay an Arrow IPC copy per row group and a process start per reader (``bench/loader.py`` measures both).
+No lost rows: every epoch the tables are checked against the plan made from the files' footers, which are
+checked against the manifest's rows and row groups per file: each table must be the next planned row group
+with its footer's rows, and an exhausted reader must have handed over all of them (else
+``readers.RowGroupError``, naming the shard, file, row group and rows expected and got). The loader stops
+pulling when an epoch's steps are done or a ``row_range`` window is full; the check then covers exactly the
+prefix that was read, which is every row any batch came from.
+
+Speed: the Arrow table is converted here, the array layout zero-copy (``ListArray.flatten().to_numpy().reshape``),
+the scalar-columns layout with one ``np.stack``. Decoding releases the GIL, so reader threads decode row
+groups in parallel (``bench/loader.py`` measures both readers).
 """
 
 from __future__ import annotations
 
 import itertools
-import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,17 +50,13 @@ from sparkml_dist.config import TrainConfig
 from sparkml_dist.errors import UserError
 from sparkml_dist.manifest import Manifest, ShardEntry
 from sparkml_dist.metrics import REGRESSION
+from sparkml_dist.readers import open_row_groups, resolve_reader
+from sparkml_dist.readers.cache import ShardCache
+from sparkml_dist.readers.petastorm_reader import READER_POOLS
 from sparkml_dist.sparse import SparseRows, concatenate, from_arrow, take, to_tensor
 
 if TYPE_CHECKING:  # torch is imported where batches are made: reader processes import this module without it
     import torch
-
-RESULTS_QUEUE_SIZE = 4
-"""Thread pool queue entries; each row group puts its table and a 'processed' marker, so <= 2 tables wait."""
-READER_POOLS = ("thread", "process")
-"""Petastorm worker pools a ``LoaderSpec.reader_pool`` may name."""
-SEQ_KEY = b"sparkml_dist.ventilation_seq"
-"""Schema-metadata key of the number our worker tags each row group's table with (survives Arrow IPC)."""
 
 Batch = tuple["torch.Tensor", "torch.Tensor"]
 Chunk = tuple[Any, np.ndarray]
@@ -85,9 +88,16 @@ class LoaderSpec:
     seed: int
     rank: int
     workers_count: int = 1
-    """Petastorm reader workers decoding row groups in parallel; the stream is the same for any count."""
+    """Reader workers decoding row groups in parallel; the stream is the same for any count."""
     reader_pool: Literal["thread", "process"] = "thread"
-    """Petastorm worker pool: threads (default, measured faster here) or processes (Arrow IPC per row group)."""
+    """Petastorm worker pool: threads (default, measured faster here) or processes (Arrow IPC per row group).
+    The arrow reader takes threads only."""
+    reader: str = "auto"
+    """The row-group reader (``readers.READERS``): ``petastorm`` or ``arrow``, as ``build_loader_spec``
+    resolved ``train.reader``; ``auto`` is resolved where the reader is opened."""
+    file_counts: tuple[tuple[int, int], ...] = ()
+    """(rows, row groups) the manifest records for each of ``urls``; the files' footers must agree before a
+    row is read. Empty: the footers alone make the plan the rows are checked against."""
     row_range: tuple[int, int] | None = None
     """Only rows [start, stop) of the files' concatenation (validation shares); needs shuffle off."""
     row_id_col: str | None = None
@@ -104,6 +114,8 @@ class LoaderSpec:
             raise ValueError(f"LoaderSpec.reader_pool must be one of {READER_POOLS}, got {self.reader_pool!r}")
         if self.row_range is not None and self.shuffle:
             raise ValueError("LoaderSpec.row_range selects rows in file order: it needs shuffle=False")
+        if self.file_counts and len(self.file_counts) != len(self.urls):
+            raise ValueError(f"LoaderSpec.file_counts of {self.shard} needs one (rows, row groups) per url")
 
     @property
     def num_features(self) -> int:
@@ -156,6 +168,11 @@ def steps_per_epoch(manifest: Manifest, batch_size: int, world_size: int, max_st
     return min(steps, max_steps) if max_steps > 0 else steps
 
 
+def file_counts(shards: list[ShardEntry]) -> tuple[tuple[int, int], ...]:
+    """(rows, row groups) of every file of ``shards``, in ``Manifest.file_urls`` order (``LoaderSpec.file_counts``)."""
+    return tuple((f.rows, f.row_groups) for s in shards for f in s.files)
+
+
 def build_loader_spec(
     manifest: Manifest,
     rank: int,
@@ -166,7 +183,11 @@ def build_loader_spec(
 ) -> LoaderSpec:
     """The spec of ``rank``'s data: its training shard(s), or its contiguous 1/world_size of validation rows.
 
-    ``workers_count`` (Petastorm reader workers) defaults to ``cfg.reader_workers``.
+    ``workers_count`` (reader workers) defaults to ``cfg.reader_workers``. The reader is ``cfg.reader``
+    resolved here (``readers.resolve_reader``: ``auto`` becomes petastorm or arrow, logged with the reason).
+
+    Raises:
+        ReaderError: ``train.reader=petastorm`` where Petastorm cannot import.
     """
     if workers_count is None:
         workers_count = cfg.reader_workers
@@ -180,6 +201,7 @@ def build_loader_spec(
         seed=cfg.seed,
         rank=rank,
         workers_count=workers_count,
+        reader=resolve_reader(cfg.reader),
         label_dtype=label_dtype_of(manifest),
         sparse=(
             None
@@ -193,7 +215,13 @@ def build_loader_spec(
         steps = steps_per_epoch(manifest, cfg.batch_size, world_size, cfg.max_steps_per_epoch)
         name = "+".join(s.name for s in shards)
         return LoaderSpec(
-            name, files, steps=steps, shuffle=cfg.shuffle, shuffle_buffer_rows=cfg.shuffle_buffer_rows, **common
+            name,
+            files,
+            steps=steps,
+            shuffle=cfg.shuffle,
+            shuffle_buffer_rows=cfg.shuffle_buffer_rows,
+            file_counts=file_counts(shards),
+            **common,
         )
     if split != "validation":
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
@@ -203,11 +231,13 @@ def build_loader_spec(
     start, stop = val.rows * rank // world_size, val.rows * (rank + 1) // world_size
     # Keep only the files overlapping [start, stop); the range becomes relative to the first one kept.
     urls: list[str] = []
+    counts: list[tuple[int, int]] = []
     offset, first = 0, None
     for entry, url in zip(val.files, manifest.file_urls(val), strict=True):
         if offset < stop and offset + entry.rows > start:
             first = offset if first is None else first
             urls.append(url)
+            counts.append((entry.rows, entry.row_groups))
         offset += entry.rows
     base = first or 0
     steps = (stop - start) // cfg.batch_size
@@ -218,148 +248,9 @@ def build_loader_spec(
         shuffle=False,
         shuffle_buffer_rows=0,
         row_range=(start - base, stop - base),
+        file_counts=tuple(counts),
         **common,
     )
-
-
-class _ArrowTables:
-    """Stands in for Petastorm's results reader: hands over the worker's Arrow table as it is."""
-
-    batched_output = True
-
-    def read_next(self, workers_pool: Any, schema: Any, ngram: Any) -> pa.Table:
-        from petastorm.workers_pool import EmptyResultError
-
-        try:
-            return workers_pool.get_results()
-        except EmptyResultError:
-            raise StopIteration from None
-
-
-class _SequencedArrowWorker:
-    """Petastorm's ``ArrowReaderWorker``, tagging each row group's table with its ventilation number.
-
-    Implements Petastorm's worker protocol (``worker_id``, ``publish_func``, ``process``, ``shutdown``,
-    ``new_results_queue_reader``); module-level so the process pool can pickle it by reference.
-    """
-
-    def __init__(self, worker_id: int, publish_func: Any, args: Any) -> None:
-        from petastorm.arrow_reader_worker import ArrowReaderWorker
-
-        self.worker_id = worker_id
-        self.publish_func = publish_func  # the thread pool also sends its 'processed' marker through it
-        self._seq = -1
-        self._published = False
-        self._inner = ArrowReaderWorker(worker_id, self._publish_tagged, args)
-
-    def process(self, piece_index: int, worker_predicate: Any, shuffle_row_drop_partition: Any, seq: int) -> None:
-        self._seq, self._published = seq, False
-        self._inner.process(piece_index, worker_predicate, shuffle_row_drop_partition)
-        if not self._published:  # Petastorm publishes nothing for a row group without rows; the order needs one
-            self._publish_tagged(pa.table({}))
-
-    def _publish_tagged(self, table: pa.Table) -> None:
-        self._published = True
-        self.publish_func(table.replace_schema_metadata({**(table.schema.metadata or {}), SEQ_KEY: b"%d" % self._seq}))
-
-    def shutdown(self) -> None:
-        self._inner.shutdown()
-
-    @staticmethod
-    def new_results_queue_reader() -> _ArrowTables:
-        return _ArrowTables()
-
-
-class _SequencedPool:
-    """A Petastorm workers pool (threads or processes) that adds ``seq`` = 0, 1, 2, ... to the row groups in
-    ventilation order; the rest of the pool protocol the ``Reader`` uses is forwarded as it is."""
-
-    def __init__(self, kind: str, workers_count: int) -> None:
-        from petastorm.reader_impl.arrow_table_serializer import ArrowTableSerializer
-        from petastorm.workers_pool.process_pool import ProcessPool
-        from petastorm.workers_pool.thread_pool import ThreadPool
-
-        self.workers_count = workers_count
-        self.started = False
-        self._seq = itertools.count()
-        self._pool = (
-            ThreadPool(workers_count, RESULTS_QUEUE_SIZE)
-            if kind == "thread"
-            else ProcessPool(workers_count, ArrowTableSerializer())
-        )
-
-    def start(self, worker_class: Any, worker_args: Any = None, ventilator: Any = None) -> None:
-        self.started = True  # before: a pool that failed half-way through starting must still be stopped
-        self._pool.start(worker_class, worker_args, ventilator=ventilator)
-
-    def ventilate(self, *args: Any, **kwargs: Any) -> None:
-        # Only the ventilator thread calls this, so the counter needs no lock.
-        self._pool.ventilate(*args, seq=next(self._seq), **kwargs)
-
-    def get_results(self) -> Any:
-        return self._pool.get_results()
-
-    def stop(self) -> None:
-        self._pool.stop()
-
-    def join(self) -> None:
-        self._pool.join()
-
-    @property
-    def diagnostics(self) -> dict[str, Any]:
-        return dict(self._pool.diagnostics)
-
-
-def _open_reader(spec: LoaderSpec, order_seed: int | None) -> Any:
-    """Petastorm's ``Reader`` (what ``make_batch_reader`` builds) with our worker class and numbered pool."""
-    from petastorm.fs_utils import get_filesystem_and_path_or_paths
-    from petastorm.reader import Reader, normalize_dataset_url_or_urls
-
-    if spec.sparse is not None:
-        columns = list(spec.sparse[:2])
-    else:
-        columns = [spec.features_col] if spec.features_col else list(spec.feature_cols)
-    filesystem, paths = get_filesystem_and_path_or_paths(normalize_dataset_url_or_urls(list(spec.urls)))
-    pool = _SequencedPool(spec.reader_pool, spec.workers_count)
-    try:
-        return Reader(
-            filesystem,
-            paths,
-            # Anchored: schema_fields are regexes and an unanchored 'f1' would also match f10 (and warn).
-            schema_fields=[re.escape(c) + "$" for c in [*columns, spec.label_col, *filter(None, [spec.row_id_col])]],
-            worker_class=_SequencedArrowWorker,
-            reader_pool=pool,
-            shuffle_row_groups=order_seed is not None,
-            seed=order_seed,
-            num_epochs=1,
-            is_batched_reader=True,
-        )
-    except BaseException:
-        if pool.started:  # e.g. a reader process that did not come up: stop the ones that did
-            pool.stop()
-            pool.join()
-        raise
-
-
-def _in_ventilation_order(reader: Any, spec: LoaderSpec) -> Iterator[pa.Table]:
-    """The reader's tables in ventilation order, whatever order the workers finish in.
-
-    The ventilator keeps at most workers + 2 row groups outstanding, which bounds ``early``.
-    """
-    early: dict[int, pa.Table] = {}
-    expected = 0
-    for table in reader:
-        early[int(table.schema.metadata[SEQ_KEY])] = table
-        while expected in early:
-            ready = early.pop(expected)
-            expected += 1
-            if ready.num_columns:  # not the marker of a row group without rows
-                yield ready
-    if early:
-        raise LoaderError(
-            f"{spec.shard}: the reader ended after {expected} row groups with later ones {sorted(early)} "
-            "waiting: a row group was lost; check the files are readable and not being rewritten"
-        )
 
 
 def _to_numpy(table: pa.Table, spec: LoaderSpec) -> Chunk:
@@ -390,11 +281,18 @@ def _one_chunk(col: pa.ChunkedArray) -> pa.Array:
     return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
+@contextmanager
 def _row_groups(
-    reader: Any, spec: LoaderSpec, convert: Callable[[pa.Table, LoaderSpec], Chunk] = _to_numpy
-) -> Iterator[Chunk]:
-    """``convert``ed row groups in ventilation order, windowed to ``spec.row_range``."""
-    return _window((convert(t, spec) for t in _in_ventilation_order(reader, spec)), spec.row_range)
+    spec: LoaderSpec,
+    order_seed: int | None,
+    convert: Callable[[pa.Table, LoaderSpec], Chunk] = _to_numpy,
+    cache: ShardCache | None = None,
+) -> Iterator[Iterator[Chunk]]:
+    """``convert``ed row groups in planned order (checked against the manifest), windowed to ``spec.row_range``;
+    the reader is stopped and joined on every exit. With a ``cache`` the tables come from memory after the
+    cache's first (checked) read, in the same order."""
+    with (cache.open if cache is not None else open_row_groups)(spec, order_seed) as tables:
+        yield _window((convert(t, spec) for t in tables), spec.row_range)
 
 
 def _window(chunks: Iterator[Chunk], row_range: tuple[int, int] | None) -> Iterator[Chunk]:
@@ -479,28 +377,26 @@ def _exactly_steps(stream: Iterator[Any], spec: LoaderSpec) -> Iterator[Any]:
         raise LoaderError(f"{spec.shard} ran out of rows after {done} of {spec.steps} batches of {spec.batch_size}")
 
 
-def _close(reader: Any) -> None:
-    reader.stop()
-    reader.join()
-
-
 @contextmanager
-def iterate_batches(spec: LoaderSpec, epoch: int) -> Iterator[Iterator[Batch]]:
+def iterate_batches(spec: LoaderSpec, epoch: int, cache: ShardCache | None = None) -> Iterator[Iterator[Batch]]:
     """Yield an iterator of exactly ``spec.steps`` (features float32 [B, F], labels [B]) batches.
 
-    The reader is stopped and joined on every exit: normal end, early break, exception.
+    The reader is stopped and joined on every exit: normal end, early break, exception. ``cache``
+    (``readers.cache.build_cache``): replay the decoded shard from memory; the same batches.
+
+    Raises (from the iterator):
+        LoaderError: the shard ran out of rows before ``spec.steps`` batches.
+        RowGroupError: the reader did not hand over the planned row groups (``readers``).
     """
     _silence_readonly_warning()
     order_seed, rng = None, None
     if spec.shuffle:
         seq_order, seq_rows = np.random.SeedSequence([spec.seed % 2**63, epoch, spec.rank]).spawn(2)
         order_seed, rng = int(seq_order.generate_state(1)[0]), np.random.default_rng(seq_rows)
-    reader = _open_reader(spec, order_seed)
 
-    def batches() -> Iterator[Batch]:
+    def batches(chunks: Iterator[Chunk]) -> Iterator[Batch]:
         import torch
 
-        chunks = _row_groups(reader, spec)
         if rng is None:
             stream = _in_order(chunks, spec.batch_size, spec.empty_features())
         else:
@@ -508,10 +404,8 @@ def iterate_batches(spec: LoaderSpec, epoch: int) -> Iterator[Iterator[Batch]]:
         for x, y in _exactly_steps(stream, spec):
             yield to_tensor(x), torch.from_numpy(y)
 
-    try:
-        yield batches()
-    finally:
-        _close(reader)
+    with _row_groups(spec, order_seed, cache=cache) as chunks:
+        yield batches(chunks)
 
 
 def read_all(spec: LoaderSpec) -> tuple[Any, np.ndarray]:
@@ -519,13 +413,10 @@ def read_all(spec: LoaderSpec) -> tuple[Any, np.ndarray]:
     Small splits only."""
     xs, ys = [spec.empty_features()], [np.empty(0, spec.label_dtype)]
     if spec.urls:
-        reader = _open_reader(spec, None)
-        try:
-            for x, y in _row_groups(reader, spec):
+        with _row_groups(spec, None) as chunks:
+            for x, y in chunks:
                 xs.append(x)
                 ys.append(y)
-        finally:
-            _close(reader)
     return concatenate(xs), np.concatenate(ys)
 
 
@@ -557,12 +448,10 @@ def iterate_aligned_batches(spec: LoaderSpec, epoch: int) -> Iterator[Iterator[A
         raise ValueError(f"{spec.shard}: iterate_aligned_batches needs LoaderSpec.row_id_col")
     _silence_readonly_warning()
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed % 2**63, epoch])) if spec.shuffle else None
-    reader = _open_reader(spec, None)
 
-    def batches() -> Iterator[AlignedBatch]:
+    def batches(chunks: Iterator[Chunk]) -> Iterator[AlignedBatch]:
         import torch
 
-        chunks = _row_groups(reader, spec, _with_row_ids)
         stream = _in_order(chunks, spec.batch_size, spec.empty_features())
         if rng is not None:  # inputs are whole batch-size blocks, so the buffer's cuts match on every rank
             stream = _shuffled(stream, spec.batch_size, spec.shuffle_buffer_rows, rng)
@@ -570,10 +459,8 @@ def iterate_aligned_batches(spec: LoaderSpec, epoch: int) -> Iterator[Iterator[A
             labels, ids = np.ascontiguousarray(both["label"]), np.ascontiguousarray(both["row_id"])
             yield to_tensor(x), torch.from_numpy(labels), torch.from_numpy(ids)
 
-    try:
-        yield batches()
-    finally:
-        _close(reader)
+    with _row_groups(spec, None, _with_row_ids) as chunks:
+        yield batches(chunks)
 
 
 @contextmanager
@@ -583,8 +470,5 @@ def iterate_chunks(spec: LoaderSpec) -> Iterator[Iterator[Chunk]]:
     if not spec.urls:
         yield iter(())
         return
-    reader = _open_reader(spec, None)
-    try:
-        yield _row_groups(reader, spec)
-    finally:
-        _close(reader)
+    with _row_groups(spec, None) as chunks:
+        yield chunks

@@ -1,4 +1,4 @@
-"""Name -> spec tables: models, optimizers, training modes, communication strategies and compressors.
+"""Name -> spec tables: models, optimizers, training modes, communication strategies, compressors, readers.
 
 Adding a model or a strategy is one registration in its own module; config validation reads the names
 from here, so an unknown name fails at config time with the list of valid ones. Pure standard library.
@@ -65,10 +65,12 @@ _PROVIDERS: dict[str, tuple[str, ...]] = {
     "strategies": ("sparkml_dist.comm",),
     "compressors": ("sparkml_dist.comm",),
     "modes": ("sparkml_dist.loop", "sparkml_dist.train", "sparkml_dist.feature_parallel"),
+    "readers": ("sparkml_dist.readers",),
 }
 
 
 def load(name: str) -> Registry:
-    """The registry ``name`` (``models``, ``optimizers``, ``strategies``, ``compressors``, ``modes``), filled."""
+    """The registry ``name`` (``models``, ``optimizers``, ``strategies``, ``compressors``, ``modes``,
+    ``readers``), filled."""
     modules = [importlib.import_module(m) for m in _PROVIDERS[name]]
     return getattr(modules[0], name.upper())

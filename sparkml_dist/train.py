@@ -37,6 +37,7 @@ from sparkml_dist.loop import (
 from sparkml_dist.metrics import batch_sums, empty_sums
 from sparkml_dist.models import build_model, loss_fn, predictions
 from sparkml_dist.rank import Collectives, RankContext
+from sparkml_dist.readers.cache import build_cache
 from sparkml_dist.sparse import to_tensor
 
 __all__ = ["DataParallel", "TrainJob", "epoch_seed", "evaluate", "lr_at", "train_rank", "whole_optimizer_steps"]
@@ -54,6 +55,11 @@ class DataParallel(Workload):
         self.steps = whole_optimizer_steps(cfg, job.steps_per_epoch)
         spec = build_loader_spec(m, ctx.rank, ctx.world_size, cfg, split="train")
         self.train_spec = dataclasses.replace(spec, steps=self.steps)
+        self.cache = build_cache(self.train_spec, cfg.cache, cfg.cache_max_mb, ctx.local_size)
+        if self.cache is not None:
+            seconds = self.cache.fill()
+            log.info("rank %d: %s decoded into memory in %.2f s (%.1f MB)", ctx.rank, self.train_spec.shard,
+                     seconds, self.cache.nbytes / 2**20)  # fmt: skip
         self.val_x, self.val_y = read_all(build_loader_spec(m, ctx.rank, ctx.world_size, cfg, split="validation"))
 
     def build_strategy(self) -> Strategy:
@@ -87,7 +93,7 @@ class DataParallel(Workload):
                 opt.load_state_dict(state)
 
     def batches(self, epoch: int) -> AbstractContextManager[Iterator[Batch]]:
-        return iterate_batches(self.train_spec, epoch)
+        return iterate_batches(self.train_spec, epoch, self.cache)
 
     def loss(self, batch: Batch, where: str) -> tuple[torch.Tensor, int]:
         x, y = self.place.batch(*batch)
