@@ -1,25 +1,50 @@
 # make run   -> set up (if needed) and run generate -> partition -> train on the embedded default
 # make test  -> set up (if needed) and run the whole test suite (what .ci/run calls), then the Spark-touching
-#               core again on Spark 4.0 (test-spark4)
-# SPARK=4.0 (any target) -> the same on pyspark 4.0 in .venv-spark4.0, beside the default .venv (pyspark 3.5)
+#               core again on Spark 4.0 (test-spark4) and on the modern stack (test-modern)
+# SPARK=4.0 (any target)     -> the same on pyspark 4.0 in .venv-spark4.0, beside the default .venv (pyspark 3.5)
+# STACK=modern (any target)  -> the same on today's releases in .venv-modern: pyspark 4.3, pyarrow 25, numpy 2,
+#                               pandas 3, torch 2.14, no Petastorm (the Arrow reader); README "Stacks"
 SHELL := /bin/bash
 PYTHON ?= python3.11
 
-# Spark line, chosen at setup time; each has its own venv so both can live side by side. pyproject.toml pins
-# the default (3.5); another line's differing pins sit in scripts/spark-$(SPARK).txt and are swapped in by
-# scripts/spark_requirements.py (pip cannot override a pin with a constraints file). Only lines whose
-# minimum pyarrow admits Petastorm's pyarrow 14.0.2 are offered (README "Spark versions").
+# Two stacks, chosen at setup time, each in its own venv(s) so all can live side by side (README "Stacks"):
+#   pinned (default): what Petastorm 0.12.1 runs on, pyarrow 14.0.2 / numpy 1.26 / pandas 2.2 / torch 2.13 CPU,
+#     on one of two Spark lines (SPARK=3.5, the default, or 4.0).
+#   modern: pyproject's requirements with scripts/stack-modern.txt's pins swapped in and petastorm dropped.
+# pyproject.toml pins the default; a Spark line's or stack's differing pins sit in a pins file
+# (scripts/spark-$(SPARK).txt, scripts/stack-modern.txt) and are swapped in by scripts/spark_requirements.py
+# (pip cannot override a pin with a constraints file). The pinned stack offers only the Spark lines whose
+# minimum pyarrow admits Petastorm's pyarrow 14.0.2 (README "Spark versions").
+STACK ?= pinned
+STACKS := pinned modern
 SPARK ?= 3.5
 SPARK_LINES := 3.5 4.0
+ifeq ($(filter $(STACK),$(STACKS)),)
+$(error STACK=$(STACK) is not supported: use one of $(STACKS) (pinned, the default, takes SPARK=3.5|4.0; modern is pyspark 4.3 without Petastorm, README "Stacks"))
+endif
+ifeq ($(STACK),modern)
+ifneq ($(SPARK),3.5)
+$(error SPARK=$(SPARK) picks a Spark line of the pinned stack; STACK=modern has its own pyspark (scripts/stack-modern.txt): leave SPARK out)
+endif
+VENV := .venv-modern
+PINS := scripts/stack-modern.txt
+else
 ifeq ($(filter $(SPARK),$(SPARK_LINES)),)
-$(error SPARK=$(SPARK) is not supported: use one of $(SPARK_LINES). pyspark 4.1 needs pyarrow >= 15 and 4.2+ pyarrow >= 18, which Petastorm cannot use (README "Spark versions"))
+$(error SPARK=$(SPARK) is not supported: use one of $(SPARK_LINES), or STACK=modern for pyspark 4.3 without Petastorm. pyspark 4.1 needs pyarrow >= 15 and 4.2+ pyarrow >= 18, which Petastorm cannot use (README "Spark versions", "Stacks"))
 endif
 ifeq ($(SPARK),3.5)
 VENV := .venv
-SPARK_PINS :=
+PINS :=
 else
 VENV := .venv-spark$(SPARK)
-SPARK_PINS := scripts/spark-$(SPARK).txt
+PINS := scripts/spark-$(SPARK).txt
+endif
+endif
+# The torch Horovod is compiled against: pyproject's for the pinned stack, the pins file's for modern.
+ifeq ($(STACK),modern)
+TORCH_REQ = $(shell $(PYTHON) scripts/spark_requirements.py --get torch $(PINS))
+else
+TORCH_REQ := torch==2.13.0
 endif
 PY := $(VENV)/bin/python
 CONFIG ?= conf/local.yaml
@@ -28,28 +53,30 @@ export SPARK_LOCAL_IP := 127.0.0.1
 export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup run test test-spark4 lint bench clean mlflow-ui airflow-venv airflow-setup airflow-run cluster-up cluster-down
+.PHONY: setup run test test-spark4 test-modern lint bench clean mlflow-ui airflow-venv airflow-setup airflow-run cluster-up cluster-down
 setup: $(VENV)/.stamp-project
 
-# 1. torch and the horovod build tools first: horovod compiles against the installed torch.
-$(VENV)/.stamp-base:
+# 1. torch and the horovod build tools first: horovod compiles against the installed torch. (The modern stack
+#    redoes this when its pins file changes, so a new torch pin gets a Horovod built against it.)
+$(VENV)/.stamp-base: $(if $(filter modern,$(STACK)),$(PINS))
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "torch==2.13.0" "setuptools>=77,<81" wheel "cmake>=3.27" packaging "cffi>=1.4.0"
+	$(PY) -m pip install --quiet "$(TORCH_REQ)" "setuptools>=77,<81" wheel "cmake>=3.27" packaging "cffi>=1.4.0"
 	touch $@
 
-# 2. horovod from source, patched (see the script's header), cached as a wheel in .cache/wheels.
+# 2. horovod from source, patched (see the script's header), cached as a wheel in .cache/wheels/torch-<version>.
 $(VENV)/.stamp-horovod: $(VENV)/.stamp-base scripts/build_horovod.sh
 	scripts/build_horovod.sh $(VENV)
 	touch $@
 
-# 3. the project and the rest of the pinned stack; horovod is already satisfied. For a non-default Spark line:
-#    pyproject's requirements with that line's pins swapped in, then the project itself without its deps.
-$(VENV)/.stamp-project: $(VENV)/.stamp-horovod pyproject.toml $(SPARK_PINS)
-ifeq ($(SPARK_PINS),)
+# 3. the project and the rest of the stack; horovod is already satisfied. For a non-default Spark line or the
+#    modern stack: pyproject's requirements with the pins file's swapped in (or dropped), then the project
+#    itself without its deps.
+$(VENV)/.stamp-project: $(VENV)/.stamp-horovod pyproject.toml $(PINS)
+ifeq ($(PINS),)
 	$(PY) -m pip install --quiet -e ".[dev]"
 else
-	$(PY) scripts/spark_requirements.py $(SPARK_PINS) > $(VENV)/requirements-spark$(SPARK).txt
-	$(PY) -m pip install --quiet -r $(VENV)/requirements-spark$(SPARK).txt
+	$(PY) scripts/spark_requirements.py $(PINS) > $(VENV)/requirements.txt
+	$(PY) -m pip install --quiet -r $(VENV)/requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 endif
 	touch $@
@@ -61,32 +88,49 @@ test: setup airflow-venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q tests
-ifeq ($(SPARK),3.5)
+ifeq ($(VENV),.venv)
 	$(MAKE) --no-print-directory test-spark4
+	$(MAKE) --no-print-directory test-modern
 endif
 
-# The Spark-touching core (partitioning, barrier launch + training, baselines, scoring, sparse vectors read in
-# the JVM and built for MLlib by an Arrow map, Spark's libsvm source, and the README's local
-# spark-submit block, which covers session.stop_spark_session on 4.0) on Spark 4.0, in its own venv (set up
-# here if needed: the Horovod wheel in .cache/wheels is reused). The standalone-cluster block is left to the
-# default run to keep this part short.
-SPARK4_TESTS := tests/test_partition.py tests/test_partition_stratified.py tests/test_launch.py tests/test_train.py tests/test_feature_parallel.py \
-	tests/test_baselines.py tests/test_score.py tests/test_readme.py tests/test_baselines_sparse.py \
+# The Spark-touching core (partitioning, barrier launch + training on both collectives engines, baselines,
+# scoring, sparse vectors read in the JVM and built for MLlib by an Arrow map, Spark's libsvm source, and the
+# README's local spark-submit block, which covers session.stop_spark_session on 4.x). It runs in full on the
+# modern stack (pyspark 4.3, below). Spark 4.0, the pinned stack's second line, gets the part that differs by
+# Spark version (launch, training, scoring, sparse/libsvm in the JVM, the README block) to keep CI short.
+# The standalone-cluster block is left to the default run.
+CORE_TESTS := tests/test_partition.py tests/test_partition_stratified.py tests/test_launch.py tests/test_train.py \
+	tests/test_feature_parallel.py tests/test_baselines.py tests/test_score.py tests/test_readme.py \
+	tests/test_baselines_sparse.py tests/test_readers.py tests/test_cache.py \
 	tests/test_sparse.py::test_a_feature_hasher_vector_stays_sparse_and_exact \
 	tests/test_sparse.py::test_libsvm_written_by_spark_trains_on_two_ranks \
 	tests/test_ps.py::test_a_worker_killed_under_async_is_resubmitted_and_the_run_finishes \
 	--deselect "tests/test_readme.py::test_readme_block_runs_as_written[standalone]"
+SPARK4_TESTS := tests/test_launch.py tests/test_train.py tests/test_score.py tests/test_baselines_sparse.py \
+	tests/test_sparse.py::test_a_feature_hasher_vector_stays_sparse_and_exact \
+	tests/test_sparse.py::test_libsvm_written_by_spark_trains_on_two_ranks \
+	"tests/test_readme.py::test_readme_block_runs_as_written[local]"
 test-spark4:
 	$(MAKE) --no-print-directory SPARK=4.0 setup
 	PYSPARK_PYTHON=$(CURDIR)/.venv-spark4.0/bin/python PYSPARK_DRIVER_PYTHON=$(CURDIR)/.venv-spark4.0/bin/python \
 	  .venv-spark4.0/bin/pytest -q $(SPARK4_TESTS)
+
+# The same core on the modern stack (.venv-modern, set up here if needed: its Horovod wheel is cached per torch
+# version in .cache/wheels/torch-<version>), plus `make run`'s main job as a subprocess with its console checked
+# for deprecation noise (the warnings differ by stack). No Petastorm there: train.reader=auto picks the Arrow
+# reader, and tests of Petastorm itself are skipped with the reason (tests/conftest.py, requires_petastorm).
+MODERN_TESTS := $(CORE_TESTS) tests/test_console.py::test_main_job_console_has_no_deprecation_noise
+test-modern:
+	$(MAKE) --no-print-directory STACK=modern setup
+	PYSPARK_PYTHON=$(CURDIR)/.venv-modern/bin/python PYSPARK_DRIVER_PYTHON=$(CURDIR)/.venv-modern/bin/python \
+	  .venv-modern/bin/pytest -q $(MODERN_TESTS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf .venv .venv-spark* $(AIRFLOW_VENV) .cache work
+	rm -rf .venv .venv-spark* .venv-modern $(AIRFLOW_VENV) .cache work
 
 # Airflow in its own venv (its dependencies clash with the pinned stack; see scripts/setup_airflow.sh),
 # AIRFLOW_HOME under work/ (sqlite), a connection spark_local whose master is SPARK_MASTER.
