@@ -36,7 +36,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 FORBIDDEN = 403
-MAX_BODY = 4096
+MAX_BODY = 16384
 
 _progress: dict[str, Any] = {"step": -1, "entered": 0, "waiting": None}
 
@@ -69,6 +69,8 @@ class Beat:
     """The collective this rank is inside, if any."""
     still_s: float = 0.0
     """Seconds since this rank's step, collective count or collective last changed."""
+    failure: str | None = None
+    """The error this rank ended with, as its task reported it (its final beat), if it failed."""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -167,7 +169,7 @@ class HeartbeatServer:
             moved = {r: m[0] for (a, r), m in self._server.moved.items() if a == attempt}
         return {
             r: Beat(r, str(b.get("host", "?")), int(b.get("pid", -1)), int(b.get("step", -1)), now - t,
-                    bool(b.get("done", False)), b.get("waiting"), now - moved.get(r, t))
+                    bool(b.get("done", False)), b.get("waiting"), now - moved.get(r, t), b.get("failure"))
             for r, t, b in items
         }  # fmt: skip
 
@@ -214,6 +216,14 @@ def describe_stuck(outside: list[Beat], waiting: list[Beat]) -> str:
     return f"{ranks}, while its peers wait for it ({peers})"
 
 
+def _clip(text: str, limit: int) -> str:
+    """``text`` within ``limit`` characters: its first lines and its end (where a traceback names the error)."""
+    if len(text) <= limit:
+        return text
+    head = limit // 4
+    return f"{text[:head]}\n[... {len(text) - limit} characters ...]\n{text[-(limit - head):]}"
+
+
 def _put(url: str, body: dict[str, Any], timeout_s: float) -> None:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT")
     req.add_header("Content-Type", "application/json")
@@ -222,8 +232,13 @@ def _put(url: str, body: dict[str, Any], timeout_s: float) -> None:
 
 
 @contextmanager
-def beating(url: str | None, attempt: int, rank: int, host: str, interval_s: float) -> Iterator[None]:
+def beating(
+    url: str | None, attempt: int, rank: int, host: str, interval_s: float, report: dict[str, str] | None = None
+) -> Iterator[None]:
     """Rank side: beat every ``interval_s`` while the block runs, then send a final 'done' beat.
+
+    ``report["failure"]``, set by the block before it raises, rides on the final beat: Spark hands the driver
+    only the first failed task's error, which is often a peer's lost connection rather than the cause.
 
     Heartbeats must not be what breaks a run, so a driver this rank cannot reach does not fail it; but the
     first beat is sent before the block starts and, if it fails, a warning names the server's address (not its
@@ -265,6 +280,9 @@ def beating(url: str | None, attempt: int, rank: int, host: str, interval_s: flo
         stop.set()
         thread.join(interval_s + 2)
         try:
-            _put(target, body(done=True), timeout_s=2.0)
+            final = body(done=True)
+            if report and report.get("failure"):
+                final["failure"] = _clip(report["failure"], MAX_BODY // 2)  # JSON escapes grow it
+            _put(target, final, timeout_s=2.0)
         except Exception:  # noqa: BLE001
             pass

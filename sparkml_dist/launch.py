@@ -257,15 +257,25 @@ def _make_task(
         rank = ctx.partitionId()
         hosts = [info.address.rsplit(":", 1)[0] for info in ctx.getTaskInfos()]
         host = hosts[rank]
+        report: dict[str, str] = {}
         try:
-            with heartbeat.beating(beat_url, attempt, rank, host, interval):
-                yield rank, _run_rank(fn, ctx, rank, hosts, host, world_size, cfg, attempt)
+            with heartbeat.beating(beat_url, attempt, rank, host, interval, report):
+                try:
+                    yield rank, _run_rank(fn, ctx, rank, hosts, host, world_size, cfg, attempt)
+                except BaseException as exc:
+                    report["failure"] = _failure_text(rank, host, exc)
+                    raise
         except BaseException as exc:
-            # Spark hands the driver only text: say here, by type, whether the rank's error is the user's.
-            user = f"{_USER_MARK} {type(exc).__name__}: {exc}\n" if isinstance(exc, UserError) else ""
-            raise RuntimeError(f"{_FAILURE_MARK}: rank {rank} on {host}\n{user}{traceback.format_exc()}") from None
+            raise RuntimeError(report.get("failure") or _failure_text(rank, host, exc)) from None
 
     return task
+
+
+def _failure_text(rank: int, host: str, exc: BaseException) -> str:
+    """A rank's error as the text the driver parses (Spark hands it only text): say here, by type, whether the
+    error is the user's. Call inside the ``except`` that caught ``exc`` (it formats the live traceback)."""
+    user = f"{_USER_MARK} {type(exc).__name__}: {exc}\n" if isinstance(exc, UserError) else ""
+    return f"{_FAILURE_MARK}: rank {rank} on {host}\n{user}{traceback.format_exc()}"
 
 
 def _run_rank(
@@ -337,6 +347,29 @@ _COMM_MARKS = (
 _TASK = re.compile(r"barrier task \w*Task\(\d+, (\d+)\)")
 
 
+def _is_peer_loss(failure: str) -> bool:
+    return any(m in failure for m in _COMM_MARKS + _LOST_MARKS)
+
+
+def _cause(beats: heartbeat.HeartbeatServer, attempt: int, body: str, wait_s: float = 3.0) -> str:
+    """The failure to report when Spark's first failed task only lost its peer (``body``): another rank's own
+    error (a ValueError, a UserError), as its final heartbeat carried it, if one arrives within ``wait_s``.
+
+    The rank that raised first closes its connections before its task ends, so a peer's 'connection reset'
+    often reaches the driver first; without this the run would name the wrong rank and the wrong error.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        for beat in sorted(beats.beats(attempt).values(), key=lambda b: b.rank):
+            failure = beat.failure or ""
+            at = failure.find(_FAILURE_MARK)
+            if at >= 0 and not _is_peer_loss(failure):
+                return failure[at + len(_FAILURE_MARK) + 2 :]
+        if time.monotonic() >= deadline:
+            return body
+        time.sleep(0.1)
+
+
 def _rank_error(exc: BaseException, beats: heartbeat.HeartbeatServer, attempt: int, cfg: LaunchConfig) -> BaseException:
     """The stage's failure as a RankFailedError naming the rank and host (and whether a retry may help)."""
     text = str(exc)
@@ -347,11 +380,13 @@ def _rank_error(exc: BaseException, beats: heartbeat.HeartbeatServer, attempt: i
         body = text[at + len(_FAILURE_MARK) + 2 :]
         end = body.find("\n\tat org.apache.spark")
         body = body[:end] if end > 0 else body
+        if _is_peer_loss(body):
+            body = _cause(beats, attempt, body)
         where, _, rest = body.partition("\n")
         if rest.startswith(_USER_MARK):
             message, _, details = rest[len(_USER_MARK) :].strip().partition("\n")
             return RankUserError(f"{where}: {message}", details)
-        retryable = bool(silent) or any(m in body for m in _COMM_MARKS)
+        retryable = bool(silent) or _is_peer_loss(body)
         return RankFailedError(body + stall_note, retryable=retryable)
     if any(m in text for m in _LOST_MARKS):
         found = _TASK.search(text)
