@@ -411,7 +411,15 @@ class TrainConfig:
     gradients combined by comm.strategy. feature_parallel: one rank per feature group
     (partition.feature_groups), each holding only its weight block; partial outputs allreduced.
     Generalized linear models only: logistic, softmax, linear."""
+    max_model_gib: float = 2.0
+    """The most memory, in GiB, one rank's model may take: parameters x 4 bytes x (weights, gradient and the
+    optimizer's state copies: 2 for adam/adamw, 1 for sgd with momentum). Checked from the feature dimension
+    when partitioning and again before training starts, so a 2^31-wide LIBSVM space is refused with the figure
+    instead of failing a rank's allocation. 0 = no limit."""
+
     def __post_init__(self) -> None:
+        if self.max_model_gib < 0:
+            raise ConfigError(f"train.max_model_gib must be >= 0 (0: no limit), got {self.max_model_gib}")
         if self.mode == "feature_parallel":
             _check_feature_parallel(self)
         _check_positive("train.batch_size", self.batch_size)

@@ -438,6 +438,137 @@ def _checked(indices: Column, values: Column, enc: Encoding) -> Column:
     )
 
 
+def invalid_reason(enc: Encoding) -> Column:
+    """Why a row of ``enc``'s input is invalid, in words: the column, the offending index or value, and the fix
+    (a string column; null where no rule here names the cause, e.g. a null numeric column, which the caller
+    names with ``null_columns``). Put it under ``when(~valid, ...)``: its per-element lambdas then run for
+    invalid rows only."""
+    if enc.kind == "vector":
+        name = enc.columns[0]
+        v = _vector_struct(name)
+        indices, values, _ = sparse_columns(enc)
+        size = F.coalesce(v.getField("size"), F.size(v.getField("values")))
+        wrong_size = F.concat(
+            F.lit(f"its vector in column {name!r} has size "),
+            size.cast("string"),
+            F.lit(
+                f", not the {enc.dimension} of the feature space (data.dimension, else the first row's size): give "
+                "every row's vector the same size"
+            ),
+        )
+        return (
+            F.when(
+                F.col(name).isNull(),
+                F.lit(f"its vector column {name!r} is null (no features at all): fill it in the input"),
+            )
+            .when(size != F.lit(enc.dimension), wrong_size)
+            .otherwise(_entry_reason(indices, values, enc.dimension, f"column {name!r}"))
+        )
+    if enc.kind == "indices_values":
+        raw_indices, raw_values = F.col(enc.columns[0]), F.col(enc.columns[1])
+        where = f"data.indices_col {enc.columns[0]!r}"
+        lengths = F.concat(
+            F.lit("it has "),
+            F.size(raw_indices).cast("string"),
+            F.lit(f" indices in {enc.columns[0]!r} but "),
+            F.size(raw_values).cast("string"),
+            F.lit(f" values in {enc.columns[1]!r}: each index needs exactly one value"),
+        )
+        return (
+            F.when(raw_indices.isNull(), F.lit(f"its indices ({enc.columns[0]!r}) are null"))
+            .when(raw_values.isNull(), F.lit(f"its values ({enc.columns[1]!r}) are null"))
+            .when(F.size(raw_indices) != F.size(raw_values), lengths)
+            .otherwise(_entry_reason(raw_indices, raw_values.cast("array<float>"), enc.dimension, where))
+        )
+    reasons = []
+    for c in enc.numeric:
+        x = _filled(c, enc.fill).cast("double")
+        shown = F.col(c).cast("string")
+        if enc.transform == "log1p":
+            reasons.append(
+                F.when(
+                    x < 0,
+                    F.concat(
+                        F.lit(f"column {c!r} holds "),
+                        shown,
+                        F.lit(
+                            ", below 0, and data.numeric_transform=log1p takes counts (values >= 0): fix the value, "
+                            "or use data.numeric_transform=standardize or none"
+                        ),
+                    ),
+                )
+            )
+        bad = F.isnan(x) | (F.abs(x) == F.lit(float("inf")))
+        reasons.append(F.when(bad, F.concat(F.lit(f"column {c!r} holds "), shown, F.lit(": only finite numbers"))))
+    return F.coalesce(*reasons) if reasons else F.lit(None).cast("string")
+
+
+def _entry_reason(indices: Column, values: Column, dimension: int, where: str) -> Column:
+    """The first broken rule among one row's (indices, values) entries, or null: a null, negative,
+    out-of-range, repeated or descending index; a null, NaN or infinite value."""
+
+    def first(flags: Column) -> Column:  # the first position whose flag is true, or null
+        return F.get(F.filter(flags, lambda p: p.isNotNull()), 0)
+
+    def at(p: Column) -> Column:
+        return F.get(indices, p).cast("string")
+
+    null_at = first(F.transform(indices, lambda x, i: F.when(x.isNull(), i)))
+    negative_at = first(F.transform(indices, lambda x, i: F.when(x < 0, i)))
+    beyond_at = first(F.transform(indices, lambda x, i: F.when(x >= F.lit(dimension), i)))
+    order_at = first(F.transform(indices, lambda x, i: F.when((i > 0) & (x <= F.get(indices, i - 1)), i)))
+    value_at = first(
+        F.transform(values, lambda v, i: F.when(v.isNull() | F.isnan(v) | (F.abs(v) == F.lit(float("inf"))), i))
+    )
+    repeated = F.get(indices, order_at) == F.get(indices, order_at - 1)
+    return (
+        F.when(null_at.isNotNull(), F.lit(f"a feature index in {where} is null"))
+        .when(
+            negative_at.isNotNull(),
+            F.concat(F.lit("feature index "), at(negative_at), F.lit(f" in {where} is negative: indices count from 0")),
+        )
+        .when(
+            beyond_at.isNotNull(),
+            F.concat(
+                F.lit("feature index "),
+                at(beyond_at),
+                F.lit(
+                    f" in {where} is outside the feature space 0..{dimension - 1} (data.dimension={dimension}): raise "
+                    "data.dimension above the largest index, or fix the row"
+                ),
+            ),
+        )
+        .when(
+            order_at.isNotNull() & repeated,
+            F.concat(
+                F.lit("feature index "),
+                at(order_at),
+                F.lit(f" appears twice in {where}: give each index once per row (sum the values of a repeated one)"),
+            ),
+        )
+        .when(
+            order_at.isNotNull(),
+            F.concat(
+                F.lit(f"its feature indices in {where} are not ascending ("),
+                at(order_at - 1),
+                F.lit(" before "),
+                at(order_at),
+                F.lit("): sort each row's indices, keeping every value with its index"),
+            ),
+        )
+        .when(
+            value_at.isNotNull(),
+            F.concat(
+                F.lit("the value at feature index "),
+                at(value_at),
+                F.lit(f" in {where} is "),
+                F.coalesce(F.get(values, value_at).cast("string"), F.lit("null")),
+                F.lit(": only finite numbers"),
+            ),
+        )
+    )
+
+
 def finite_values(values: Column) -> Column:
     """True where the numeric array ``values`` is not null and holds no null, NaN or infinite value (an empty
     array is fine). The one such rule: the dense layout's ``partition.valid_features`` applies it too."""

@@ -20,12 +20,14 @@ import numpy as np
 import torch
 from pyspark.sql import SparkSession
 
-from sparkml_dist import feature_parallel, outputs, tracking
+from sparkml_dist import feature_parallel, outputs, spool, tracking
 from sparkml_dist.config import PS_STRATEGY, CommConfig, JobConfig
 from sparkml_dist.launch import job_deadline, run_on_ranks
 from sparkml_dist.loader import steps_per_epoch
 from sparkml_dist.manifest import Manifest, feature_tags, read_manifest
+from sparkml_dist.metric_names import mlflow_key
 from sparkml_dist.metrics import REGRESSION, primary_metric
+from sparkml_dist.model_size import check_model_size, count_parameters
 from sparkml_dist.models import build_model, check_model_for_data, prediction_model, split_first_layer
 from sparkml_dist.partition import verify_pages
 from sparkml_dist.ps import driver as ps_driver
@@ -72,6 +74,7 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
         check_model_for_data(cfg.train.model, manifest.num_classes)
         world = manifest.num_shards
         steps = steps_per_epoch(manifest, cfg.train.batch_size, world, cfg.train.max_steps_per_epoch)
+    _check_model_fits(cfg, manifest, world if by_feature else 1)
     outputs.check_disjoint(
         "train.runs_url",
         cfg.train.runs_url,
@@ -172,6 +175,16 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     )
 
 
+def _check_model_fits(cfg: JobConfig, manifest: Manifest, blocks: int) -> None:
+    """Refuse, before any run or task, a model whose rank would not fit ``train.max_model_gib``: counted on
+    torch's meta device (no memory), split over ``blocks`` ranks in feature-parallel mode."""
+    params = count_parameters(cfg.train, manifest.num_features, manifest.num_classes, manifest.sparse is not None)
+    what = f"feature dimension {manifest.num_features:,} of {manifest.root_url}"
+    if blocks > 1:
+        what += f", split over {blocks} feature-parallel ranks"
+    check_model_size(cfg.train, -(-params // blocks), what)
+
+
 def comm_kind(comm: CommConfig) -> str:
     """The run kind (tag) of a data-parallel run: its strategy, plus its compressor unless none
     (``allreduce``, ``allreduce+fp16``, ``local_sgd+topk``): the compare job shows one line per kind."""
@@ -262,21 +275,40 @@ def _note_restart(run: tracking.RunHandle, attempt: int, error: BaseException) -
 
 
 def _show_progress(run: tracking.RunHandle, epochs: int, val_key: str, stop: threading.Event) -> None:
-    """Print each finished epoch (validation loss, rows/s, time left) as rank 0 logs it to MLflow."""
+    """Print each finished epoch (validation loss, rows/s, time left) as rank 0 logs it to MLflow; during a
+    tracking outage, as rank 0 keeps it in the run's spool (so the console still shows progress). One last
+    look once the stage has ended, so the final epoch is shown too."""
     shown = 0
-    while not stop.wait(PROGRESS_POLL_S):
+    while True:
+        ended = stop.wait(PROGRESS_POLL_S)
         try:
-            losses = tracking.metric_history(run, val_key)
-            rates = dict(tracking.metric_history(run, "rows_per_s"))
-            times = dict(tracking.metric_history(run, "epoch_s"))
+            found, kept = _epoch_metrics(run, (val_key, "rows_per_s", "epoch_s"))
         except Exception:  # progress is best effort; the stage's own errors are what matter
-            continue
-        for step, loss in sorted(losses):
+            found, kept = {}, False
+        losses, rates, times = (found.get(k, {}) for k in (val_key, "rows_per_s", "epoch_s"))
+        for step, loss in sorted(losses.items()):
             if step <= shown:
                 continue
             shown = step
             per_epoch = float(np.mean(list(times.values()))) if times else 0.0
             eta = per_epoch * (epochs - step)
+            where = "  (tracking server away: read from the run's spool)" if kept else ""
             log.info(
                 f"  epoch {step}/{epochs}  {val_key} {loss:.4f}  {rates.get(step, 0):,.0f} rows/s  ~{eta:.0f}s left"
+                f"{where}"
             )
+        if ended:
+            return
+
+
+def _epoch_metrics(run: tracking.RunHandle, keys: tuple[str, ...]) -> tuple[dict[str, dict[int, float]], bool]:
+    """(flat key -> {step: value}, whether they came from the spool): from MLflow, or while its server does not
+    answer from the batches rank 0 keeps in the run's spool (asking MLflow then would wait out its retries)."""
+    if not tracking.in_outage(run):
+        return {k: dict(tracking.metric_history(run, k)) for k in keys}, False
+    by_key = {mlflow_key(k): k for k in keys}
+    out: dict[str, dict[int, float]] = {k: {} for k in keys}
+    for key, value, _, step in spool.kept_rows(run.spool_url):
+        if key in by_key:
+            out[by_key[key]][step] = value
+    return out, True

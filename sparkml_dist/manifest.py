@@ -12,13 +12,14 @@ when it reads (see ``partition.READ_VERIFY``); pyarrow 14, and so Petastorm, doe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from sparkml_dist.errors import UserError
 
@@ -236,9 +237,20 @@ def feature_tags(manifest: Manifest) -> dict[str, str]:
     return tags
 
 
+_SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3"}
+"""Hadoop's names for S3 (what Spark writes in URLs) -> pyarrow's."""
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")
+"""Object stores whose pyarrow path is ``bucket/key``."""
+_HOST_SCHEMES = ("hdfs",)
+"""Filesystems whose pyarrow path is the URL's path (``/a/b``); the authority names the namenode."""
+
+
 def arrow_fs(url: str) -> tuple[Any, str]:
-    """pyarrow filesystem and path for ``url``; unlike ``FileSystem.from_uri`` it takes paths with spaces
-    and other characters a URI must escape (``file:///data/my set``)."""
+    """pyarrow filesystem and path for ``url``: local paths, ``file:``, ``hdfs://``, ``s3://`` (``s3a://``,
+    ``s3n://``), ``gs://``; any other scheme through ``FileSystem.from_uri``. Unlike ``from_uri`` it takes paths
+    with spaces and other characters a URI must escape (``file:///data/my set``). The one URL -> filesystem
+    helper of the project (manifest checks, the Arrow reader): one filesystem per scheme and authority is built
+    and reused, since building an S3 filesystem resolves the bucket's region over the network."""
     from pyarrow import fs as pafs
 
     url = url.rstrip("/") or url
@@ -249,7 +261,23 @@ def arrow_fs(url: str) -> tuple[Any, str]:
     if "://" not in url:
         return pafs.LocalFileSystem(), url
     scheme, rest = url.split("://", 1)
+    scheme = _SCHEME_ALIASES.get(scheme.lower(), scheme.lower())
+    authority, _, path = rest.partition("/")
+    if "?" in rest:  # options in the URL (region=, endpoint_override= ...): pyarrow reads them
+        return pafs.FileSystem.from_uri(f"{scheme}://{quote(rest, safe='/:@?&=%+,;~')}")
+    if scheme in _BUCKET_SCHEMES:
+        return _filesystem(scheme, authority), unquote(f"{authority}/{path}".rstrip("/"))
+    if scheme in _HOST_SCHEMES:
+        return _filesystem(scheme, authority), unquote(f"/{path}")
     return pafs.FileSystem.from_uri(f"{scheme}://{quote(rest, safe='/:@?&=%+,;~')}")
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(scheme: str, authority: str) -> Any:
+    """The pyarrow filesystem of ``scheme://authority`` (built once per process)."""
+    from pyarrow import fs as pafs
+
+    return pafs.FileSystem.from_uri(f"{scheme}://{quote(authority, safe=':@')}/")[0]
 
 
 def read_manifest(root_url: str, verify: bool = True) -> Manifest:

@@ -36,12 +36,14 @@ from sparkml_dist.features import (
     FeatureError,
     build_encoding,
     finite_values,
+    invalid_reason,
     is_sparse_input,
     null_columns,
     sparse_columns,
     with_vocabulary_indices,
 )
 from sparkml_dist.fingerprint import FileDigest, file_digests, fingerprint
+from sparkml_dist.libsvm import bad_line_message, find_bad_line, is_parse_failure
 from sparkml_dist.manifest import (
     MANIFEST_NAME,
     FeatureGroup,
@@ -55,6 +57,7 @@ from sparkml_dist.manifest import (
     verify_files,
 )
 from sparkml_dist.metrics import REGRESSION
+from sparkml_dist.model_size import ModelSizeError, check_model_size, estimate_parameters
 from sparkml_dist.outputs import OutputKind, check_output
 from sparkml_dist.storage import READ_VERIFY, WRITE_CHECKSUMS, HadoopFS, atomic_output, output_lock
 
@@ -67,6 +70,8 @@ BUCKET_BYTES = 256 * 1024 * 1024
 _KEY, _BUCKET, _POS = "_key", "_bucket", "_pos"
 _NULLS = "_nulls"
 """Sparse table input: the numeric columns that are null in the row (named in the fail message)."""
+_WHY = "_why"
+"""Why an invalid row is invalid, in words (``features.invalid_reason``, the label's rule); null for valid rows."""
 # Features per row above which a (sparse) vector is refused rather than densified: 4 bytes each per row.
 MAX_DENSE_WIDTH = 1 << 16
 _NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.DoubleType, T.DecimalType)
@@ -147,6 +152,7 @@ def _partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
     same_input = existing is not None and existing.input_url.rstrip("/") == dcfg.input_url.rstrip("/")
     known = {} if pcfg.rehash or not same_input else _recorded_digests(existing)
     inp = _read_input(spark, dcfg, pcfg, known)
+    _check_model_fits(cfg, inp)
     settings = {"data": asdict(dcfg), "partition": asdict(pcfg)}
     settings["partition"].pop("output_url")
     settings["partition"].pop("rehash")  # how the fingerprint was read, not what the output is
@@ -169,7 +175,7 @@ def _partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
         )
         assigned, stats = _assign(inp, dcfg, pcfg)
     except Exception as exc:
-        raise _clean_error(exc) from exc
+        raise _clean_error(exc, spark, dcfg) from exc
 
     sparse_groups = _sparse_groups(inp.encoding.dimension, pcfg) if inp.encoding is not None else None
     groups = [[] for _ in sparse_groups] if sparse_groups is not None else _feature_groups(inp.feature_names, pcfg)
@@ -198,12 +204,26 @@ def _partition(spark: SparkSession, cfg: JobConfig) -> PartitionResult:
             _check_split(manifest, stats["rows"], pcfg)
             fs.write_text(f"{tmp}/{MANIFEST_NAME}", manifest.to_json())
     except Exception as exc:
-        raise _clean_error(exc) from exc
+        raise _clean_error(exc, spark, dcfg) from exc
     finally:
         if groups:
             assigned.unpersist()
     result = _result(manifest, skipped=False, started=started, fingerprint_s=inp.fingerprint_s)
     return dataclasses.replace(result, row_ids_rekeyed=rekeyed)
+
+
+def _check_model_fits(cfg: JobConfig, inp: _Input) -> None:
+    """Refuse a feature space whose model would not fit a rank (``train.max_model_gib``), estimated from the
+    config's train section before any pass over the rows."""
+    width = inp.encoding.dimension if inp.encoding is not None else len(inp.feature_names)
+    regression = cfg.data.task == "regression"
+    outputs = 1 if regression or cfg.data.num_classes == 2 else cfg.data.num_classes
+    params = estimate_parameters(cfg.train, width, outputs)
+    what = f"feature dimension {width:,}, {outputs} output(s)"
+    try:
+        check_model_size(cfg.train, params, what)
+    except ModelSizeError as exc:
+        raise PartitionError(f"{exc}. Nothing was written") from None
 
 
 def _assign(inp: _Input, dcfg: DataConfig, pcfg: PartitionConfig) -> tuple[DataFrame, dict[str, int]]:
@@ -271,9 +291,13 @@ def _read_libsvm(spark: SparkSession, url: str, dcfg: DataConfig) -> _Read:
     if dcfg.dimension is not None:
         reader = reader.option("numFeatures", str(dcfg.dimension))
     try:
-        df = reader.load(url)
+        df = reader.load(url)  # without data.dimension Spark parses every line here, for the largest index
     except Exception as exc:
-        raise PartitionError(f"cannot read data.input_url {url} as LIBSVM (data.input_format=libsvm): {exc}") from exc
+        located = _libsvm_error(exc, spark, dcfg)
+        if located is not None:
+            raise located from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PartitionError(f"cannot read data.input_url {url} as LIBSVM (data.input_format=libsvm): {first}") from exc
     if dcfg.label_col != "label":
         raise PartitionError(
             f"data.label_col={dcfg.label_col!r}: LIBSVM input has its label in column 'label'; "
@@ -343,6 +367,7 @@ def _read_input(
             raise PartitionError(str(exc)) from exc
         df = with_vocabulary_indices(df, encoding)
         indices, values, valid_x = sparse_columns(encoding)
+        why_x = invalid_reason(encoding)
         names = encoding.columns
         feature_cols = [indices.alias(INDICES), values.alias(VALUES)]
         nulls = null_columns(encoding)
@@ -356,6 +381,7 @@ def _read_input(
     else:
         features, names = feature_expr(df, fields, dcfg)
         valid_x = valid_features(features, len(names))
+        why_x = _dense_reason(features, len(names), _array_source(fields, dcfg))
         feature_cols = [features.alias(FEATURES_COL)]
     _check_partition_columns(url, fields, file_columns, names, dcfg)
     _check_nothing_left_out(fields, file_columns, names, dcfg)
@@ -367,13 +393,63 @@ def _read_input(
         label = F.when(raw == F.floor(raw), raw.cast("long")).otherwise(F.lit(None).cast("long"))
     finite_label = (~F.isnan(label) & (F.abs(label) != F.lit(float("inf")))) if regression else F.lit(True)
     valid = label.isNotNull() & finite_label & valid_x
-    out = df.select(row_id.alias("row_id"), *feature_cols, label.alias("label"), valid.alias("_valid"))
+    why = F.when(valid, F.lit(None)).otherwise(F.coalesce(why_x, _label_reason(dcfg, label, libsvm)))
+    out = df.select(row_id.alias("row_id"), *feature_cols, label.alias("label"), valid.alias("_valid"), why.alias(_WHY))
     # the input columns the features came from: a features array/vector column, or the named columns
     sources = [n for n in names if n in fields] or [dcfg.features_col or FEATURES_COL]
     roles = column_roles(file_columns, sources, encoding, dcfg, ids_from_input)
     log.info("input columns: %s", summarize_roles(roles))
     bytes_in = sum(f[1] for f in files)
     return _Input(out, names, fingerprint(digests), bytes_in, ids_from_input, encoding, roles, digests, fingerprint_s)
+
+
+def _label_reason(dcfg: DataConfig, label: Column, libsvm: bool) -> Column:
+    """Why a row's label makes it invalid, in words (null when the label is fine)."""
+    raw = F.col(dcfg.label_col)
+    why = F.when(raw.isNull(), F.lit(f"its label ({dcfg.label_col!r}) is null"))
+    if dcfg.task == "regression":
+        return why.when(
+            F.isnan(label) | (F.abs(label) == F.lit(float("inf"))),
+            F.concat(F.lit(f"its label ({dcfg.label_col!r}) is "), raw.cast("string"), F.lit(": only finite numbers")),
+        )
+    if libsvm:
+        return why.when(
+            label.isNull(),
+            F.concat(
+                F.lit("its LIBSVM label "),
+                raw.cast("string"),
+                F.lit(
+                    " is not a whole number: classification labels are class ids 0..data.num_classes-1 (set "
+                    "data.task=regression for real-valued labels)"
+                ),
+            ),
+        )
+    return why
+
+
+def _array_source(fields: dict[str, T.DataType], dcfg: DataConfig) -> str | None:
+    """The array or vector column the dense features come from (as ``feature_expr`` picks it); None: scalar
+    columns."""
+    if dcfg.features_col is not None:
+        return dcfg.features_col
+    return FEATURES_COL if dcfg.feature_cols is None and is_feature_array(fields.get(FEATURES_COL)) else None
+
+
+def _dense_reason(features: Column, n: int, source: str | None) -> Column:
+    """Why a row's dense features are invalid, where it is one thing: a null vector or array, or one of another
+    length (NaN, infinite and null values keep the general message)."""
+    if source is None:
+        return F.lit(None).cast("string")
+    return F.when(
+        features.isNull(), F.lit(f"its features column {source!r} is null (no features at all): fill it in the input")
+    ).when(
+        F.size(features) != F.lit(n),
+        F.concat(
+            F.lit(f"its features column {source!r} holds "),
+            F.size(features).cast("string"),
+            F.lit(f" values, not the {n} of the first row: give every row the same number of features"),
+        ),
+    )
 
 
 def column_roles(
@@ -524,7 +600,8 @@ def feature_expr(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfig)
         if is_vector(dtype):
             from pyspark.ml.functions import vector_to_array
 
-            column = vector_to_array(F.col(name), "float32")
+            # a null vector would fail the conversion (a Java stack trace); as a null array it is an invalid row
+            column = F.when(F.col(name).isNotNull(), vector_to_array(F.col(name), "float32"))
         elif isinstance(dtype, T.ArrayType) and isinstance(dtype.elementType, _NUMERIC):
             column = F.col(name).cast("array<float>")
         else:
@@ -689,21 +766,32 @@ def _bucket_of(b: int) -> Column:
 def _fail_invalid(df: DataFrame, dcfg: DataConfig) -> DataFrame:
     """Rows with NaN/inf/missing features or a null label: fail the write (policy fail) or drop them."""
     detail = F.col(_NULLS) if _NULLS in df.columns else None
-    return apply_invalid_policy(
-        df, F.col("_valid"), "row_id", dcfg.invalid_values, "a null (or, for regression, NaN/infinite) label", detail
-    )
+    reason = F.col(_WHY) if _WHY in df.columns else None
+    checked = apply_invalid_policy(
+        df, F.col("_valid"), "row_id", dcfg.invalid_values, "a null (or, for regression, NaN/infinite) label", detail,
+        reason,
+    )  # fmt: skip
+    return checked.drop(_NULLS, _WHY)  # read by the filter above; not carried through the shuffle
 
 
 _INVALID = "has a NaN/infinite feature"
+_INVALID_WHY = " is invalid: "
 _INVALID_END = "drop and count such rows"
 
 
 def apply_invalid_policy(
-    df: DataFrame, valid: Column, row_id_col: str, policy: str, also: str, nulls: Column | None = None
+    df: DataFrame,
+    valid: Column,
+    row_id_col: str,
+    policy: str,
+    also: str,
+    nulls: Column | None = None,
+    reason: Column | None = None,
 ) -> DataFrame:
     """Keep the rows where ``valid``; under policy 'fail' the first other row fails the Spark job with a
-    message naming its id (``clean_invalid_row_error`` turns that into a PartitionError) and, given ``nulls``
-    (a string column of the names of null feature columns), the null columns."""
+    message naming its id (``clean_invalid_row_error`` turns that into a PartitionError) and, given ``reason``
+    (a string column saying why the row is invalid, null where unknown), the cause and its fix; else, given
+    ``nulls`` (a string column of the names of null feature columns), the null columns."""
     if policy == "drop":
         return df.filter(valid)
     named = F.lit("")
@@ -719,6 +807,15 @@ def apply_invalid_policy(
             f"clean the input or set data.invalid_values=drop to {_INVALID_END}"
         ),
     )
+    if reason is not None:
+        explained = F.concat(
+            F.lit(f"{row_id_col} "),
+            F.col(row_id_col).cast("string"),
+            F.lit(_INVALID_WHY),
+            reason,
+            F.lit(f"; or set data.invalid_values=drop to {_INVALID_END}"),
+        )
+        msg = F.coalesce(explained, msg)
     # A filter, not a projection: a projected column nobody reads would be pruned and never checked.
     return df.filter(F.when(valid, F.lit(True)).otherwise(F.raise_error(msg)))
 
@@ -726,9 +823,10 @@ def apply_invalid_policy(
 def clean_invalid_row_error(exc: BaseException, row_id_col: str = "row_id") -> PartitionError | None:
     """The PartitionError carried by a Spark failure that ``apply_invalid_policy`` raised, if it is one."""
     text = str(exc)
-    at = text.find(_INVALID)
-    if at < 0:
+    found = [i for i in (text.find(_INVALID), text.find(_INVALID_WHY)) if i >= 0]
+    if not found:
         return None
+    at = min(found)
     start = text.rfind(f"{row_id_col} ", 0, at)
     end = text.find(_INVALID_END, start)
     return PartitionError(text[start : end + len(_INVALID_END)])
@@ -1194,12 +1292,24 @@ _CORRUPT = (
 _READ_FILE = re.compile(r"(?:reading file|Encountered error while reading file) (\S+?)\.?(?:\s|$)")
 
 
-def _clean_error(exc: Exception) -> Exception:
-    """Turn a Spark task failure caused by raise_error into the PartitionError it carries, and a page that
-    failed its checksum (or could not be decoded) into a CorruptInputError naming the file."""
+def _clean_error(exc: Exception, spark: SparkSession | None = None, dcfg: DataConfig | None = None) -> Exception:
+    """Turn a Spark task failure caused by raise_error into the PartitionError it carries, a page that
+    failed its checksum (or could not be decoded) into a CorruptInputError naming the file, and (given the
+    session and data config of a LIBSVM input) a line Spark's LIBSVM reader choked on into one naming it."""
     if isinstance(exc, UserError | FileExistsError):
         return exc
-    return clean_invalid_row_error(exc) or corrupt_file_error(exc, "data.input_url") or exc
+    located = _libsvm_error(exc, spark, dcfg) if spark is not None and dcfg is not None else None
+    return located or clean_invalid_row_error(exc) or corrupt_file_error(exc, "data.input_url") or exc
+
+
+def _libsvm_error(exc: BaseException, spark: SparkSession, dcfg: DataConfig) -> PartitionError | None:
+    """For LIBSVM input whose reader failed on a line (a Java stack without file or line): the first such line,
+    found by scanning the input files with the reader's rules (only now, on this failure path)."""
+    if dcfg.input_format != "libsvm" or not is_parse_failure(str(exc)):
+        return None
+    urls = [u for u, _, _ in list_input(spark, dcfg.input_url.rstrip("/"))]
+    found = find_bad_line(urls, dcfg.dimension)
+    return PartitionError(bad_line_message(found)) if found is not None else None
 
 
 _STALE_CRC = re.compile(r"ChecksumException: Checksum error: (\S+?) at \d+")

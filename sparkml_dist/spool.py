@@ -79,6 +79,20 @@ def pending(spool_url: str) -> list[str]:
     return sorted(i.base_name for i in infos if i.base_name.endswith(".json") and not i.base_name.startswith("."))
 
 
+def kept_rows(spool_url: str) -> list[Row]:
+    """Every row the spool holds now, oldest batch first (read, not claimed: the driver's progress display reads
+    them during an outage; a batch delivered meanwhile is skipped)."""
+    filesystem, root = _fs(spool_url)
+    rows: list[Row] = []
+    for name in pending(spool_url):
+        try:
+            with filesystem.open_input_stream(f"{root}/{name}") as f:
+                rows += [(str(k), float(v), int(t), int(s)) for k, v, t, s in json.loads(f.read())]
+        except (OSError, ValueError):  # claimed and delivered since it was listed
+            continue
+    return rows
+
+
 def deliver(spool_url: str, send: Callable[[list[Row]], None]) -> int:
     """Send every waiting batch, oldest first, deleting each once sent; stop at the first failed send (the
     batch goes back). Returns how many were delivered."""

@@ -496,3 +496,93 @@ def test_work_dir_and_plain_paths_expand_home_and_variables(tmp_path, monkeypatc
     assert cfg.partition.output_url == f"file://{tmp_path / 'w'}/data/partitioned"
     assert cfg.data.input_url == f"file://{tmp_path / 'data'}/raw"
     assert load_config(None, ["paths.work_dir=$SPARKML_DIST_DATA_32/w"]).paths.work_dir == str(tmp_path / "data/w")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Issue 32, items 6, 9, 10 and 11: a feature space too wide for a rank's memory, sparse rows whose indices are
+# wrong (each cause named, not "a NaN/infinite feature"), LIBSVM lines Spark's reader chokes on (file and line
+# number instead of a hundred lines of Java) and an output nobody can write. One line each, nothing published.
+
+
+def _libsvm(*extra: str) -> bytes:
+    good = [f"{i % 2} {1 + i % 5}:1.0 {7 + i % 3}:2.5" for i in range(ROWS)]
+    return ("\n".join([*good, *extra]) + "\n").encode()
+
+
+def _sparse(indices: list[int], values: list[float] | None = None, index_type: Any = None) -> pa.Table:
+    """A table of indices/values columns whose row 7 holds ``indices`` (and ``values``); every other row is fine."""
+    idx, val = [[1, 3]] * ROWS, [[1.0, 2.0]] * ROWS
+    idx[7], val[7] = indices, values if values is not None else [1.0] * len(indices)
+    return _table(f0=None, f1=None, idx=pa.array(idx, pa.list_(index_type or pa.int32())),
+                  val=pa.array(val, pa.list_(pa.float32())))  # fmt: skip
+
+
+SPARSE = ("data.indices_col=idx", "data.values_col=val", "data.dimension=10")
+LIBSVM = ("data.input_format=libsvm",)
+TOO_WIDE = r"2,147,483,648 parameters .*32\.0 GiB per rank.*train\.max_model_gib=2.*data\.dimension.*data\.hash_buckets"
+_COUNTS = pa.array(np.where(np.arange(ROWS) == 7, -2.0, np.arange(ROWS, dtype=float)))
+
+ISSUE_32B_DATA_CASES: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
+    ("libsvm-index-2-31", {"a.txt": _libsvm("1 2147483647:1.0")}, LIBSVM, TOO_WIDE),
+    ("indices-dimension-2-31", {"a.parquet": _sparse([1, 3])}, (*SPARSE[:2], "data.dimension=2147483647"), TOO_WIDE),
+    ("mlp-on-20m-features", {"a.parquet": _sparse([1, 3])}, (*SPARSE[:2], "data.dimension=20000000", "train.model=mlp"),
+     r"train\.model=mlp would hold 1,280,002,[0-9,]+ parameters.*GiB per rank"),
+    ("sparse-index-out-of-range", {"a.parquet": _sparse([1, 30])}, SPARSE,
+     r"row_id 7 is invalid: feature index 30 in data\.indices_col 'idx' is outside the feature space 0\.\.9 "
+     r"\(data\.dimension=10\): raise data\.dimension"),
+    ("sparse-index-above-int32", {"a.parquet": _sparse([1, 2**31 + 5], index_type=pa.int64())}, SPARSE,
+     r"row_id 7 is invalid: feature index 2147483653 .*outside the feature space"),
+    ("sparse-index-negative", {"a.parquet": _sparse([-1, 3])}, SPARSE,
+     r"row_id 7 is invalid: feature index -1 in data\.indices_col 'idx' is negative"),
+    ("sparse-indices-unsorted", {"a.parquet": _sparse([3, 1])}, SPARSE,
+     r"row_id 7 is invalid: its feature indices .* are not ascending \(3 before 1\): sort"),
+    ("sparse-index-duplicate", {"a.parquet": _sparse([3, 3])}, SPARSE,
+     r"row_id 7 is invalid: feature index 3 appears twice"),
+    ("sparse-value-nan", {"a.parquet": _sparse([1, 3], [1.0, math.nan])}, SPARSE,
+     r"row_id 7 is invalid: the value at feature index 3 .* is NaN"),
+    ("sparse-lengths-differ", {"a.parquet": _sparse([1, 3, 5], [1.0, 2.0])}, SPARSE,
+     r"row_id 7 is invalid: it has 3 indices in 'idx' but 2 values in 'val'"),
+    ("log1p-of-a-negative-count", {"a.parquet": _table(f0=_COUNTS, f1=None, c1=pa.array(["a", "b"] * (ROWS // 2)))},
+     ("data.categorical_cols=[c1]", "data.numeric_transform=log1p"),
+     r"row_id 7 is invalid: column 'f0' holds -2\.0, below 0, and data\.numeric_transform=log1p"),
+    ("libsvm-dimension-too-small", {"a.txt": _libsvm()}, (*LIBSVM, "data.dimension=5"),
+     r"a\.txt line 1 .*feature index 7 \(one-based\) is beyond data\.dimension=5: raise data\.dimension to at least 7"),
+    ("libsvm-value-not-a-number", {"a.txt": _libsvm("1 3:x")}, LIBSVM,
+     r"a\.txt line 201 \('1 3:x'\): the value of '3:x' is not a number"),
+    ("libsvm-value-not-a-number-dimension-set", {"a.txt": _libsvm("1 3:x")}, (*LIBSVM, "data.dimension=20"),
+     r"a\.txt line 201 \('1 3:x'\)"),
+    ("libsvm-no-colon", {"a.txt": _libsvm("1 3;1.0")}, LIBSVM, r"a\.txt line 201 .*'3;1\.0' is not index:value"),
+    ("libsvm-label-not-a-number", {"a.txt": _libsvm("yes 3:1.0")}, LIBSVM,
+     r"a\.txt line 201 .*the label 'yes' is not a number"),
+    ("libsvm-zero-based-index", {"a.txt": _libsvm("1 0:1.0 2:1.0")}, LIBSVM,
+     r"a\.txt line 201 .*index 0 in '0:1\.0' is below 1: LIBSVM indices are one-based"),
+    ("libsvm-descending-indices", {"a.txt": _libsvm("1 5:1.0 3:1.0")}, LIBSVM,
+     r"a\.txt line 201 .*index 3 follows index 5"),
+    ("output-under-proc", {"a.parquet": _table()}, ("partition.output_url=file:///proc/sparkml-dist-out",),
+     r"partition\.output_url=file:///proc/sparkml-dist-out: cannot create .*directory you can write"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("files", "sets", "names"), [c[1:] for c in ISSUE_32B_DATA_CASES],
+                         ids=[c[0] for c in ISSUE_32B_DATA_CASES])  # fmt: skip
+def test_issue_32_wide_spaces_bad_indices_and_libsvm_lines_are_one_line_naming_the_fix(
+    spark, sweep_dir, request, files, sets, names
+):
+    case = sweep_dir / request.node.callspec.id
+    raw, out = case / "raw", case / "out"
+    raw.mkdir(parents=True)
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            (raw / name).write_bytes(content)
+        else:
+            pq.write_table(content, raw / name)
+    cfg = load_config(None, [f"paths.work_dir={case}", f"data.input_url=file://{raw}",
+                             f"partition.output_url=file://{out}", "partition.num_shards=2", *sets])  # fmt: skip
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as err:
+        partition(spark, cfg)
+    assert time.monotonic() - t0 < QUICK_S
+    text = str(err.value)
+    assert re.search(names, text), text
+    assert "\n" not in text and "Exception" not in text and " at org." not in text, text  # one line, no Java
+    assert sorted(p.name for p in case.iterdir()) == ["raw"], "something was published or left beside the output"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -73,7 +74,7 @@ def test_ssp_with_staleness_0_is_synchronous_sgd_on_two_server_shards(spark, ps_
     parameters of allreduce on Horovod ranks, to 1e-6, with the model split over two server processes."""
     from sparkml_dist.compare import compare
     from sparkml_dist.fit import run_training
-    from sparkml_dist.ps.server import load_state
+    from sparkml_dist.ps.server import cut_path, list_cuts, load_state
 
     ring_cfg = _cfg(ps_data, *SGD)
     ring = run_training(spark, ring_cfg)
@@ -84,9 +85,11 @@ def test_ssp_with_staleness_0_is_synchronous_sgd_on_two_server_shards(spark, ps_
     assert f["staleness_max"] == 0.0 and f["comm_rounds"] == 10.0  # a round: every worker's pull + push
     assert f["ps_push_bytes_per_step"] == f["ps_pull_bytes_per_step"] == 33 * 4  # whole slices, both shards
     assert ps.epochs == 2 and ring.final["val_log_loss"] == pytest.approx(f["val_log_loss"], abs=1e-6)
-    slices = [load_state(f"{cfg.train.runs_url}/{ps.run_id}/checkpoints/ps/shard-{i:03d}.pt") for i in (0, 1)]
+    ckpt = f"{cfg.train.runs_url}/{ps.run_id}/checkpoints"
+    cut = max(set(list_cuts(ckpt, 0)) & set(list_cuts(ckpt, 1)))  # the newest consistent cut of both shards
+    slices = [load_state(cut_path(ckpt, i, cut)) for i in (0, 1)]
     assert [(s["lo"], s["hi"]) for s in slices] == [(0, 16), (16, 33)]  # disjoint, and together the model
-    torch.testing.assert_close(torch.cat([s["param"] for s in slices]), _flat_ps(cfg, ps), atol=0, rtol=0)
+    assert slices[0]["clocks"] == slices[1]["clocks"] and slices[0]["applied"] == slices[1]["applied"]
     table = compare(cfg, [ring.run_id, ps.run_id], None, None, str(ps_data / "report"))
     rows = {r["kind"]: r for r in json.loads((ps_data / "report" / "table.json").read_text())["runs"]}
     assert set(rows) == {"allreduce", "ps_bsp"} and table  # the compare job shows both topologies
@@ -251,3 +254,100 @@ def test_more_workers_than_task_slots_is_refused_before_anything_starts(spark, p
     partition(spark, _cfg(ps_data, *three))
     with pytest.raises(LaunchError, match="3 workers .* must all run at once, but the cluster has 2 task slots"):
         run_training(spark, _cfg(ps_data, *three, *PS))
+
+
+def _server_processes() -> list:
+    """This test process's parameter-server shard processes, in the order they were started (shard 0 first)."""
+    import os
+
+    import psutil
+
+    found = []
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "sparkml_dist.ps.server" in " ".join(p.cmdline()):
+                found.append((p.create_time(), p.pid, p))
+        except psutil.NoSuchProcess:
+            continue
+    return [p for _, _, p in sorted(found, key=lambda f: f[:2])]
+
+
+def test_a_shard_killed_mid_run_resumes_every_shard_from_one_consistent_cut(spark, ps_data, capfd):
+    """Issue 32, item 8: shard 1 is SIGKILLed mid-epoch (not at a checkpoint) while shard 0 goes on. Each shard
+    saving on its own timer resumed them at different pushes (2513 vs 2250); with consistent cuts both resume
+    from the same cut, at the same pushes and clocks, and the rerun finishes."""
+    import time
+
+    from sparkml_dist.fit import run_training
+    from sparkml_dist.ps.driver import ParameterServerError
+    from sparkml_dist.ps.server import cut_path, list_cuts, load_state
+
+    # ssp with a slowed worker 1: ~3 s epochs, so the kill lands mid-run; a cut every 0.3 s
+    sets = ("train.optimizer=sgd", "train.lr=0.5", *PS, "comm.pace=ssp", "comm.staleness=1", "comm.ps_shards=2",
+            "comm.ps_checkpoint_s=0.3", "launch.fault_kind=slow", "launch.fault_rank=1",
+            "launch.fault_delay_s=0.03")  # fmt: skip
+    cfg = _cfg(ps_data, *sets)
+    runs = ps_data / "runs"
+    before = set(runs.iterdir()) if runs.exists() else set()
+    outcome: dict = {}
+
+    def first() -> None:
+        try:
+            outcome["result"] = run_training(spark, cfg)
+        except BaseException as exc:  # noqa: BLE001 (asserted below)
+            outcome["error"] = exc
+
+    def progress_cut() -> bool:
+        """Shard 1 has written a cut holding some pushes (the run's first cuts may hold none)."""
+        new = set(runs.iterdir()) - before if runs.exists() else set()
+        if not new:
+            return False
+        ckpt = str(next(iter(new)) / "checkpoints")
+        try:
+            cuts = list_cuts(ckpt, 1)
+            state = load_state(cut_path(ckpt, 1, cuts[-1])) if cuts else None
+        except OSError:  # an older cut deleted while read
+            return False
+        return state is not None and state["applied"] > 0
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    deadline = time.monotonic() + 240
+    while not progress_cut():
+        assert time.monotonic() < deadline and not outcome, outcome
+        time.sleep(0.1)
+    time.sleep(1.0)  # the run goes on past that cut: the kill lands mid-epoch, between checkpoints
+    servers = _server_processes()
+    assert len(servers) == 2, servers
+    servers[1].kill()
+    thread.join(240)
+    assert isinstance(outcome.get("error"), ParameterServerError), outcome
+    run_id = str(outcome["error"]).split("train.resume_run_id=")[1].split()[0]
+    capfd.readouterr()
+    resumed = run_training(spark, _cfg(ps_data, *sets, f"train.resume_run_id={run_id}"))
+    err = capfd.readouterr().err
+    lines = re.findall(r"shard (\d) resumed at (\d+) applied pushes \(epoch \d+\) from cut (\d+), clocks (\[[\d, ]+\])",
+                       err)  # fmt: skip
+    assert sorted(s for s, *_ in lines) == ["0", "1"], err[-3000:]
+    assert len({tuple(rest) for _, *rest in lines}) == 1, lines  # the same pushes, cut and clocks on both shards
+    assert int(lines[0][1]) > 0 and resumed.run_id == run_id and resumed.epochs == 2
+    assert np.isfinite(resumed.final["val_log_loss"])
+
+
+def test_a_worker_stopped_for_a_whole_async_run_is_named_at_the_end(spark, ps_data, caplog):
+    """Issue 32, item 12: under async the other worker makes every push, so the run finishes; the stopped
+    worker is named (host, pushes made) in a warning, ps/workers.json and the run's stalled_workers metric."""
+    import mlflow
+
+    from sparkml_dist.fit import run_training
+
+    stop = ("launch.fault_kind=stop", "launch.fault_rank=1", "launch.fault_step=2", "comm.ps_timeout_s=5")
+    cfg = _cfg(ps_data, "train.optimizer=sgd", "train.lr=0.5", "train.epochs=1", *PS, "comm.pace=async", *stop)
+    with caplog.at_level("WARNING", logger="sparkml_dist.ps.driver"):
+        result = run_training(spark, cfg)
+    assert result.epochs == 1 and result.final["stalled_workers"] == 1.0
+    assert re.search(r"parameter-server worker 1 on 127\.0\.0\.1 was stopped or stalled: it made 2 of the run's "
+                     r"\d+ pushes", caplog.text), caplog.text  # fmt: skip
+    run = mlflow.tracking.MlflowClient(cfg.tracking.tracking_uri).get_run(result.run_id)
+    workers = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/ps/workers.json")
+    assert workers["stalled"] == {"1": {"host": "127.0.0.1", "pushes": 2}}, workers

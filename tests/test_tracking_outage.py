@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -126,6 +127,9 @@ def test_a_server_that_never_comes_back_ends_the_job_saying_where_metrics_and_mo
         job.kill()
     assert job.returncode != 0
     assert "did not answer for tracking.outage_wait_s=3 s" in err, err[-4000:]
+    # the console still showed every epoch, the last ones read from the spool (issue 32, item 12)
+    shown = re.findall(r"epoch (\d+)/\d+ .*read from the run's spool", err)
+    assert str(EPOCHS) in shown, err[-4000:]
     spool_url = err.split("Its metrics are kept in ")[1].split()[0]
     kept = list(Path(spool_url.removeprefix("file://")).glob("*.json"))
     assert kept, spool_url  # the epochs logged during the outage, on disk, for `python -m sparkml_dist.spool`

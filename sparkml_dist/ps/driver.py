@@ -56,8 +56,8 @@ from sparkml_dist.loop import lr_at
 from sparkml_dist.manifest import Manifest
 from sparkml_dist.metrics import summarize
 from sparkml_dist.models import build_model
-from sparkml_dist.ps.client import Endpoint, PSClient, ServerUnreachableError
-from sparkml_dist.ps.server import ShardSpec, checkpoint_path, load_state
+from sparkml_dist.ps.client import Endpoint, PSClient, RefusedError, ServerUnreachableError
+from sparkml_dist.ps.server import ShardSpec, cut_path, list_cuts, load_state
 from sparkml_dist.ps.worker import WorkerJob, run_worker
 from sparkml_dist.train import evaluate
 
@@ -164,7 +164,7 @@ def train(
     host = _driver_host(spark)
     secret = secrets.token_hex(16)
     resume = _resumable(checkpoint_url, ranges)
-    history = _load_history(checkpoint_url) if resume else []
+    history = _load_history(checkpoint_url)[: resume.epochs_done] if resume else []
     servers: list[_Server] = []
     state = _Workers()
     groups: dict[int, str] = {}
@@ -173,7 +173,8 @@ def train(
     try:
         for i, (lo, hi) in enumerate(ranges):
             spec = ShardSpec(i, lo, hi, flat[lo:hi].copy(), tc, workers, steps, tc.epochs, comm.pace, comm.staleness,
-                             secret, host, checkpoint_url, comm.ps_checkpoint_s, comm.ps_timeout_s, resume)  # fmt: skip
+                             secret, host, checkpoint_url, comm.ps_checkpoint_s, comm.ps_timeout_s, resume is not None,
+                             resume.cut if resume else -1)  # fmt: skip
             servers.append(_start_server(spec))
         endpoints = [s.endpoint for s in servers]
         log.info(
@@ -196,12 +197,19 @@ def train(
             t.start()
         with PSClient(endpoints, secret, DRIVER_CALL_S) as client:
             start_epoch = len(history)
-            history = _follow_epochs(cfg, manifest, run, client, servers, state, model, history, checkpoint_url, steps)
+            cuts = _Cuts(resume.cut + 1 if resume else 0, comm.ps_checkpoint_s)
+            history = _follow_epochs(
+                cfg, manifest, run, client, servers, state, model, history, checkpoint_url, steps, cuts
+            )
             for t in threads:  # the workers see "done" on their next push or pull; a stopped one is cancelled
                 t.join(timeout=min(comm.ps_timeout_s, FINISH_S))
+            stalled = _name_stalled(client, threads, steps * tc.epochs * workers, min(comm.ps_timeout_s, FINISH_S))
             state_dict = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-        traffic = _traffic_summary(state)
+        traffic = {**_traffic_summary(state), "stalled": stalled}
         tracking.log_dict(run, traffic, "ps/workers.json", best_effort=True)
+        if history:  # in the job's summary (the last epoch's figures) and the run's metrics
+            history[-1]["stalled_workers"] = float(len(stalled))
+            tracking.log_metrics(run, {"stalled_workers": float(len(stalled))}, step=len(history))
         return {
             "state_dict": state_dict,
             "history": history,
@@ -216,6 +224,34 @@ def train(
         for t in threads:
             t.join(timeout=60)
         _stop_servers(servers, secret, comm.ps_timeout_s)
+
+
+def _name_stalled(
+    client: PSClient, threads: list[threading.Thread], total: int, waited_s: float
+) -> dict[str, dict[str, Any]]:
+    """Workers whose job had not ended ``waited_s`` after the last epoch (a running worker ends on its next pull
+    or push once the servers are done): stopped or stalled, e.g. SIGSTOPped for the whole run while the others
+    made every push under async. Each is named in a warning with its host and the pushes it made."""
+    stuck = [int(t.name.rsplit("-", 1)[1]) for t in threads if t.is_alive()]
+    if not stuck:
+        return {}
+    try:
+        status = client.call({"op": "status"})[0][0]
+        clocks, hosts = status["clocks"], status["hosts"]
+    except (ServerUnreachableError, RefusedError):
+        clocks, hosts = {}, {}
+    out = {}
+    for wid in stuck:
+        pushes = int(clocks[wid]) if wid < len(clocks) else -1
+        host = hosts.get(str(wid), "a host it never said hello from")
+        out[str(wid)] = {"host": host, "pushes": pushes}
+        log.warning(
+            "parameter-server worker %d on %s was stopped or stalled: it made %s of the run's %d pushes and had not "
+            "ended %.0f s after the last epoch (the other workers made the rest); its job is cancelled. Check that "
+            "host (a stopped process, load, swap)",
+            wid, host, pushes if pushes >= 0 else "an unknown number", total, waited_s,
+        )  # fmt: skip
+    return out
 
 
 def _start_server(spec: ShardSpec) -> _Server:
@@ -362,9 +398,11 @@ def _follow_epochs(
     history: list[dict[str, Any]],
     checkpoint_url: str,
     steps: int,
+    cuts: _Cuts,
 ) -> list[dict[str, Any]]:
     """Wait for each epoch's snapshot on every shard (``steps`` pushes per worker an epoch); evaluate it with
-    ``model``, log and keep it. Returns the full history; ``model`` holds the last epoch's parameters."""
+    ``model``, log and keep it; take a consistent cut of the shards every comm.ps_checkpoint_s and after each
+    epoch. Returns the full history; ``model`` holds the last epoch's parameters."""
     tc = cfg.train
     params = list(model.parameters())
     size = sum(p.numel() for p in params)
@@ -386,6 +424,8 @@ def _follow_epochs(
             raise TimeoutError(
                 f"parameter-server training ran longer than launch.job_timeout_s={cfg.launch.job_timeout_s}"
             )
+        if cuts.due():
+            cuts.take(client)
         try:
             replies = client.call({"op": "epoch", "epoch": epoch})
         except ServerUnreachableError:
@@ -440,6 +480,8 @@ def _follow_epochs(
             best_effort=True,
         )
         epoch += 1
+        if epoch < tc.epochs:
+            cuts.take(client)  # the epoch's end, kept: a rerun after a loss resumes from at least here
     tracking.log_dict(
         run,
         {"staleness_histogram": {str(a): b for a, b in sorted(hist_all.items())}},
@@ -468,23 +510,87 @@ def _check_servers(servers: list[_Server], checkpoint_url: str, run: tracking.Ru
         if s.proc.poll() is not None:
             raise ParameterServerError(
                 f"parameter server shard {s.index} at {s.endpoint.address} exited with code {s.proc.returncode}; "
-                f"its state is checkpointed at {checkpoint_path(checkpoint_url, s.index)}: run the same command "
-                f"again with train.resume_run_id={run.run_id} (or the same tracking.run_key) to resume from there"
+                f"the shards' last consistent cut is in {checkpoint_url.rstrip('/')}/ps: run the same command "
+                f"again with train.resume_run_id={run.run_id} (or the same tracking.run_key) to resume every shard "
+                "from there"
             )
 
 
-def _resumable(checkpoint_url: str, ranges: list[tuple[int, int]]) -> bool:
-    """Every shard of this layout has a checkpoint (a rerun of a lost run): the shards load them."""
-    states = [load_state(checkpoint_path(checkpoint_url, i)) for i in range(len(ranges))]
-    if all(s is None for s in states):
-        return False
-    for i, (s, (lo, hi)) in enumerate(zip(states, ranges, strict=True)):
-        if s is None or (s["lo"], s["hi"]) != (lo, hi):
+@dataclass
+class _Cuts:
+    """The driver's side of the shards' consistent cuts (``server`` module docstring): freeze every shard, set
+    the target at each worker's highest clock, and every shard writes the same pushes' state."""
+
+    next_id: int
+    every_s: float
+    last: float = field(default_factory=time.monotonic)
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.every_s
+
+    def take(self, client: PSClient) -> bool:
+        """One cut; False (the previous cut stands) when a shard could not complete it."""
+        cut, self.next_id, self.last = self.next_id, self.next_id + 1, time.monotonic()
+        try:
+            frozen = client.call({"op": "freeze", "cut": cut})
+            target = [max(clocks) for clocks in zip(*(r["clocks"] for r, _ in frozen), strict=True)]
+            client.call({"op": "cut", "cut": cut, "target": target})
+        except (ServerUnreachableError, RefusedError) as exc:
+            log.info("parameter-server cut %d not taken (%s); the previous one stands", cut, exc)
+            return False
+        log.debug("parameter-server cut %d written at clocks %s", cut, target)
+        return True
+
+
+@dataclass(frozen=True)
+class _ResumeCut:
+    cut: int
+    applied: int
+    epochs_done: int
+
+
+def _resumable(checkpoint_url: str, ranges: list[tuple[int, int]]) -> _ResumeCut | None:
+    """The newest consistent cut that every shard of this layout wrote (a rerun of a lost run), checked: each
+    file holds its shard's slice and all hold the same clocks, i.e. the same pushes. None: nothing to resume."""
+    where = f"{checkpoint_url.rstrip('/')}/ps"
+    cuts = [set(list_cuts(checkpoint_url, i)) for i in range(len(ranges) + 1)]  # one more: a layout that shrank
+    if not any(cuts):
+        if load_state(f"{where}/shard-000.pt") is not None:
             raise ConfigError(
-                f"{checkpoint_path(checkpoint_url, i)} does not hold slice [{lo}, {hi}) of this run's shards: resume "
+                f"{where} holds parameter-server checkpoints written before consistent cuts (each shard saved on its "
+                "own, so their slices may hold different pushes): they cannot be resumed; start a new run"
+            )
+        return None
+    if cuts[-1]:
+        raise ConfigError(
+            f"{where} holds cuts of more than this run's {len(ranges)} shards: resume with the same comm.ps_shards "
+            "and comm.ps_shard_max_params, or start a new run"
+        )
+    common = set.intersection(*cuts[:-1])
+    if not common:
+        have = "; ".join(f"shard {i}: {sorted(c) or 'none'}" for i, c in enumerate(cuts[:-1]))
+        raise ConfigError(
+            f"{where}: the parameter-server shards share no consistent cut ({have}), so no point holds every slice "
+            "at the same pushes and the run cannot be resumed; start a new run"
+        )
+    cut = max(common)
+    states = [load_state(cut_path(checkpoint_url, i, cut)) for i in range(len(ranges))]
+    for i, (state, (lo, hi)) in enumerate(zip(states, ranges, strict=True)):
+        if state is None or (state["lo"], state["hi"]) != (lo, hi):
+            raise ConfigError(
+                f"{cut_path(checkpoint_url, i, cut)} does not hold slice [{lo}, {hi}) of this run's shards: resume "
                 "with the same comm.ps_shards and comm.ps_shard_max_params, or start a new run"
             )
-    return True
+    found = [(list(st["clocks"]), int(st["applied"])) for st in states if st is not None]
+    if any(f != found[0] for f in found):
+        shown = "; ".join(f"shard {i}: clocks {c}, {a} pushes" for i, (c, a) in enumerate(found))
+        raise ConfigError(
+            f"{where}: cut {cut} does not hold the same pushes on every shard ({shown}): resuming would join slices "
+            "from different times; start a new run"
+        )
+    epochs_done = min(int(st["epochs_done"]) for st in states if st is not None)
+    log.info("resuming every parameter-server shard from cut %d (%d pushes applied)", cut, found[0][1])
+    return _ResumeCut(cut, found[0][1], epochs_done)
 
 
 def _history_url(checkpoint_url: str) -> str:

@@ -18,10 +18,20 @@ must carry the run's secret (compared in constant time); anything else is refuse
   A push for a clock the shard already has (a resubmitted worker repeating its last step) is ignored.
 - ``epoch`` (e): when K x steps_per_epoch x (e + 1) pushes are applied, the epoch's snapshot of the slice and
   its statistics (train loss sums, staleness histogram, bytes, time held on the bound); not ready yet: says so.
+- ``freeze`` (cut id), then ``cut`` (cut id, target clocks): one step of a consistent checkpoint, below.
 - ``status``, ``stop``.
 
-The state (slice, optimizer, clocks, unfinished epoch statistics, snapshots the driver has not fetched) is
-written every ``checkpoint_s`` and at every epoch boundary; a shard started with ``resume`` loads it.
+Checkpoints are consistent cuts (issue 32, item 8). Each shard saving on its own timer joined slices from
+different times on resume (one shard 2513 pushes in, the other 2250): every slice must hold the same pushes.
+The driver coordinates a cut: ``freeze`` makes every shard hold (not apply) the pushes that arrive and report
+its clocks; the target is each worker's highest clock over the shards. A worker's clocks differ by at most
+one between shards (it sends a step's push to every shard and waits for all replies before the next), so a
+shard behind the target is missing a push already on its way: ``cut`` applies held pushes up to the target,
+then writes the state (slice, optimizer, clocks, unfinished epoch statistics, snapshots the driver has not
+fetched) as ``ps/shard-NNN.cut-MMMMMM.pt``, replies, and goes on with what it held. Every shard's file of
+one cut thus holds exactly the same pushes. A cut that cannot complete (a worker lost mid-send, a shard
+done) is dropped after ``CUT_WAIT_S`` and the shard thaws. A rerun resumes every shard from the newest cut
+that every shard wrote (``ShardSpec.cut``); the last two cuts are kept.
 """
 
 from __future__ import annotations
@@ -49,6 +59,9 @@ from sparkml_dist.ps.wire import decode, encode
 
 log = logging.getLogger("sparkml_dist.ps.server")
 POLL_MS = 100
+CUT_WAIT_S = 5.0
+"""How long a frozen shard waits for the driver's target and for the pushes that reach it, then thaws."""
+KEEP_CUTS = 2
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,8 @@ class ShardSpec:
     checkpoint_s: float
     timeout_s: float
     resume: bool = False
+    cut: int = -1
+    """With ``resume``: the consistent cut to load (``cut_path``), one every shard has."""
 
 
 @dataclass
@@ -213,7 +228,39 @@ class Shard:
 
 
 def checkpoint_path(checkpoint_url: str, index: int) -> str:
+    """Where shard ``index``'s checkpoints live: its cuts are this path with ``.cut-NNNNNN`` before ``.pt``."""
     return f"{checkpoint_url.rstrip('/')}/ps/shard-{index:03d}.pt"
+
+
+def cut_path(checkpoint_url: str, index: int, cut: int) -> str:
+    return checkpoint_path(checkpoint_url, index).removesuffix(".pt") + f".cut-{cut:06d}.pt"
+
+
+def list_cuts(checkpoint_url: str, index: int) -> list[int]:
+    """The cut ids shard ``index`` has written, ascending."""
+    from pyarrow import fs as pafs
+
+    from sparkml_dist.manifest import arrow_fs
+
+    filesystem, path = arrow_fs(checkpoint_path(checkpoint_url, index))
+    folder, name = path.rsplit("/", 1)
+    prefix = name.removesuffix(".pt") + ".cut-"
+    infos = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    found = [i.base_name[len(prefix) : -3] for i in infos if i.base_name.startswith(prefix)]
+    return sorted(int(c) for c in found if _is_cut_id(c))
+
+
+def _is_cut_id(text: str) -> bool:
+    return text.isdigit() and len(text) == 6
+
+
+def _drop_cuts(checkpoint_url: str, index: int, keep: int) -> None:
+    """Delete shard ``index``'s cuts but the newest ``keep``."""
+    from sparkml_dist.manifest import arrow_fs
+
+    for old in list_cuts(checkpoint_url, index)[:-keep]:
+        filesystem, path = arrow_fs(cut_path(checkpoint_url, index, old))
+        filesystem.delete_file(path)
 
 
 def save_state(url: str, state: dict[str, Any]) -> None:
@@ -242,17 +289,34 @@ def load_state(url: str) -> dict[str, Any] | None:
         return torch.load(io.BytesIO(f.read()), weights_only=False)
 
 
+@dataclass
+class _Freeze:
+    """A consistent cut in progress on this shard (see the module docstring)."""
+
+    cut: int
+    since: float
+    target: list[int] | None = None
+    """Each worker's clock the cut is taken at; None until the driver's ``cut`` request says."""
+    request: tuple[bytes, dict[str, Any]] | None = None
+    """The driver's ``cut`` request, answered once the cut is written (or given up)."""
+    held: list[tuple[bytes, dict[str, Any], list[np.ndarray]]] = field(default_factory=list)
+    """Pushes that arrived while frozen, in arrival order."""
+
+
 def serve(spec: ShardSpec, announce: Any = None, parent_pid: int | None = None) -> None:
     """Run the shard until ``stop`` (or the parent process is gone); ``announce(port)`` once bound."""
     import zmq
 
     shard = Shard(spec)
-    ckpt = checkpoint_path(spec.checkpoint_url, spec.index)
     if spec.resume:
-        state = load_state(ckpt)
-        if state is not None:
-            shard.load(state)
-            log.info("shard %d resumed at %d applied pushes (epoch %d)", spec.index, shard.applied, shard.epochs_done)
+        state = load_state(cut_path(spec.checkpoint_url, spec.index, spec.cut))
+        if state is None:
+            raise FileNotFoundError(f"shard {spec.index}: cut {spec.cut} is missing in {spec.checkpoint_url}/ps")
+        shard.load(state)
+        log.info(
+            "shard %d resumed at %d applied pushes (epoch %d) from cut %d, clocks %s",
+            spec.index, shard.applied, shard.epochs_done, spec.cut, shard.clocks,
+        )  # fmt: skip
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 2000)
@@ -260,7 +324,8 @@ def serve(spec: ShardSpec, announce: Any = None, parent_pid: int | None = None) 
     if announce is not None:
         announce(port)
     held: list[tuple[bytes, dict[str, Any], float]] = []
-    last_save, saved_epochs, running = time.monotonic(), shard.epochs_done, True
+    frozen: _Freeze | None = None
+    saved_epochs, running = shard.epochs_done, True
 
     def reply(ident: bytes, header: dict[str, Any], *arrays: np.ndarray) -> None:
         sock.send_multipart([ident, *encode(header, *arrays)])
@@ -274,6 +339,46 @@ def serve(spec: ShardSpec, announce: Any = None, parent_pid: int | None = None) 
         shard.stats.pull_bytes += shard.param.numel() * 4
         reply(ident, {"rid": req["rid"], "ok": True, "version": shard.applied, "done": shard.done},
               shard.param.detach().numpy())  # fmt: skip
+
+    def apply_push(ident: bytes, req: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        try:
+            why = shard.push(int(req["worker"]), int(req["clock"]), int(req["version"]), float(req["loss_sum"]),
+                             float(req["rows"]), arrays[0])  # fmt: skip
+        except (KeyError, ValueError, IndexError) as exc:
+            reply(ident, {"rid": req.get("rid"), "ok": False, "error": f"push: {exc}"})
+            return
+        reply(ident, {"rid": req["rid"], "ok": True, "done": shard.done, "ignored": why})
+
+    def thaw(cut: _Freeze) -> None:
+        for ident, req, arrays in cut.held:  # in arrival order: a worker's pushes stay in clock order
+            apply_push(ident, req, arrays)
+
+    def advance(cut: _Freeze) -> bool:
+        """Apply the held pushes the cut's target still needs; write the cut once the clocks are there.
+        True when the cut is over (written) and the shard may thaw."""
+        if cut.target is None:
+            return False
+        still = []
+        for ident, req, arrays in cut.held:
+            wid, clock = int(req.get("worker", -1)), int(req.get("clock", -1))
+            if 0 <= wid < len(cut.target) and clock == shard.clocks[wid] and clock < cut.target[wid]:
+                apply_push(ident, req, arrays)
+            else:
+                still.append((ident, req, arrays))
+        cut.held = still
+        if shard.clocks != cut.target:
+            return False
+        nonlocal saved_epochs
+        save_state(cut_path(spec.checkpoint_url, spec.index, cut.cut), {**shard.state(), "cut": cut.cut})
+        _drop_cuts(spec.checkpoint_url, spec.index, KEEP_CUTS)
+        epoch_end, saved_epochs = shard.epochs_done > saved_epochs, shard.epochs_done
+        if epoch_end:
+            faults.crash_point("ps.server.epoch_saved")
+        if cut.request is not None:
+            ident, req = cut.request
+            reply(ident, {"rid": req["rid"], "ok": True, "cut": cut.cut, "applied": shard.applied,
+                          "clocks": shard.clocks})  # fmt: skip
+        return True
 
     try:
         while running:
@@ -299,10 +404,24 @@ def serve(spec: ShardSpec, announce: Any = None, parent_pid: int | None = None) 
                         else:
                             held.append((ident, req, time.monotonic()))
                     elif op == "push":
-                        wid = int(req["worker"])
-                        why = shard.push(wid, int(req["clock"]), int(req["version"]), float(req["loss_sum"]),
-                                         float(req["rows"]), arrays[0])  # fmt: skip
-                        reply(ident, {"rid": rid, "ok": True, "done": shard.done, "ignored": why})
+                        if frozen is not None:
+                            frozen.held.append((ident, req, arrays))
+                        else:
+                            apply_push(ident, req, arrays)
+                    elif op == "freeze":
+                        if frozen is not None:  # an earlier cut the driver gave up on
+                            thaw(frozen)
+                        frozen = _Freeze(int(req["cut"]), time.monotonic())
+                        reply(ident, {"rid": rid, "ok": True, "clocks": shard.clocks, "applied": shard.applied})
+                    elif op == "cut":
+                        if frozen is None or frozen.cut != int(req["cut"]):
+                            raise ValueError(f"cut {req['cut']} was not frozen here (or given up)")
+                        target = [int(c) for c in req["target"]]
+                        if len(target) != len(shard.clocks) or any(
+                            t < c for t, c in zip(target, shard.clocks, strict=True)
+                        ):
+                            raise ValueError(f"target clocks {target} are behind this shard's {shard.clocks}")
+                        frozen.target, frozen.request = target, (ident, req)
                     elif op == "hello":
                         wid = int(req["worker"])
                         shard.hosts[wid] = str(req.get("host", "?"))
@@ -336,6 +455,18 @@ def serve(spec: ShardSpec, announce: Any = None, parent_pid: int | None = None) 
                 except (KeyError, ValueError, IndexError) as exc:
                     reply(ident, {"rid": rid, "ok": False, "error": f"{op}: {exc}"})
             now = time.monotonic()
+            if frozen is not None:
+                if advance(frozen):
+                    cut, frozen = frozen, None
+                    thaw(cut)
+                elif now - frozen.since > CUT_WAIT_S:
+                    cut, frozen = frozen, None
+                    if cut.request is not None:
+                        ident, req = cut.request
+                        reply(ident, {"rid": req["rid"], "ok": False, "error": (
+                            f"cut {cut.cut}: clocks {shard.clocks} did not reach {cut.target} within {CUT_WAIT_S:g} "
+                            "s (a worker lost while pushing, or the shard is done); no cut written")})  # fmt: skip
+                    thaw(cut)
             still = []
             for ident, req, arrived in held:
                 if shard.done or shard.may_pull(int(req["clock"])):
@@ -348,12 +479,6 @@ def serve(spec: ShardSpec, announce: Any = None, parent_pid: int | None = None) 
                 else:
                     still.append((ident, req, arrived))
             held = still
-            if shard.epochs_done > saved_epochs or now - last_save > spec.checkpoint_s or not running:
-                epoch_end = shard.epochs_done > saved_epochs
-                save_state(ckpt, shard.state())
-                last_save, saved_epochs = now, shard.epochs_done
-                if epoch_end:
-                    faults.crash_point("ps.server.epoch_saved")
     finally:
         sock.close(linger=2000)
         ctx.term()
