@@ -1,4 +1,5 @@
 # make run   -> set up (if needed) and run generate -> partition -> train on the embedded default
+# make test-fast -> lint, types and the tests that need no Spark session (the edit loop, a few minutes)
 # make test  -> set up (if needed) and run the whole test suite (what .ci/run calls), then the Spark-touching
 #               core again on Spark 4.0 (test-spark4) and on the modern stack (test-modern)
 # SPARK=4.0 (any target)     -> the same on pyspark 4.0 in .venv-spark4.0, beside the default .venv (pyspark 3.5)
@@ -53,7 +54,7 @@ export SPARK_LOCAL_IP := 127.0.0.1
 export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup run test test-spark4 test-modern lint bench clean mlflow-ui airflow-venv airflow-setup airflow-run cluster-up cluster-down
+.PHONY: setup run test test-fast test-spark4 test-modern lint bench clean mlflow-ui airflow-venv airflow-setup airflow-run cluster-up cluster-down
 setup: $(VENV)/.stamp-project
 
 # 1. torch and the horovod build tools first: horovod compiles against the installed torch. (The modern stack
@@ -92,6 +93,13 @@ ifeq ($(VENV),.venv)
 	$(MAKE) --no-print-directory test-spark4
 	$(MAKE) --no-print-directory test-modern
 endif
+
+# The edit loop's ring: lint, types and the tests that need no Spark session (tests/conftest.py --fast: a test
+# asking for the `spark` fixture, or marked slow, is deselected). CI runs `make test`.
+test-fast: setup airflow-venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q --fast tests
 
 # The Spark-touching core (partitioning, barrier launch + training on both collectives engines, baselines,
 # scoring, sparse vectors read in the JVM and built for MLlib by an Arrow map, Spark's libsvm source, and the

@@ -63,3 +63,26 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         why = _petastorm_unusable()
         if why is not None:
             pytest.skip(f"requires Petastorm, which cannot run on this stack ({why})")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fast", action="store_true",
+        help="the edit loop's ring (make test-fast): only tests that need no Spark session and are not marked "
+             "slow: config, strategies' maths on thread collectives, models, compressors, readers on files "
+             "written without Spark, error messages",
+    )  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A test that asks for the `spark` fixture, directly or through another fixture, starts a JVM and runs Spark
+    # jobs (often a barrier stage of real ranks): the full ring's. Deselected, not skipped, so the count is honest.
+    if not config.getoption("--fast"):
+        return
+    keep, drop = [], []
+    for item in items:
+        heavy = "spark" in getattr(item, "fixturenames", ()) or item.get_closest_marker("slow") is not None
+        (drop if heavy else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
