@@ -345,13 +345,24 @@ class TrainConfig:
     dropout: float = 0.0
     """mlp only: dropout after each hidden layer."""
     optimizer: str = "adam"
-    """A registered optimizer: sgd, adam, adamw."""
+    """A registered optimizer: sgd, adam, adamw, or a row-sparse one for wide sparse models
+    (``sparkml_dist/sparse_optim.py``: each updates only the weight rows a step touched): lazy_adam, adagrad,
+    ftrl (FTRL-Proximal, hyper-parameters ftrl_*)."""
     lr: float = 0.01
     """Learning rate (before optional scaling by world size)."""
     momentum: float = 0.0
     """sgd only."""
     weight_decay: float = 0.0
     """L2 penalty / AdamW decoupled decay."""
+    ftrl_alpha: float | None = None
+    """ftrl only: alpha of the per-coordinate rate alpha / (beta + sqrt(n)); > 0. Unset: train.lr (with its
+    world-size scaling and warm-up)."""
+    ftrl_beta: float = 1.0
+    """ftrl only: beta of the per-coordinate rate (smooths the first steps of a coordinate); >= 0."""
+    ftrl_l1: float = 0.0
+    """ftrl only: L1 strength; a coordinate whose |z| stays at or below it is exactly zero. >= 0."""
+    ftrl_l2: float = 0.0
+    """ftrl only: L2 strength inside the proximal step (use it, not train.weight_decay, with ftrl). >= 0."""
     batch_size: int = 512
     """Rows per step per rank (global batch = batch_size x world size)."""
     epochs: int = 3
@@ -434,9 +445,24 @@ class TrainConfig:
             raise ConfigError(f"train.cache_max_mb must be >= 0 (0 = derived from the host), got {self.cache_max_mb}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        _check_ftrl(self)
         _check_fraction("train.dropout", self.dropout, allow_one=False)
         if self.max_steps_per_epoch < 0:
             raise ConfigError(f"train.max_steps_per_epoch must be >= 0, got {self.max_steps_per_epoch}")
+
+
+def _check_ftrl(cfg: TrainConfig) -> None:
+    if cfg.ftrl_alpha is not None and not cfg.ftrl_alpha > 0:
+        raise ConfigError(f"train.ftrl_alpha must be > 0 (or unset to use train.lr), got {cfg.ftrl_alpha}")
+    for key in ("ftrl_beta", "ftrl_l1", "ftrl_l2"):
+        value = getattr(cfg, key)
+        if not value >= 0:  # also refuses NaN
+            raise ConfigError(f"train.{key} must be >= 0, got {value}: set train.{key}=0 to turn it off")
+    if cfg.optimizer == "ftrl" and cfg.weight_decay:
+        raise ConfigError(
+            f"train.weight_decay={cfg.weight_decay} does not apply to train.optimizer=ftrl: set train.ftrl_l2 "
+            "(its L2 strength) instead and train.weight_decay=0"
+        )
 
 
 def _check_feature_parallel(cfg: TrainConfig) -> None:

@@ -21,7 +21,7 @@ from sparkml_dist.errors import UserError
 GIB = 1 << 30
 BYTES_PER_VALUE = 4
 """float32."""
-_OPTIMIZER_COPIES = {"adam": 2, "adamw": 2}
+_OPTIMIZER_COPIES = {"adam": 2, "adamw": 2, "lazy_adam": 2, "adagrad": 1, "ftrl": 2}  # lazy_adam: + a row count
 """State tensors the size of the parameters that each optimizer keeps (sgd: one with momentum, else none)."""
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sparkml_dist import sparse_optim
 from sparkml_dist.config import TrainConfig
 from sparkml_dist.errors import UserError
 from sparkml_dist.metrics import REGRESSION  # num_classes of regression data: one real-valued output
@@ -180,6 +181,7 @@ OPTIMIZERS.register("sgd")(
 )
 OPTIMIZERS.register("adam")(lambda cfg, params: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
 OPTIMIZERS.register("adamw")(lambda cfg, params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+sparse_optim.register(OPTIMIZERS)  # lazy_adam, adagrad, ftrl: update only the rows a step touched
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

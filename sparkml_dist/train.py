@@ -9,6 +9,7 @@ for callers of the barrier launcher. Runs inside ranks; never imports pyspark.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -90,7 +91,9 @@ class DataParallel(Workload):
         if resumed:  # fresh optimizers are equal everywhere; a restored one lives on rank 0 only
             state = self.comm.broadcast_object(opt.state_dict() if self.ctx.master else None, root=0, name="opt")
             if not self.ctx.master and state is not None:
-                opt.load_state_dict(state)
+                # deep copy: in-process ranks (threads) receive rank 0's very state dict, and load_state_dict
+                # keeps its tensors, so without it two ranks would update one set of moments in place
+                opt.load_state_dict(copy.deepcopy(state))
 
     def batches(self, epoch: int) -> AbstractContextManager[Iterator[Batch]]:
         return iterate_batches(self.train_spec, epoch, self.cache)
