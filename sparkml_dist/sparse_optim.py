@@ -15,7 +15,7 @@ the rows a step touched:
 - A parameter whose ``grad`` is ``None`` is skipped, as torch's optimizers do.
 
 Each optimizer's exact update is in its docstring, with how it differs from its dense counterpart. Rows
-never touched keep their initial value bit for bit and take no state beyond zeros. The state is tensors
+never touched keep their value bit for bit and their state as initialised. The state is tensors
 in ``self.state`` (per-row step counts under the key ``step``, which torch's ``load_state_dict`` does not cast
 to the parameter's dtype), so ``state_dict``/``load_state_dict`` round-trip through checkpoints unchanged.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,8 +55,19 @@ def touched_rows(grad: torch.Tensor, rows: int, dense: bool) -> tuple[torch.Tens
     flat = grad.reshape(rows, -1)
     if dense:
         return None, flat
-    idx = flat.ne(0).any(dim=1).nonzero().squeeze(1)
+    idx = _nonzero_rows(flat)
     return idx, flat.index_select(0, idx)
+
+
+def _nonzero_rows(flat: torch.Tensor) -> torch.Tensor:
+    """Indices (int64) of the rows of ``flat`` [rows, cols] with a non-zero entry. On CPU through numpy:
+    ``np.flatnonzero`` of a boolean mask is ~5x faster than ``torch.nonzero`` on a 2^20-row gradient (0.75 vs
+    3.9 ms, one thread), and this scan is what a dense gradient costs a row-sparse step."""
+    mask = flat.ne(0)
+    if flat.device.type != "cpu":
+        return mask.any(dim=1).nonzero().squeeze(1)
+    m = mask.numpy()
+    return torch.from_numpy(np.flatnonzero(m[:, 0] if m.shape[1] == 1 else m.any(axis=1)))
 
 
 class RowSparseOptimizer(torch.optim.Optimizer):
@@ -74,14 +86,15 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         return p.shape[0] if p.dim() >= 2 else 1
 
     def init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The parameter's first state (zeros), created on its first step."""
+        """The parameter's first state, created on its first step."""
         raise NotImplementedError
 
     def update_rows(
         self, w: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], group: dict[str, Any]
     ) -> dict[str, torch.Tensor]:
-        """The new weights [k, cols] of rows whose weights are ``w`` and gradients ``g``; ``state`` holds those
-        rows' state tensors (gathered), to be updated in place. Returns {"param": new rows, state key: rows}."""
+        """The new weights [k, cols] of the rows whose weights are ``w`` and gradients ``g``, and their new state:
+        ``{"param": rows, state key: rows}``. ``state`` holds those rows' state (gathered, or views of the whole
+        tensors on the dense path): read it, do not write it; the caller writes the results back."""
         raise NotImplementedError
 
     @torch.no_grad()
