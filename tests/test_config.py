@@ -63,3 +63,14 @@ def test_missing_or_malformed_file(tmp_path):
     bad.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(bad)
+
+
+def test_exponent_notation_is_a_number_in_yaml_and_in_set(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-4 as text: a number field takes it as the number everyone means."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  ftrl_l1: 2E-5\n")
+    cfg = load_config(path, ["train.weight_decay=1.0e+2"])
+    assert (cfg.train.lr, cfg.train.ftrl_l1, cfg.train.weight_decay) == (0.001, 2e-5, 100.0)
+    for text in ("1e", "e-3", "1e-3x", "0x1p3"):
+        with pytest.raises(ConfigError, match=f"train.lr must be a number, got '{text}'"):
+            load_config(None, [f"train.lr={text}"])
