@@ -366,8 +366,18 @@ def _cause(beats: heartbeat.HeartbeatServer, attempt: int, body: str, wait_s: fl
             if at >= 0 and not _is_peer_loss(failure):
                 return failure[at + len(_FAILURE_MARK) + 2 :]
         if time.monotonic() >= deadline:
-            return body
+            break
         time.sleep(0.1)
+    # No rank reported an error of its own: one that never said it was done and has been silent all this
+    # while is the one that died (SIGKILL, out of memory) and took its peers' connections with it.
+    lost = [b for b in beats.beats(attempt).values() if not b.done and b.age_s >= wait_s]
+    if lost:
+        b = min(lost, key=lambda b: b.rank)
+        return (
+            f"rank {b.rank} on {b.host} (pid {b.pid}, last heartbeat at step {b.step}): its process was lost "
+            f"(killed, out of memory, or its executor died); its peer reported:\n{body}"
+        )
+    return body
 
 
 def _rank_error(exc: BaseException, beats: heartbeat.HeartbeatServer, attempt: int, cfg: LaunchConfig) -> BaseException:
