@@ -347,6 +347,12 @@ _COMM_MARKS = (
 _TASK = re.compile(r"barrier task \w*Task\(\d+, (\d+)\)")
 
 
+def _lost_rank(rank: int, beat: heartbeat.Beat | None) -> str:
+    """'rank N on host (pid, last step): its process was lost ...', from its last heartbeat where there is one."""
+    where = f"{beat.host} (pid {beat.pid}, last heartbeat at step {beat.step})" if beat else "its host"
+    return f"rank {rank} on {where}: its process was lost (killed, out of memory, or its executor died)"
+
+
 def _is_peer_loss(failure: str) -> bool:
     return any(m in failure for m in _COMM_MARKS + _LOST_MARKS)
 
@@ -373,10 +379,7 @@ def _cause(beats: heartbeat.HeartbeatServer, attempt: int, body: str, wait_s: fl
     lost = [b for b in beats.beats(attempt).values() if not b.done and b.age_s >= wait_s]
     if lost:
         b = min(lost, key=lambda b: b.rank)
-        return (
-            f"rank {b.rank} on {b.host} (pid {b.pid}, last heartbeat at step {b.step}): its process was lost "
-            f"(killed, out of memory, or its executor died); its peer reported:\n{body}"
-        )
+        return f"{_lost_rank(b.rank, b)}; its peer reported:\n{body}"
     return body
 
 
@@ -401,11 +404,8 @@ def _rank_error(exc: BaseException, beats: heartbeat.HeartbeatServer, attempt: i
     if any(m in text for m in _LOST_MARKS):
         found = _TASK.search(text)
         rank = int(found.group(1)) if found else -1
-        beat = beats.beats(attempt).get(rank)
-        where = f"{beat.host} (pid {beat.pid}, last heartbeat at step {beat.step})" if beat else "its host"
         return RankFailedError(
-            f"rank {rank} on {where}: its process was lost (killed, out of memory, or its executor died)"
-            f"{stall_note}\n{text.splitlines()[0] if text else ''}",
+            f"{_lost_rank(rank, beats.beats(attempt).get(rank))}{stall_note}\n{text.splitlines()[0] if text else ''}",
             retryable=True,
         )
     return exc

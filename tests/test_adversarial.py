@@ -137,10 +137,9 @@ def sweep_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("adversarial")
 
 
-@pytest.mark.parametrize(("files", "sets", "names"), [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES])
-def test_hostile_input_tables_fail_fast_naming_the_problem_and_publish_nothing(spark, sweep_dir, request, files,
-                                                                               sets, names):  # fmt: skip
-    case = sweep_dir / request.node.callspec.id
+def _partition_refused(spark, case, files, sets) -> tuple[pytest.ExceptionInfo, float]:
+    """Write ``files`` (bytes, or Arrow tables as Parquet) under ``case``/raw and partition them into ``case``/out,
+    which must raise a UserError; returns it and the seconds it took."""
     raw, out = case / "raw", case / "out"
     raw.mkdir(parents=True)
     for name, content in files.items():
@@ -153,7 +152,15 @@ def test_hostile_input_tables_fail_fast_naming_the_problem_and_publish_nothing(s
     t0 = time.monotonic()
     with pytest.raises(UserError) as err:
         partition(spark, cfg)
-    elapsed = time.monotonic() - t0
+    return err, time.monotonic() - t0
+
+
+@pytest.mark.parametrize(("files", "sets", "names"), [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES])
+def test_hostile_input_tables_fail_fast_naming_the_problem_and_publish_nothing(spark, sweep_dir, request, files,
+                                                                               sets, names):  # fmt: skip
+    case = sweep_dir / request.node.callspec.id
+    err, elapsed = _partition_refused(spark, case, files, sets)
+    out = case / "out"
     assert re.search(names, str(err.value), re.IGNORECASE), str(err.value)
     assert elapsed < QUICK_S, elapsed
     assert not out.exists(), sorted(p.name for p in case.iterdir())
@@ -569,19 +576,8 @@ def test_issue_32_wide_spaces_bad_indices_and_libsvm_lines_are_one_line_naming_t
     spark, sweep_dir, request, files, sets, names
 ):
     case = sweep_dir / request.node.callspec.id
-    raw, out = case / "raw", case / "out"
-    raw.mkdir(parents=True)
-    for name, content in files.items():
-        if isinstance(content, bytes):
-            (raw / name).write_bytes(content)
-        else:
-            pq.write_table(content, raw / name)
-    cfg = load_config(None, [f"paths.work_dir={case}", f"data.input_url=file://{raw}",
-                             f"partition.output_url=file://{out}", "partition.num_shards=2", *sets])  # fmt: skip
-    t0 = time.monotonic()
-    with pytest.raises(UserError) as err:
-        partition(spark, cfg)
-    assert time.monotonic() - t0 < QUICK_S
+    err, elapsed = _partition_refused(spark, case, files, sets)
+    assert elapsed < QUICK_S
     text = str(err.value)
     assert re.search(names, text), text
     assert "\n" not in text and "Exception" not in text and " at org." not in text, text  # one line, no Java
