@@ -385,6 +385,14 @@ class TrainConfig:
     """Keep the rank's decoded training shard in memory after its first read (``readers/cache.py``): later
     epochs read no file, in the same seeded order, so the same batches. auto: when it fits
     train.cache_max_mb, else stream (logged); memory: fail when it does not fit; off: stream every epoch."""
+    sparse_gradients: Literal["auto", "on", "off"] = "auto"
+    """Row-sparse gradients for the wide first layer of a model on sparse-layout data (``comm/rows.py``): its
+    backward keeps only the rows a batch touched, and the ranks exchange only those rows (exact, any
+    optimizer; a row-sparse one - lazy_adam, adagrad, ftrl - then updates only them). With
+    comm.strategy=parameter_server a worker pulls only the parameters its batch reads and pushes only their
+    gradient; the servers keep the optimizer state. auto: on for a model with a SparseLinear on sparse data
+    with comm.strategy allreduce, local_sgd or parameter_server and comm.compression none or nonzero, else off
+    (logged); on: the same, refused where it does not apply; off: dense gradients."""
     cache_max_mb: float = 0.0
     """Bound of the shard cache per rank in MB; 0 = a quarter of the host's available memory, split over the
     ranks on that host."""
@@ -863,6 +871,8 @@ def check_config(cfg: JobConfig) -> JobConfig:
         except registry.UnknownNameError as exc:
             extra = f", or the topology {PS_STRATEGY}" if table == "strategies" else ""
             raise ConfigError(f"{exc}{extra}") from None
+    if tc.sparse_gradients == "on":
+        _check_sparse_gradients(tc, comm)
     if tc.mode == "feature_parallel" and (comm.strategy, comm.compression) != ("allreduce", "none"):
         raise ConfigError(
             f"train.mode=feature_parallel allreduces partial outputs every step, not gradients: comm.strategy="
@@ -870,6 +880,32 @@ def check_config(cfg: JobConfig) -> JobConfig:
             "comm.compression=none, or train.mode=data_parallel"
         )
     return cfg
+
+
+SPARSE_GRADIENT_STRATEGIES = ("allreduce", "local_sgd", "parameter_server")
+"""Strategies that exchange row-sparse gradients (``train.sparse_gradients``)."""
+SPARSE_GRADIENT_COMPRESSIONS = ("none", "nonzero")
+"""Compressors that combine with row-sparse gradients: exact and stateless (the rows bypass them)."""
+
+
+def _check_sparse_gradients(tc: TrainConfig, comm: CommConfig) -> None:
+    """``train.sparse_gradients=on`` where it cannot apply is refused here, before any Spark job."""
+    if tc.mode != "data_parallel":
+        raise ConfigError(
+            f"train.sparse_gradients=on applies to train.mode=data_parallel, not {tc.mode}: set "
+            "train.sparse_gradients=auto or off"
+        )
+    if comm.strategy not in SPARSE_GRADIENT_STRATEGIES:
+        raise ConfigError(
+            f"train.sparse_gradients=on is exchanged by comm.strategy={' or '.join(SPARSE_GRADIENT_STRATEGIES)}, "
+            f"not {comm.strategy}: set train.sparse_gradients=auto or off"
+        )
+    if comm.compression not in SPARSE_GRADIENT_COMPRESSIONS:
+        raise ConfigError(
+            f"train.sparse_gradients=on sends the touched rows exactly; comm.compression={comm.compression} "
+            f"would compress the rest lossily: use comm.compression=none or nonzero, or "
+            "train.sparse_gradients=off"
+        )
 
 
 class _DuplicateKeyError(yaml.YAMLError):
@@ -1054,7 +1090,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is Literal:
-        _check_choice(key, value, get_args(tp))
+        choices = get_args(tp)
+        if isinstance(value, bool) and _YAML_BOOL_WORDS[value] in choices:
+            value = _YAML_BOOL_WORDS[value]  # YAML 1.1 reads on/off (and yes/no) as booleans
+        _check_choice(key, value, choices)
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -1095,6 +1134,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
 """A number in exponent notation, as YAML 1.1 (PyYAML) leaves it a string: 1e-4, 5E3, 1.0e5."""
+
+
+_YAML_BOOL_WORDS = {True: "on", False: "off"}
+"""A choice spelled on/off arrives from YAML 1.1 (PyYAML) as a boolean: ``train.cache=off`` is the word."""
 
 
 def _check_choice(key: str, value: Any, choices: tuple[Any, ...]) -> None:

@@ -115,6 +115,10 @@ class Workload(ABC):
     def evaluate(self, epoch: int) -> np.ndarray:
         """Metric sums over every validation row, the same on every rank (``metrics.batch_sums``)."""
 
+    def prepare_optimizer(self, opt: torch.optim.Optimizer) -> None:
+        """Called once with the freshly built optimizer (e.g. to densify row-sparse gradients for it)."""
+        return None
+
     def clip(self, max_norm: float) -> None:
         """Clip this rank's gradient to a global norm of ``max_norm``."""
         nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -189,6 +193,7 @@ def run_rank(ctx: RankContext, job: TrainJob) -> dict[str, Any] | None:
         torch.manual_seed(cfg.seed)  # the same initial weights everywhere (the broadcast makes sure)
         work = registry.load("modes").get(cfg.mode)(ctx, job, comm, place)  # imports every mode's module
     opt = build_optimizer(cfg, work.model)
+    work.prepare_optimizer(opt)
     strategy = work.build_strategy()
     point = work.resume(opt)
     work.broadcast(opt, resumed=point.epoch > 0)
@@ -235,7 +240,7 @@ def _run_epochs(
         train = comm.allreduce(clock.loss_sum, average=work.same_rows, name=f"train_loss.{epoch}")
         per_step = torch.tensor(
             [clock.data_s, loop_s - clock.data_s - traffic.seconds - clock.checkpoint_s, traffic.seconds,
-             traffic.payload_bytes, traffic.wire_bytes, clock.checkpoint_s],
+             traffic.payload_bytes, traffic.wire_bytes, clock.checkpoint_s, peak_rss_mb()],
             dtype=torch.float64,
         )  # fmt: skip
         mean = comm.allreduce(per_step, average=True, name=f"epoch_stats.{epoch}").tolist()
@@ -314,9 +319,10 @@ def epoch_metrics(
     """One epoch's tracked metrics, the same keys for every mode and strategy.
 
     ``scores``: metrics.summarize of the validation split; ``mean``: [data wait s, compute s, communication s,
-    payload bytes, ring wire bytes, mid-epoch checkpoint s] of the epoch's steps, averaged over ranks.
+    payload bytes, ring wire bytes, mid-epoch checkpoint s, peak RSS MB] of the epoch's steps, averaged over
+    ranks.
     """
-    data_s, compute_s, comm_s, payload, wire, checkpoint_s = mean
+    data_s, compute_s, comm_s, payload, wire, checkpoint_s, peak_rss = mean
     steps = work.steps
     return {
         "epoch": epoch + 1,
@@ -337,7 +343,18 @@ def epoch_metrics(
         "comm_rounds": float(rounds),
         # the reference: a dense fp32 ring allreduce of the whole gradient every step, 2(K-1)/K x D
         "ring_bytes_per_rank_per_step": work.dense_ring_bytes(),
+        # the rank process's peak resident memory so far (its high-water mark), averaged over ranks
+        "rank_peak_rss_mb": peak_rss,
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MB (``getrusage``: KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def _rank_state(strategy: Strategy, opt: torch.optim.Optimizer, clock: _EpochClock | None = None) -> dict[str, Any]:

@@ -54,7 +54,10 @@ class SparseLinear(nn.Module):
     an ``EmbeddingBag`` sum with the values as per-sample weights, so a 2^24-wide input never becomes a dense
     [batch, 2^24] block. Dense inputs are accepted too. ``weight`` is [in_features, out_features] (the
     embedding layout), initialised like ``nn.Linear``. Its gradient is dense (a [in_features, out] block per
-    step, what the communication strategies then send)."""
+    step), or with ``sparse_grad`` (``train.sparse_gradients``, ``sparkml_dist/comm/rows.py``) a sparse COO
+    tensor holding only the rows the batch touched."""
+
+    sparse_grad: bool = False
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -64,16 +67,19 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.layout == torch.sparse_csr:
-            return csr_times(x, self.weight) + self.bias
+            return csr_times(x, self.weight, self.sparse_grad) + self.bias
         return x.to(self.weight.dtype) @ self.weight + self.bias
 
 
-def csr_times(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def csr_times(x: torch.Tensor, weight: torch.Tensor, sparse_grad: bool = False) -> torch.Tensor:
     """``x @ weight`` for a sparse CSR ``x`` [rows, in] and a dense ``weight`` [in, out], as an ``embedding_bag``
-    sum over each row's non-zeros weighted by their values: the cost follows the non-zeros, not ``in``."""
+    sum over each row's non-zeros weighted by their values: the cost follows the non-zeros, not ``in``.
+    ``sparse_grad``: ``weight``'s gradient comes as a sparse COO tensor of the touched rows."""
     rows = x.crow_indices()
     values = x.values().to(weight.dtype)
-    return F.embedding_bag(x.col_indices(), weight, rows[:-1], mode="sum", per_sample_weights=values)
+    return F.embedding_bag(
+        x.col_indices(), weight, rows[:-1], mode="sum", per_sample_weights=values, sparse=sparse_grad
+    )
 
 
 def first_layer(in_features: int, out_features: int, sparse: bool) -> nn.Module:

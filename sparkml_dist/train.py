@@ -22,6 +22,7 @@ from torch import nn
 
 from sparkml_dist import checkpoint
 from sparkml_dist.comm import Strategy, build_strategy
+from sparkml_dist.comm.rows import clip_grad_norm, densify_before_step, row_sparse_choice, set_row_sparse
 from sparkml_dist.device import Placement
 from sparkml_dist.errors import UserError
 from sparkml_dist.loader import Batch, build_loader_spec, iterate_batches, read_all
@@ -36,10 +37,11 @@ from sparkml_dist.loop import (
     whole_optimizer_steps,
 )
 from sparkml_dist.metrics import batch_sums, empty_sums
-from sparkml_dist.models import build_model, loss_fn, predictions
+from sparkml_dist.models import SparseLinear, build_model, loss_fn, predictions
 from sparkml_dist.rank import Collectives, RankContext
 from sparkml_dist.readers.cache import build_cache
 from sparkml_dist.sparse import to_tensor
+from sparkml_dist.sparse_optim import RowSparseOptimizer
 
 __all__ = ["DataParallel", "TrainJob", "epoch_seed", "evaluate", "lr_at", "train_rank", "whole_optimizer_steps"]
 
@@ -53,6 +55,11 @@ class DataParallel(Workload):
         super().__init__(ctx, job, comm, place)
         cfg, m = job.cfg, job.manifest
         self.model = place.module(build_model(cfg, m.num_features, m.num_classes, m.sparse is not None))
+        layers = sum(isinstance(mod, SparseLinear) for mod in self.model.modules())
+        on, why = row_sparse_choice(cfg, job.comm, m.sparse is not None, layers)
+        self.row_sparse = set_row_sparse(self.model, on)
+        if ctx.master and (on or cfg.sparse_gradients != "off") and m.sparse is not None:
+            log.info("gradients: %s", why)
         self.steps = whole_optimizer_steps(cfg, job.steps_per_epoch)
         spec = build_loader_spec(m, ctx.rank, ctx.world_size, cfg, split="train")
         self.train_spec = dataclasses.replace(spec, steps=self.steps)
@@ -64,7 +71,17 @@ class DataParallel(Workload):
         self.val_x, self.val_y = read_all(build_loader_spec(m, ctx.rank, ctx.world_size, cfg, split="validation"))
 
     def build_strategy(self) -> Strategy:
-        return build_strategy(self.job.comm, self.comm, list(self.model.parameters()))
+        return build_strategy(self.job.comm, self.comm, list(self.model.parameters()), self.row_sparse)
+
+    def prepare_optimizer(self, opt: torch.optim.Optimizer) -> None:
+        if self.row_sparse and not isinstance(opt, RowSparseOptimizer):
+            densify_before_step(opt)  # e.g. adam: the rows travel, the step is dense
+
+    def clip(self, max_norm: float) -> None:
+        if self.row_sparse:
+            clip_grad_norm(self.model.parameters(), max_norm)
+        else:
+            super().clip(max_norm)
 
     def resume(self, opt: torch.optim.Optimizer) -> ResumePoint:
         job = self.job

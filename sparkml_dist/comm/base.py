@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from sparkml_dist.comm.rows import mean_of_rows, no_rows
 from sparkml_dist.config import CommConfig
 from sparkml_dist.rank import Collectives
 from sparkml_dist.registry import Registry
@@ -88,6 +89,17 @@ class Strategy(ABC):
         self.compressor = compressor
         self.rounds = 0
         """Communication rounds so far (gradient or parameter exchanges)."""
+        self.row_sparse: set[int] = set()
+        """ids of the parameters whose gradients are row-sparse (``use_row_sparse``)."""
+        self._dense_compressor = compressor
+
+    def use_row_sparse(self, params: Sequence[nn.Parameter]) -> None:
+        """Exchange these parameters' gradients as the rows a step touched (``comm/rows.py``), the rest through
+        the compressor as before. Only stateless, exact compressors (none, nonzero) combine with it: the
+        config check refuses the others with ``train.sparse_gradients=on`` and ``auto`` leaves it off."""
+        self.row_sparse = {id(p) for p in params}
+        dense = [p.numel() for p in self.params if id(p) not in self.row_sparse]
+        self._dense_compressor = type(self.compressor)(self.cfg, dense)
 
     def start(self) -> None:
         """Called once, after resume and the initial broadcast: every rank holds the same parameters."""
@@ -114,13 +126,20 @@ class Strategy(ABC):
         self.compressor.load_state_dict(state.get("compressor", {}))
 
     def _mean_of_grads(self, name: str) -> None:
-        """Replace every local ``p.grad`` by the (compressed) mean over ranks: one round."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        mean = self.compressor.mean(flatten(grads), self.comm, name)
-        for p, g in zip(self.params, grads, strict=True):
-            if p.grad is None:
-                p.grad = g
-        unflatten_into(mean, [p.grad for p in self.params])  # type: ignore[misc]
+        """Replace every local ``p.grad`` by the (compressed) mean over ranks: one round (a row-sparse
+        parameter's rows travel in one more collective of the same round)."""
+        dense = [p for p in self.params if id(p) not in self.row_sparse]
+        if dense:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in dense]
+            mean = self._dense_compressor.mean(flatten(grads), self.comm, name)
+            for p, g in zip(dense, grads, strict=True):
+                if p.grad is None:
+                    p.grad = g
+            unflatten_into(mean, [p.grad for p in dense])  # type: ignore[misc]
+        for p in self.params:
+            if id(p) in self.row_sparse:
+                grad = p.grad if p.grad is not None else no_rows(p)
+                p.grad = mean_of_rows(grad, p.shape, self.comm, f"{name}_rows")
         self.rounds += 1
 
 
@@ -128,7 +147,13 @@ STRATEGIES: Registry[type[Strategy]] = Registry("communication strategy", "comm.
 COMPRESSORS: Registry[type[Compressor]] = Registry("compressor", "comm.compression")
 
 
-def build_strategy(cfg: CommConfig, comm: Collectives, params: list[nn.Parameter]) -> Strategy:
-    """The configured strategy over ``params`` with the configured compressor."""
+def build_strategy(
+    cfg: CommConfig, comm: Collectives, params: list[nn.Parameter], row_sparse: Sequence[nn.Parameter] = ()
+) -> Strategy:
+    """The configured strategy over ``params`` with the configured compressor; ``row_sparse``: the parameters
+    whose gradients are exchanged as rows (``comm/rows.py``)."""
     compressor = COMPRESSORS.get(cfg.compression)(cfg, [p.numel() for p in params])
-    return STRATEGIES.get(cfg.strategy)(cfg, comm, params, compressor)
+    strategy = STRATEGIES.get(cfg.strategy)(cfg, comm, params, compressor)
+    if row_sparse:
+        strategy.use_row_sparse(row_sparse)
+    return strategy

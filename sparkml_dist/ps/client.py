@@ -119,24 +119,59 @@ class PSClient:
         replies = self.call({"op": "hello", "host": host, "attempt": attempt})
         return min(int(r["clock"]) for r, _ in replies), any(r["done"] for r, _ in replies)
 
-    def pull(self, clock: int) -> tuple[np.ndarray, list[int], bool]:
-        """(the whole flat parameter vector, each shard's version, done) for a step at ``clock``."""
+    def _split(self, keys: np.ndarray) -> list[tuple[int, int]]:
+        """Where each shard's keys lie in ``keys`` (ascending global positions): (start, end) per shard. Keys
+        out of order or out of range would be split wrongly and dropped, so they are refused here."""
+        if keys.ndim != 1 or (keys.size and (keys[0] < 0 or keys[-1] >= self.size or np.any(keys[1:] <= keys[:-1]))):
+            raise ValueError(f"keys must be ascending, unique positions in [0, {self.size}): got {keys[:8]}...")
+        bounds = np.searchsorted(keys, [ep.lo for ep in self.endpoints] + [self.size])
+        return [(int(bounds[i]), int(bounds[i + 1])) for i in range(len(self.endpoints))]
+
+    def pull(self, clock: int, keys: np.ndarray | None = None) -> tuple[np.ndarray, list[int], bool]:
+        """(the parameters, each shard's version, done) for a step at ``clock``: the whole flat vector, or with
+        ``keys`` (ascending, unique int64 positions in it: what the next batch reads) only those values, in
+        the keys' order. Each shard is asked for its own keys, as int32 positions in its slice."""
         t0 = time.perf_counter()
+        per_shard: dict[int, tuple[dict[str, Any], list[np.ndarray]]] | None = None
+        spans: list[tuple[int, int]] = []
+        if keys is not None:
+            spans = self._split(keys)
+            per_shard = {
+                i: ({}, [(keys[a:b] - ep.lo).astype(np.int32)])
+                for i, (ep, (a, b)) in enumerate(zip(self.endpoints, spans, strict=True))
+            }
+            self.traffic.pull_bytes += 4 * len(keys)
         try:
-            replies = self.call({"op": "pull", "clock": clock})
+            replies = self.call({"op": "pull", "clock": clock}, per_shard)
         finally:
             self.traffic.pull_wait_s += time.perf_counter() - t0
-        flat = np.empty(self.size, dtype=np.float32)
-        for ep, (_, data) in zip(self.endpoints, replies, strict=True):
-            flat[ep.lo : ep.hi] = data[0]
+        out = np.empty(self.size if keys is None else len(keys), dtype=np.float32)
+        for i, (ep, (_, data)) in enumerate(zip(self.endpoints, replies, strict=True)):
+            a, b = (ep.lo, ep.hi) if keys is None else spans[i]
+            if data[0].size != b - a:
+                raise RefusedError(f"parameter server shard {i} answered {data[0].size} values for {b - a} asked")
+            out[a:b] = data[0]
             self.traffic.pull_bytes += data[0].nbytes
-        return flat, [int(r["version"]) for r, _ in replies], any(r["done"] for r, _ in replies)
+        return out, [int(r["version"]) for r, _ in replies], any(r["done"] for r, _ in replies)
 
-    def push(self, grad: np.ndarray, clock: int, versions: list[int], loss_sum: float, rows: int) -> bool:
-        """Push the flat gradient (each shard its slice, with the version it was pulled at); True when done."""
+    def push(
+        self, grad: np.ndarray, clock: int, versions: list[int], loss_sum: float, rows: int,
+        keys: np.ndarray | None = None,
+    ) -> bool:  # fmt: skip
+        """Push the gradient (each shard its part, with the version it was pulled at); True when done. ``grad``
+        is the whole flat gradient, or with ``keys`` (as for ``pull``) its values at those positions: the
+        gradient is zero elsewhere. Every shard gets a push, an empty one too, so all clocks advance."""
         header = {"op": "push", "clock": clock, "loss_sum": loss_sum, "rows": rows}
-        per_shard = {i: ({"version": versions[i]}, [grad[ep.lo : ep.hi]]) for i, ep in enumerate(self.endpoints)}
+        if keys is None:
+            per_shard = {i: ({"version": versions[i]}, [grad[ep.lo : ep.hi]]) for i, ep in enumerate(self.endpoints)}
+            sent = grad.nbytes
+        else:
+            per_shard = {
+                i: ({"version": versions[i]}, [grad[a:b], (keys[a:b] - ep.lo).astype(np.int32)])
+                for i, (ep, (a, b)) in enumerate(zip(self.endpoints, self._split(keys), strict=True))
+            }
+            sent = grad.nbytes + 4 * len(keys)
         replies = self.call(header, per_shard)
-        self.traffic.push_bytes += grad.nbytes
+        self.traffic.push_bytes += sent
         self.traffic.pushes += 1
         return any(r["done"] for r, _ in replies)

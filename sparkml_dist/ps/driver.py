@@ -182,7 +182,7 @@ def train(
             len(servers), ", ".join(e.address for e in endpoints), workers, comm.pace,
             f" (staleness {comm.staleness})" if comm.pace == "ssp" else "",
         )  # fmt: skip
-        job = WorkerJob(tc, cfg.launch, manifest, endpoints, secret, comm.ps_timeout_s, workers, steps)
+        job = WorkerJob(tc, cfg.launch, manifest, endpoints, secret, comm.ps_timeout_s, workers, steps, comm)
         attempts = cfg.launch.max_attempts or DEFAULT_ATTEMPTS
         threads += [
             threading.Thread(

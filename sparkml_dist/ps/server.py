@@ -56,6 +56,7 @@ from sparkml_dist.config import TrainConfig
 from sparkml_dist.loop import lr_at
 from sparkml_dist.models import OPTIMIZERS
 from sparkml_dist.ps.wire import decode, encode
+from sparkml_dist.sparse_optim import RowSparseOptimizer
 
 log = logging.getLogger("sparkml_dist.ps.server")
 POLL_MS = 100
@@ -123,6 +124,13 @@ class Shard:
         self.spec = spec
         self.param = torch.nn.Parameter(torch.from_numpy(np.array(spec.init, dtype=np.float32)))
         self.opt = OPTIMIZERS.get(spec.train.optimizer)(spec.train, [self.param])
+        self.rows: torch.nn.Parameter | None = None
+        """For a row-sparse optimizer: the slice as [n, 1] rows (one per coordinate, the same storage), so
+        it keeps state and step counts per coordinate and updates only the pushed ones, as the ranks' copy
+        of the optimizer does per weight row; a 1-D parameter would be one row to it."""
+        if isinstance(self.opt, RowSparseOptimizer):
+            self.rows = torch.nn.Parameter(self.param.data.view(-1, 1))
+            self.opt = OPTIMIZERS.get(spec.train.optimizer)(spec.train, [self.rows])
         self.applied = 0
         """Pushes applied (a bulk-synchronous clock counts K)."""
         self.clocks = [0] * spec.workers
@@ -154,8 +162,13 @@ class Shard:
         wid = int(np.argmin(self.clocks))
         return f"worker {wid} on {self.hosts.get(wid, 'a host that never said hello')} (clock {self.clocks[wid]})"
 
-    def push(self, wid: int, clock: int, version: int, loss_sum: float, rows: float, grad: np.ndarray) -> str:
-        """Apply one worker's gradient; returns '' or why it was not applied."""
+    def push(
+        self, wid: int, clock: int, version: int, loss_sum: float, rows: float, grad: np.ndarray,
+        keys: np.ndarray | None = None,
+    ) -> str:  # fmt: skip
+        """Apply one worker's gradient; returns '' or why it was not applied. ``keys``: a sparse push, the
+        positions in this slice (int32, ascending, unique) that ``grad``'s values belong to; the rest of the
+        slice has a zero gradient (the rows the worker's batch did not touch)."""
         if clock < self.clocks[wid]:
             return "duplicate"
         if clock > self.clocks[wid]:
@@ -163,23 +176,33 @@ class Shard:
         if self.done:
             return "done"
         n = self.spec.hi - self.spec.lo
-        if grad.size != n:
+        if keys is None and grad.size != n:
             raise ValueError(f"worker {wid} pushed {grad.size} values to a shard of {n}")
+        if keys is not None:
+            _check_keys(keys, n, f"worker {wid}'s push")
+            if grad.size != keys.size:
+                raise ValueError(f"worker {wid} pushed {grad.size} values for {keys.size} keys")
         self.clocks[wid] += 1
         st = self.stats
         if st.pushes == 0:
             st.started = time.time()  # the epoch's clock starts at its first push, not at the server's start
         st.pushes += 1
-        st.push_bytes += grad.nbytes
+        st.push_bytes += grad.nbytes + (keys.nbytes if keys is not None else 0)
         st.loss_sum += loss_sum
         st.rows += rows
         age = max(0, self.applied - version)
         st.staleness[age] += 1
         st.by_worker.setdefault(wid, Counter())[age] += 1
-        g = torch.from_numpy(grad.copy())
+        if keys is None:
+            g = torch.from_numpy(grad.copy())
+        else:
+            index = torch.from_numpy(keys.astype(np.int64)).unsqueeze(0)
+            g = torch.sparse_coo_tensor(
+                index, torch.from_numpy(grad.copy()), (n,), is_coalesced=True, check_invariants=False
+            )
         if self.bsp:
-            total, count = self.pending.get(clock, (torch.zeros(n), 0))
-            total += g
+            total, count = self.pending.get(clock, (None, 0))
+            total = g if total is None else (total + g if total.is_sparse == g.is_sparse else total.to_dense() + g)
             count += 1
             if count < self.spec.workers:
                 self.pending[clock] = (total, count)
@@ -194,9 +217,23 @@ class Shard:
         spec = self.spec
         for group in self.opt.param_groups:  # the global step is applied / K, as allreduce counts it
             group["lr"] = lr_at(spec.train, spec.workers, self.applied // spec.workers, spec.steps_per_epoch)
-        self.param.grad = grad
+        target = self.param if self.rows is None else self.rows
+        if self.rows is None:
+            grad = grad.to_dense() if grad.is_sparse else grad
+        elif grad.is_sparse:  # the pushed coordinates only: the row-sparse optimizer updates just those
+            grad = grad.coalesce()
+            grad = torch.sparse_coo_tensor(
+                grad.indices(),
+                grad.values().unsqueeze(1),
+                (len(self.param), 1),
+                is_coalesced=True,
+                check_invariants=False,
+            )
+        else:
+            grad = grad.view(-1, 1)
+        target.grad = grad
         self.opt.step()
-        self.param.grad = None
+        target.grad = None
         self.applied += pushes
         per_epoch = spec.steps_per_epoch * spec.workers
         while self.applied >= (self.epochs_done + 1) * per_epoch and self.epochs_done < spec.epochs:
@@ -225,6 +262,14 @@ class Shard:
         self.applied, self.clocks = int(state["applied"]), list(state["clocks"])
         self.pending, self.epochs_done = dict(state["pending"]), int(state["epochs_done"])
         self.stats, self.closed, self.snapshots = state["stats"], dict(state["closed"]), dict(state["snapshots"])
+
+
+def _check_keys(keys: np.ndarray, n: int, what: str) -> None:
+    """Keys of a sparse pull or push: int32 positions in a slice of ``n``, ascending and unique."""
+    if keys.dtype != np.int32 or keys.ndim != 1:
+        raise ValueError(f"{what}: keys must be a 1-d int32 array, got {keys.dtype} of shape {keys.shape}")
+    if keys.size and (keys[0] < 0 or keys[-1] >= n or not bool(np.all(keys[1:] > keys[:-1]))):
+        raise ValueError(f"{what}: keys must be ascending, unique and within the slice of {n}")
 
 
 def checkpoint_path(checkpoint_url: str, index: int) -> str:
@@ -323,27 +368,38 @@ def serve(spec: ShardSpec, announce: Any = None, parent_pid: int | None = None) 
     port = sock.bind_to_random_port(f"tcp://{spec.host}")
     if announce is not None:
         announce(port)
-    held: list[tuple[bytes, dict[str, Any], float]] = []
+    held: list[tuple[bytes, dict[str, Any], float, list[np.ndarray]]] = []
     frozen: _Freeze | None = None
     saved_epochs, running = shard.epochs_done, True
 
     def reply(ident: bytes, header: dict[str, Any], *arrays: np.ndarray) -> None:
         sock.send_multipart([ident, *encode(header, *arrays)])
 
-    def answer_pull(ident: bytes, req: dict[str, Any], arrived: float) -> None:
+    def answer_pull(ident: bytes, req: dict[str, Any], arrived: float, arrays: list[np.ndarray]) -> None:
+        """The whole slice, or with a key array (a sparse pull) the values at those positions only."""
+        if arrays:
+            try:
+                _check_keys(arrays[0], shard.param.numel(), "pull")
+            except ValueError as exc:
+                reply(ident, {"rid": req["rid"], "ok": False, "error": str(exc)})
+                return
         held = time.monotonic() - arrived
         shard.stats.held_s += held
         wid = int(req.get("worker", -1))
         shard.stats.held_by_worker[wid] = shard.stats.held_by_worker.get(wid, 0.0) + held
         shard.stats.pulls += 1
-        shard.stats.pull_bytes += shard.param.numel() * 4
-        reply(ident, {"rid": req["rid"], "ok": True, "version": shard.applied, "done": shard.done},
-              shard.param.detach().numpy())  # fmt: skip
+        values = shard.param.detach().numpy()
+        if arrays:
+            values = values[arrays[0]]
+            shard.stats.pull_bytes += arrays[0].nbytes  # the keys asked for travel too
+        shard.stats.pull_bytes += values.nbytes
+        reply(ident, {"rid": req["rid"], "ok": True, "version": shard.applied, "done": shard.done}, values)
 
     def apply_push(ident: bytes, req: dict[str, Any], arrays: list[np.ndarray]) -> None:
         try:
+            keys = arrays[1] if len(arrays) > 1 else None
             why = shard.push(int(req["worker"]), int(req["clock"]), int(req["version"]), float(req["loss_sum"]),
-                             float(req["rows"]), arrays[0])  # fmt: skip
+                             float(req["rows"]), arrays[0], keys)  # fmt: skip
         except (KeyError, ValueError, IndexError) as exc:
             reply(ident, {"rid": req.get("rid"), "ok": False, "error": f"push: {exc}"})
             return
@@ -400,9 +456,9 @@ def serve(spec: ShardSpec, announce: Any = None, parent_pid: int | None = None) 
                 try:
                     if op == "pull":
                         if shard.done or shard.may_pull(int(req["clock"])):
-                            answer_pull(ident, req, time.monotonic())
+                            answer_pull(ident, req, time.monotonic(), arrays)
                         else:
-                            held.append((ident, req, time.monotonic()))
+                            held.append((ident, req, time.monotonic(), arrays))
                     elif op == "push":
                         if frozen is not None:
                             frozen.held.append((ident, req, arrays))
@@ -468,16 +524,16 @@ def serve(spec: ShardSpec, announce: Any = None, parent_pid: int | None = None) 
                             "s (a worker lost while pushing, or the shard is done); no cut written")})  # fmt: skip
                     thaw(cut)
             still = []
-            for ident, req, arrived in held:
+            for ident, req, arrived, keys in held:
                 if shard.done or shard.may_pull(int(req["clock"])):
-                    answer_pull(ident, req, arrived)
+                    answer_pull(ident, req, arrived, keys)
                 elif now - arrived > spec.timeout_s:
                     reply(ident, {"rid": req["rid"], "ok": False, "lost": True, "error": (
                         f"worker {req['worker']} waited {now - arrived:.0f} s at clock {req['clock']} for "
                         f"{shard.slowest()} under comm.staleness={spec.staleness} (comm.ps_timeout_s="
                         f"{spec.timeout_s:g}): that worker is lost or stalled")})  # fmt: skip
                 else:
-                    still.append((ident, req, arrived))
+                    still.append((ident, req, arrived, keys))
             held = still
     finally:
         sock.close(linger=2000)
