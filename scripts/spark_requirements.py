@@ -3,6 +3,7 @@
 Usage: python scripts/spark_requirements.py scripts/spark-4.0.txt > requirements.txt
        python scripts/spark_requirements.py scripts/stack-modern.txt > requirements.txt
        python scripts/spark_requirements.py --get torch scripts/stack-modern.txt   # one requirement
+       python scripts/spark_requirements.py --extra docs   # an optional group as pyproject lists it (no pins)
 
 A pins file is used for another Spark line of the pinned stack (scripts/spark-4.0.txt) and for the modern
 stack (scripts/stack-modern.txt). Each non-comment line is either `name<specifier>`, which replaces
@@ -67,8 +68,18 @@ def requirements(overrides: dict[str, str | None], pyproject: Path = ROOT / "pyp
     return out
 
 
+def extra(name: str, pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
+    """pyproject's optional-dependency group `name` as written (the docs tools: no pins file touches them)."""
+    groups = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    if name not in groups:
+        raise SystemExit(f"spark_requirements: no optional-dependency group {name!r} in pyproject.toml")
+    return list(groups[name])
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) == 3 and argv[0] == "--get":
+    if len(argv) == 2 and argv[0] == "--extra":
+        print("\n".join(extra(argv[1])))
+    elif len(argv) == 3 and argv[0] == "--get":
         name = _name(argv[1])
         found = [r for r in requirements(read_overrides(Path(argv[2]))) if _name(r) == name]
         if not found:
@@ -77,7 +88,7 @@ def main(argv: list[str]) -> None:
     elif len(argv) == 1:
         print("\n".join(requirements(read_overrides(Path(argv[0])))))
     else:
-        raise SystemExit("usage: spark_requirements.py [--get NAME] PINS_FILE")
+        raise SystemExit("usage: spark_requirements.py [--get NAME] PINS_FILE | --extra GROUP")
 
 
 if __name__ == "__main__":

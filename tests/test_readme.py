@@ -1,11 +1,13 @@
-"""The README's spark-submit and cluster command blocks run exactly as written, from a fresh shell.
+"""The spark-submit and cluster command blocks of the README and the docs pages run as written, from a fresh shell.
 
 A fresh shell means: the venv not activated, no SPARK_HOME and no PYSPARK_PYTHON, so the blocks work only if
 what they call finds its own Spark and Python (bin/spark-submit, make, .venv/bin/python). They run in a
 scratch copy of the repository's layout (cwd = its root, as the README assumes) whose conf/local.yaml is the
 real one shrunk to a tiny dataset, so `--config conf/local.yaml` trains in seconds and nothing is written
 into the real work/. Blocks for YARN and Kubernetes need such a cluster; they are recognised by their
-master and are the only ones not run.
+master and are the only ones not run. The docs site (docs/*.md) repeats some of the README's blocks on its
+pages; a block that appears in both runs once (ids `local`, `standalone`), and a docs block the README does
+not have runs too (ids `local-2`, `standalone-2`, ...), so moving a block into the docs keeps it tested.
 
 Cost: a few minutes on 2 cores (one local spark-submit training, a 2-worker standalone cluster and one
 training on it); measured 7 min on Spark 3.5 and 9.4 min on 4.0 on a machine loaded ~7x over its cores.
@@ -30,6 +32,7 @@ from sparkml_dist.tracking import get_run_record
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCS = REPO / "docs"
 BLOCK_TIMEOUT_S = 420
 # Blocks whose master is a YARN or Kubernetes cluster: they cannot run on one machine.
 EXTERNAL_MASTERS = ("--master yarn", "--master k8s://")
@@ -156,7 +159,24 @@ def test_wrapper_names_a_missing_venv(tmp_path: Path) -> None:
     assert str(tmp_path / "nope") in proc.stderr and "make setup" in proc.stderr
 
 
-_RUNNABLE = submit_blocks(README.read_text())[0]
+def runnable_blocks() -> list[str]:
+    """The runnable submit blocks of the README, then those of docs/*.md not already among them, in order."""
+    out: list[str] = []
+    for text in [README.read_text(), *(p.read_text() for p in sorted(DOCS.glob("*.md")))]:
+        out += [b for b in submit_blocks(text)[0] if b not in out]
+    return out
+
+
+def block_ids(blocks: list[str]) -> list[str]:
+    ids: list[str] = []
+    for block in blocks:
+        kind = "standalone" if "make cluster-up" in block else "local"
+        n = sum(1 for i in ids if i.split("-")[0] == kind) + 1
+        ids.append(kind if n == 1 else f"{kind}-{n}")
+    return ids
+
+
+_RUNNABLE = runnable_blocks()
 
 
 @pytest.fixture(scope="module")
@@ -178,9 +198,7 @@ def clone(tmp_path_factory: pytest.TempPathFactory, spark: object) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "block", _RUNNABLE, ids=["standalone" if "make cluster-up" in b else "local" for b in _RUNNABLE]
-)
+@pytest.mark.parametrize("block", _RUNNABLE, ids=block_ids(_RUNNABLE))
 def test_readme_block_runs_as_written(block: str, clone: Path) -> None:
     on_cluster = "make cluster-up" in block
     if on_cluster:
