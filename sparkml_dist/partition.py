@@ -37,7 +37,9 @@ from sparkml_dist.features import (
     build_encoding,
     finite_values,
     invalid_reason,
+    is_feature_array,
     is_sparse_input,
+    is_vector,
     null_columns,
     sparse_columns,
     with_vocabulary_indices,
@@ -569,19 +571,6 @@ def _check_input_files(input_url: str, urls: list[str], key: str = "data.input_u
             )
     assert not isinstance(first, str)  # every unreadable file was named above
     return [name for name, _ in first]
-
-
-def is_vector(dtype: T.DataType) -> bool:
-    """A Spark ML (or old MLlib) vector column: what VectorAssembler and every MLlib pipeline produce."""
-    from pyspark.ml.linalg import VectorUDT
-    from pyspark.mllib.linalg import VectorUDT as MllibVectorUDT
-
-    return isinstance(dtype, (VectorUDT, MllibVectorUDT))
-
-
-def is_feature_array(dtype: T.DataType | None) -> bool:
-    """An array or vector column that holds a whole feature vector per row."""
-    return dtype is not None and (isinstance(dtype, T.ArrayType) or is_vector(dtype))
 
 
 def feature_expr(df: DataFrame, fields: dict[str, T.DataType], dcfg: DataConfig) -> tuple[Column, list[str]]:
