@@ -204,11 +204,12 @@ def package_library(dest_dir: str | Path, root: str | Path | None = None) -> Pat
     tmp = out.with_suffix(".zip.tmp")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
         for package in ("sparkml_dist", "jobs"):
-            files = sorted((src / package).glob("*.py"))
+            # sub-packages too (comm, ps, readers, ...): an executor without the install imports them from here
+            files = sorted(f for f in (src / package).rglob("*.py") if "__pycache__" not in f.parts)
             if not files:
                 raise ClusterError(f"no Python files in {src / package}; give the repository root")
             for f in files:
-                zf.write(f, f"{package}/{f.name}")
+                zf.write(f, f.relative_to(src).as_posix())
     tmp.replace(out)  # never leave a half-written zip under the final name
     return out
 

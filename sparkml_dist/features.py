@@ -135,6 +135,19 @@ def is_sparse_input(dcfg: DataConfig) -> bool:
     return dcfg.input_format == "libsvm" or dcfg.indices_col is not None or bool(dcfg.categorical_cols)
 
 
+def is_vector(dtype: T.DataType) -> bool:
+    """A Spark ML (or old MLlib) vector column: what VectorAssembler and every MLlib pipeline produce."""
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.mllib.linalg import VectorUDT as MllibVectorUDT
+
+    return isinstance(dtype, (VectorUDT, MllibVectorUDT))
+
+
+def is_feature_array(dtype: T.DataType | None) -> bool:
+    """An array or vector column that holds a whole feature vector per row."""
+    return dtype is not None and (isinstance(dtype, T.ArrayType) or is_vector(dtype))
+
+
 def category_type(dtype: T.DataType) -> str:
     """The type family of a categorical column: values of one family with the same text are the same category
     (an int 5 and a long 5 are both "5"), values of two families never are."""
@@ -594,8 +607,6 @@ def check_scoring_columns(enc: Encoding, fields: dict[str, T.DataType], where: s
             f"{where} lacks column(s) {missing} that the model's features are built from (it reads {enc.columns}); "
             f"columns: {sorted(fields)}"
         )
-    from sparkml_dist.partition import is_vector
-
     if enc.kind == "vector" and not is_vector(fields[enc.columns[0]]):
         raise FeatureError(f"{where}: column {enc.columns[0]!r} must be a Spark ML vector, as in training")
     bad = [f"{c} ({fields[c].simpleString()})" for c in enc.numeric if not isinstance(fields[c], _NUMERIC_OR_BOOL)]

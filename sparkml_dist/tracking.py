@@ -47,7 +47,7 @@ class RunHandle:
     experiment_id: str
     run_id: str
     spool_url: str = ""
-    """Where metrics wait while the tracking server is unreachable (``spool.py``); empty = no spool (a failed
+    """Where metrics wait while the tracking server is unreachable (``spool``); empty = no spool (a failed
     log raises, as MLflow's client does)."""
 
 

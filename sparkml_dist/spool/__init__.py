@@ -12,15 +12,16 @@ processes never deliver the same batch; a failed send puts it back.
 
 Only servers are probed (``http(s)://``): a database or file store has no outage of this kind. Pure
 standard library + pyarrow's filesystem; no pyspark, no mlflow.
+
+``python -m sparkml_dist.spool`` (``__main__.py``) delivers a spool by hand; it sits above both this module and
+``tracking`` (which sends the rows), so neither imports the other back.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -114,23 +115,3 @@ def deliver(spool_url: str, send: Callable[[list[Row]], None]) -> int:
         filesystem.delete_file(claimed)
         sent += 1
     return sent
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m sparkml_dist.spool SPOOL_URL --tracking-uri URI --run-id RUN: deliver a spool by hand."""
-    parser = argparse.ArgumentParser(description="Deliver a training run's spooled metrics to its tracking server.")
-    parser.add_argument("spool_url")
-    parser.add_argument("--tracking-uri", required=True)
-    parser.add_argument("--run-id", required=True)
-    args = parser.parse_args(argv)
-    from sparkml_dist import tracking
-
-    run = tracking.RunHandle(args.tracking_uri, "", args.run_id, spool_url=args.spool_url)
-    sent = deliver(args.spool_url, lambda rows: tracking.send_rows(run, rows))
-    print(json.dumps({"delivered": sent, "left": len(pending(args.spool_url))}))
-    return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    sys.exit(main())
