@@ -642,7 +642,7 @@ class TrackingConfig:
 
     outage_wait_s: float = 600.0
     """A training run never waits on an unreachable tracking server: its metrics are kept in a spool beside
-    its checkpoints and delivered when the server is back (``spool.py``). At the end of the run it waits this
+    its checkpoints and delivered when the server is back (``sparkml_dist/spool``). At the end of the run it waits this
     many seconds for the server, then fails saying where the metrics and the model are."""
 
     def __post_init__(self) -> None:
