@@ -50,10 +50,14 @@ STRATEGIES: dict[str, list[str]] = {
     "ps async": [*PS, "comm.pace=async"],
 }
 STRATEGIES["allreduce+nonzero"] = ["comm.compression=nonzero"]  # exact, for sparse gradients
+# On the sparse problem the kinds above exchange row-sparse gradients (train.sparse_gradients=auto: the touched
+# rows; the parameter server pulls and pushes only them); these are the dense-gradient runs beside them.
+STRATEGIES["allreduce dense"] = ["train.sparse_gradients=off"]
+STRATEGIES["ps async dense"] = [*PS, "comm.pace=async", "train.sparse_gradients=off"]
 DENSE = ("allreduce", "allreduce+fp16", "allreduce+topk", "local_sgd k=8", "ps bsp", "ps ssp s=2", "ps async")
 LARGE = ("allreduce", "allreduce+topk", "local_sgd k=8", "ps async")
-SPARSE = ("allreduce", "allreduce+nonzero", "allreduce+fp16", "allreduce+topk", "local_sgd k=8", "ps bsp",
-          "ps ssp s=2", "ps async")  # fmt: skip
+SPARSE = ("allreduce dense", "allreduce", "allreduce+nonzero", "allreduce+fp16", "allreduce+topk", "local_sgd k=8",
+          "ps bsp", "ps ssp s=2", "ps async", "ps async dense")  # fmt: skip
 BASELINES = ("gd", "sgd", "averaging")
 COIN_FLIP = math.log(2)  # the log-loss of predicting 1/2 (every problem of this bench is binary)
 METRICS = ("val_log_loss", "elapsed_s", "rows_per_s", "compute_s", "comm_s", "data_wait_s", "comm_bytes_per_step",
