@@ -354,3 +354,4 @@ def test_row_sparse_gradients_train_the_same_model_as_dense_ones_and_send_only_t
     assert sent["off"] == pytest.approx(4 * (width + 1))  # the dense gradient, every step
     # 64 rows x 2 categorical columns touch at most 128 rows; each row travels as (index, value): 8 bytes
     assert 0 < sent["on"] <= 4 * (1 + 2 * (2 + 128)), sent
+    assert all(r.final["rank_peak_rss_mb"] > 50 for r in runs.values())  # the ranks' high-water mark, logged
