@@ -346,7 +346,7 @@ class TrainConfig:
     """mlp only: dropout after each hidden layer."""
     optimizer: str = "adam"
     """A registered optimizer: sgd, adam, adamw, or a row-sparse one for wide sparse models
-    (``sparkml_dist/sparse_optim.py``: each updates only the weight rows a step touched): lazy_adam, adagrad,
+    (``sparkml_dist/training/sparse_optim.py``: each updates only the weight rows a step touched): lazy_adam, adagrad,
     ftrl (FTRL-Proximal, hyper-parameters ftrl_*)."""
     lr: float = 0.01
     """Learning rate (before optional scaling by world size)."""
