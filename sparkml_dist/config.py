@@ -376,7 +376,7 @@ class TrainConfig:
     shuffle_buffer_rows: int = 20_000
     """Rows held in the shuffle buffer per rank."""
     reader: Literal["auto", "petastorm", "arrow"] = "auto"
-    """How a rank reads its shard (``sparkml_dist/readers``). petastorm: Petastorm 0.12.1's reader (the
+    """How a rank reads its shard (``sparkml_dist/training/readers``). petastorm: Petastorm 0.12.1's reader (the
     default where it imports: pyarrow < 15). arrow: the project's own reader on pyarrow.parquet/pyarrow.fs,
     which runs on any pyarrow >= 14 and yields the same batches bit for bit for the same seed. auto: petastorm
     where it imports (and is < 0.13), else arrow (logged with the reason). With either, every row group a rank
@@ -555,7 +555,7 @@ class LaunchConfig:
 
 
 PS_STRATEGY = "parameter_server"
-"""comm.strategy of the parameter-server topology (sparkml_dist/ps): not a ``comm.STRATEGIES`` entry, because
+"""comm.strategy of the parameter-server topology (sparkml_dist/comm/ps): not a ``comm.STRATEGIES`` entry, because
 its workers run outside the Horovod ring's loop."""
 
 
@@ -567,7 +567,7 @@ class CommConfig:
     strategy: str = "allreduce"
     """A registered strategy: allreduce (gradients averaged every step, bulk-synchronous), local_sgd
     (local_steps optimizer steps per rank, then the parameters are averaged) or parameter_server (workers
-    pull parameters from server processes and push gradients, at comm.pace; see sparkml_dist/ps)."""
+    pull parameters from server processes and push gradients, at comm.pace; see sparkml_dist/comm/ps)."""
     compression: str = "none"
     """What is sent, a registered compressor: none (fp32), fp16 (half precision), topk (the topk_ratio
     largest-magnitude entries of each tensor, with their indices), nonzero (exactly the non-zero entries
@@ -642,8 +642,8 @@ class TrackingConfig:
 
     outage_wait_s: float = 600.0
     """A training run never waits on an unreachable tracking server: its metrics are kept in a spool beside
-    its checkpoints and delivered when the server is back (``sparkml_dist/spool``). At the end of the run it waits this
-    many seconds for the server, then fails saying where the metrics and the model are."""
+    its checkpoints and delivered when the server is back (``sparkml_dist/experiments/spool``). At the end of the
+    run it waits this many seconds for the server, then fails saying where the metrics and the model are."""
 
     def __post_init__(self) -> None:
         if not self.experiment.strip() or len(self.experiment) > MAX_EXPERIMENT_NAME:
@@ -861,7 +861,7 @@ def check_config(cfg: JobConfig) -> JobConfig:
         cfg = dataclasses.replace(cfg, comm=dataclasses.replace(comm, compression="fp16"))
         comm = cfg.comm
     names = {"modes": tc.mode, "optimizers": tc.optimizer, "compressors": comm.compression}
-    if comm.strategy != PS_STRATEGY:  # a topology of its own (sparkml_dist/ps), not a strategy of the ring loop
+    if comm.strategy != PS_STRATEGY:  # a topology of its own (sparkml_dist/comm/ps), not a strategy of the ring loop
         names["strategies"] = comm.strategy
     if ":" not in tc.model:  # 'package.module:ClassName' is imported where the model is built
         names["models"] = tc.model

@@ -205,7 +205,7 @@ def build_block_spec(manifest: Manifest, rank: int, cfg: TrainConfig, steps: int
         shuffle_buffer_rows=cfg.shuffle_buffer_rows,
         seed=cfg.seed,  # the same on every rank: the batches must be the same rows
         rank=rank,
-        workers_count=cfg.reader_workers,  # the planned order is kept whatever the count (sparkml_dist/readers)
+        workers_count=cfg.reader_workers,  # the planned order is kept whatever the count (training/readers)
         reader=resolve_reader(cfg.reader),
         file_counts=file_counts(group.shards),
         row_id_col=manifest.row_id_col,

@@ -2,7 +2,7 @@
 
 Reading: ``readers.open_row_groups`` hands over the shard's row groups as Arrow tables (only the needed
 columns) from the reader ``train.reader`` picks: Petastorm 0.12.1, or the project's own Arrow reader
-(``sparkml_dist/readers``). Everything from there on is the same code for both: windowing to ``row_range``,
+(``sparkml_dist/training/readers``). Everything from there on is the same code for both: windowing to ``row_range``,
 the batching (``_in_order``) or the seeded shuffle buffer (``_shuffled``), exactly ``steps`` batches
 (``_exactly_steps``), the conversion to tensors and the sparse layout.
 
