@@ -1,6 +1,6 @@
 """The parameter server's transport, measured: one pull-sized round trip (a small request, a reply of D float32)
 and one push-sized round trip (D float32 up, a small reply) over loopback, with ZeroMQ (pyzmq DEALER/ROUTER,
-what sparkml_dist.comm.ps uses) and with HTTP/1.1 keep-alive (the standard library's ThreadingHTTPServer and
+what sparkml_dist.ps uses) and with HTTP/1.1 keep-alive (the standard library's ThreadingHTTPServer and
 http.client, TCP_NODELAY on both ends: the "plain HTTP" alternative), at D = 33 (the default problem's
 model), 65k and 1M.
 

@@ -3,7 +3,7 @@
 ``sparkml_dist.train`` now lives at ``sparkml_dist.training.train``; code outside the package (users' code,
 notebooks, pickles of a module path, older tests) may still import the old name. A finder at the front of
 ``sys.meta_path`` answers for every old name, and for every module under an old package name
-(``sparkml_dist.ps.server``, ``sparkml_dist.readers.cache``): importing it imports the new module and
+(``sparkml_dist.readers.cache``): importing it imports the new module and
 registers that very object under the old name too, so ``sparkml_dist.train is sparkml_dist.training.train``
 and a ``monkeypatch.setattr`` through either name changes the one module. ``python -m`` with an old name runs
 the new module's code (``python -m sparkml_dist.spool ...`` and ``python -m sparkml_dist.ui ...`` as
@@ -46,8 +46,6 @@ MOVED: dict[str, str] = {
     "sparse_optim": "training.sparse_optim",
     "model_size": "training.model_size",
     "readers": "training.readers",
-    # communication between ranks
-    "ps": "comm.ps",
     # getting ranks running: the barrier stage, the engines, clusters, faults
     "launch": "runtime.launch",
     "rank": "runtime.rank",
@@ -72,8 +70,8 @@ MOVED: dict[str, str] = {
 
 
 def new_name(fullname: str) -> str | None:
-    """The module's path after the move (``sparkml_dist.ps.server`` -> ``sparkml_dist.comm.ps.server``), or None
-    when ``fullname`` is not under an old name."""
+    """The module's path after the move (``sparkml_dist.readers.cache`` ->
+    ``sparkml_dist.training.readers.cache``), or None when ``fullname`` is not under an old name."""
     prefix = PACKAGE + "."
     if not fullname.startswith(prefix):
         return None

@@ -555,7 +555,7 @@ class LaunchConfig:
 
 
 PS_STRATEGY = "parameter_server"
-"""comm.strategy of the parameter-server topology (sparkml_dist/comm/ps): not a ``comm.STRATEGIES`` entry, because
+"""comm.strategy of the parameter-server topology (sparkml_dist/ps): not a ``comm.STRATEGIES`` entry, because
 its workers run outside the Horovod ring's loop."""
 
 
@@ -567,7 +567,7 @@ class CommConfig:
     strategy: str = "allreduce"
     """A registered strategy: allreduce (gradients averaged every step, bulk-synchronous), local_sgd
     (local_steps optimizer steps per rank, then the parameters are averaged) or parameter_server (workers
-    pull parameters from server processes and push gradients, at comm.pace; see sparkml_dist/comm/ps)."""
+    pull parameters from server processes and push gradients, at comm.pace; see sparkml_dist/ps)."""
     compression: str = "none"
     """What is sent, a registered compressor: none (fp32), fp16 (half precision), topk (the topk_ratio
     largest-magnitude entries of each tensor, with their indices), nonzero (exactly the non-zero entries
@@ -861,7 +861,7 @@ def check_config(cfg: JobConfig) -> JobConfig:
         cfg = dataclasses.replace(cfg, comm=dataclasses.replace(comm, compression="fp16"))
         comm = cfg.comm
     names = {"modes": tc.mode, "optimizers": tc.optimizer, "compressors": comm.compression}
-    if comm.strategy != PS_STRATEGY:  # a topology of its own (sparkml_dist/comm/ps), not a strategy of the ring loop
+    if comm.strategy != PS_STRATEGY:  # a topology of its own (sparkml_dist/ps), not a strategy of the ring loop
         names["strategies"] = comm.strategy
     if ":" not in tc.model:  # 'package.module:ClassName' is imported where the model is built
         names["models"] = tc.model

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from pyspark.sql import SparkSession
 
-from sparkml_dist.comm.ps import driver as ps_driver
 from sparkml_dist.config import PS_STRATEGY, CommConfig, JobConfig
 from sparkml_dist.data import outputs
 from sparkml_dist.data.manifest import Manifest, feature_tags, read_manifest
@@ -29,6 +28,7 @@ from sparkml_dist.experiments import spool, tracking
 from sparkml_dist.experiments.metric_names import mlflow_key
 from sparkml_dist.experiments.spool import SPOOL_DIR
 from sparkml_dist.metrics import REGRESSION, primary_metric
+from sparkml_dist.ps import driver as ps_driver
 from sparkml_dist.runtime.launch import job_deadline, run_on_ranks
 from sparkml_dist.training import feature_parallel
 from sparkml_dist.training.loader import steps_per_epoch

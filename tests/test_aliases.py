@@ -1,4 +1,4 @@
-"""The old flat module paths (``sparkml_dist.train``, ``sparkml_dist.ps.server``, ...) after the move into
+"""The old flat module paths (``sparkml_dist.train``, ``sparkml_dist.readers.cache``, ...) after the move into
 sub-packages (issue 34, item 1): each imports as the very module at its new path, ``python -m`` with an old name
 still runs, and nothing of ours imports an old path. No Spark session: the fast ring's."""
 
@@ -17,7 +17,7 @@ from tests.test_layout import PACKAGE, REPO, _imports, _modules
 
 def _old_and_new() -> list[tuple[str, str]]:
     """(old name, new name) for every module under a moved name: each moved module, each package and every
-    module in it (``sparkml_dist.readers.cache``, ``sparkml_dist.ps.server``...)."""
+    module in it (``sparkml_dist.readers.cache``...)."""
     pairs = []
     for name in _modules():
         for old, new in MOVED.items():
@@ -49,13 +49,11 @@ def test_an_old_name_imports_the_very_module_at_its_new_path(old, new):
 
 def test_from_an_old_name_import_and_monkeypatch_through_it(monkeypatch):
     import sparkml_dist.train
-    from sparkml_dist.ps.server import main
     from sparkml_dist.readers.cache import build_cache
     from sparkml_dist.train import DataParallel
     from sparkml_dist.training import train
 
     assert DataParallel is train.DataParallel
-    assert main is importlib.import_module("sparkml_dist.comm.ps.server").main
     assert build_cache is importlib.import_module("sparkml_dist.training.readers.cache").build_cache
     monkeypatch.setattr(sparkml_dist.train, "DataParallel", None)  # one module: the change shows at both names
     assert train.DataParallel is None
@@ -65,9 +63,9 @@ def test_from_an_old_name_import_and_monkeypatch_through_it(monkeypatch):
 
 def test_an_unknown_name_under_an_old_one_is_still_an_import_error():
     assert new_name("sparkml_dist.config") is None and new_name("sparkml_dist.trainer") is None
-    assert new_name("sparkml_dist.ps.server") == "sparkml_dist.comm.ps.server"
+    assert new_name("sparkml_dist.readers.cache") == "sparkml_dist.training.readers.cache"
     with pytest.raises(ModuleNotFoundError):
-        importlib.import_module("sparkml_dist.ps.no_such_module")
+        importlib.import_module("sparkml_dist.readers.no_such_module")
 
 
 @pytest.mark.parametrize(

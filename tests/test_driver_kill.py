@@ -110,7 +110,7 @@ def test_a_killed_driver_leaves_nothing_behind_and_the_same_command_resumes_its_
     commands = " | ".join(p.info["cmd"] for p in started)
     assert "java" in commands, commands  # its Spark JVM (executors included, on a local master)
     if extra:
-        assert "sparkml_dist.comm.ps.server" in commands, commands
+        assert "sparkml_dist.ps.server" in commands, commands
     _assert_nothing_outlives(started)
     scratch = list((Path(tempfile.gettempdir()) / LOCAL_DIRS).glob(f"{pid}-*"))
     assert scratch, "the killed driver had no Spark scratch dir of its own"  # and could not remove it

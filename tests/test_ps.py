@@ -265,7 +265,7 @@ def _server_processes() -> list:
     found = []
     for p in psutil.Process(os.getpid()).children(recursive=True):
         try:
-            if "sparkml_dist.comm.ps.server" in " ".join(p.cmdline()):
+            if "sparkml_dist.ps.server" in " ".join(p.cmdline()):
                 found.append((p.create_time(), p.pid, p))
         except psutil.NoSuchProcess:
             continue

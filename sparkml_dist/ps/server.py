@@ -1,6 +1,6 @@
 """One parameter-server shard: a contiguous slice ``[lo, hi)`` of the model's flat float32 parameter vector,
 the optimizer over that slice, and the clocks of every worker. Runs as its own process
-(``python -m sparkml_dist.comm.ps.server``, its ``ShardSpec`` pickled on stdin, ``READY <port>`` on stdout),
+(``python -m sparkml_dist.ps.server``, its ``ShardSpec`` pickled on stdin, ``READY <port>`` on stdout),
 started and stopped by the driver; it exits by itself when the driver's process is gone.
 
 Protocol (``wire``): a ZeroMQ ROUTER socket bound to the driver's address, never 0.0.0.0. Every request
@@ -51,8 +51,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparkml_dist.comm.ps.wire import decode, encode
 from sparkml_dist.config import TrainConfig
+from sparkml_dist.ps.wire import decode, encode
 from sparkml_dist.runtime import faults
 from sparkml_dist.training.loop import lr_at
 from sparkml_dist.training.models import OPTIMIZERS
@@ -541,8 +541,8 @@ def serve(spec: ShardSpec, announce: Any = None, parent_pid: int | None = None) 
 
 
 def main() -> None:
-    """Entry point of ``python -m sparkml_dist.comm.ps.server``."""
-    from sparkml_dist.comm.ps import server  # this module under its own name, so its checkpoints unpickle anywhere
+    """Entry point of ``python -m sparkml_dist.ps.server``."""
+    from sparkml_dist.ps import server  # this module under its own name, so its checkpoints unpickle anywhere
 
     server._main()
 

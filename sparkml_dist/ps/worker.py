@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from sparkml_dist.comm.base import flatten, unflatten_into
-from sparkml_dist.comm.ps.client import Endpoint, PSClient
 from sparkml_dist.comm.rows import clip_grad_norm, row_sparse_choice, set_row_sparse
 from sparkml_dist.config import CommConfig, LaunchConfig, TrainConfig
 from sparkml_dist.data.manifest import Manifest
+from sparkml_dist.ps.client import Endpoint, PSClient
 from sparkml_dist.runtime import faults
 from sparkml_dist.training.device import Placement
 from sparkml_dist.training.loader import build_loader_spec, iterate_batches

@@ -1,7 +1,7 @@
 """Driver side of a parameter-server run: shards up, one Spark job per worker, epochs evaluated and tracked.
 
 Choices, and why:
-- **Servers are processes the driver starts** on its own address (``python -m sparkml_dist.comm.ps.server``),
+- **Servers are processes the driver starts** on its own address (``python -m sparkml_dist.ps.server``),
   one per slice of the flat parameter vector. They need no Spark slot, the driver already has every input
   they need (the initial model, the config), and the driver stops them in ``finally``; a shard also exits
   by itself when the driver's process is gone, so nothing outlives a killed driver.
@@ -47,14 +47,14 @@ import torch
 from pyspark.sql import SparkSession
 
 from sparkml_dist.comm.base import flatten, unflatten_into
-from sparkml_dist.comm.ps.client import Endpoint, PSClient, RefusedError, ServerUnreachableError
-from sparkml_dist.comm.ps.server import ShardSpec, cut_path, list_cuts, load_state
-from sparkml_dist.comm.ps.worker import WorkerJob, run_worker
 from sparkml_dist.config import CommConfig, ConfigError, JobConfig
 from sparkml_dist.data.manifest import Manifest
 from sparkml_dist.errors import InfraError, UserError
 from sparkml_dist.experiments import tracking
 from sparkml_dist.metrics import summarize
+from sparkml_dist.ps.client import Endpoint, PSClient, RefusedError, ServerUnreachableError
+from sparkml_dist.ps.server import ShardSpec, cut_path, list_cuts, load_state
+from sparkml_dist.ps.worker import WorkerJob, run_worker
 from sparkml_dist.runtime.launch import _FAILURE_MARK, _USER_MARK, LaunchError, _driver_host, available_slots
 from sparkml_dist.training.loader import build_loader_spec, read_all
 from sparkml_dist.training.loop import lr_at
@@ -257,7 +257,7 @@ def _name_stalled(
 def _start_server(spec: ShardSpec) -> _Server:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sparkml_dist.comm.ps.server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        [sys.executable, "-m", "sparkml_dist.ps.server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
     )
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(pickle.dumps(spec))
@@ -598,7 +598,7 @@ def _history_url(checkpoint_url: str) -> str:
 
 
 def _save_history(checkpoint_url: str, history: list[dict[str, Any]], flat: np.ndarray) -> None:
-    from sparkml_dist.comm.ps.server import save_state
+    from sparkml_dist.ps.server import save_state
 
     save_state(_history_url(checkpoint_url), {"history": history, "params": flat.copy()})
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from sparkml_dist.comm.ps.wire import decode, encode
 from sparkml_dist.errors import InfraError, UserError
+from sparkml_dist.ps.wire import decode, encode
 
 
 class ServerUnreachableError(InfraError):
