@@ -174,14 +174,14 @@ airflow-run: airflow-setup
 N ?= 2
 CLUSTER_PORT ?= 7077
 cluster-up: setup
-	$(PY) -m sparkml_dist.cluster start --workers $(N) --port $(CLUSTER_PORT) --run-dir work/cluster
+	$(PY) -m sparkml_dist.runtime.cluster start --workers $(N) --port $(CLUSTER_PORT) --run-dir work/cluster
 cluster-down:
-	$(PY) -m sparkml_dist.cluster stop --run-dir work/cluster
+	$(PY) -m sparkml_dist.runtime.cluster stop --run-dir work/cluster
 
 # The MLflow UI on the store and artifact root of CONFIG (tracking.*), loopback only.
 UI_PORT ?= 5000
 mlflow-ui: setup
-	$(PY) -m sparkml_dist.ui --config $(CONFIG) $(foreach s,$(SET),--set $(s)) --port $(UI_PORT)
+	$(PY) -m sparkml_dist.experiments.ui --config $(CONFIG) $(foreach s,$(SET),--set $(s)) --port $(UI_PORT)
 
 # Benchmarks print one JSON object each (figures in docs/benchmarks.md, headlines in the README).
 bench: setup

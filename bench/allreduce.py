@@ -49,8 +49,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparkml_dist.config import LaunchConfig, SparkConfig  # noqa: E402
-from sparkml_dist.launch import RankContext, run_on_ranks  # noqa: E402
-from sparkml_dist.session import build_spark_session  # noqa: E402
+from sparkml_dist.runtime.launch import RankContext, run_on_ranks  # noqa: E402
+from sparkml_dist.runtime.session import build_spark_session  # noqa: E402
 
 SIZES = (33, 1024, 65536, 1048576)
 WARMUP, CALIBRATE, BLOCKS = 20, 10, 5  # calls before timing, calls to size the loop, interleaved blocks

@@ -44,7 +44,7 @@ def main() -> None:
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from mlflow.tracking import MlflowClient
 
-    from sparkml_dist.metric_names import mlflow_key
+    from sparkml_dist.experiments.metric_names import mlflow_key
 
     work = Path(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)

@@ -110,8 +110,8 @@ def _write_data(out: Path, args: argparse.Namespace, seed: int = 0, chunk: int =
 
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     from sparkml_dist.config import load_config
-    from sparkml_dist.partition import partition
-    from sparkml_dist.session import build_spark_session
+    from sparkml_dist.data.partition import partition
+    from sparkml_dist.runtime.session import build_spark_session
 
     started = time.monotonic()
     _write_data(Path(args.work) / "raw", args)
@@ -154,15 +154,16 @@ def _measured(ctx: Any, fn: Any) -> dict[str, Any] | None:
 
 
 def _child(args: argparse.Namespace, mode: str) -> dict[str, Any]:
-    from sparkml_dist import feature_parallel, tracking
     from sparkml_dist.config import load_config
-    from sparkml_dist.launch import run_on_ranks
-    from sparkml_dist.loader import steps_per_epoch
-    from sparkml_dist.manifest import read_manifest
+    from sparkml_dist.data.manifest import read_manifest
+    from sparkml_dist.experiments import tracking
     from sparkml_dist.metrics import primary_metric
-    from sparkml_dist.models import output_width
-    from sparkml_dist.session import build_spark_session
-    from sparkml_dist.train import TrainJob, train_rank
+    from sparkml_dist.runtime.launch import run_on_ranks
+    from sparkml_dist.runtime.session import build_spark_session
+    from sparkml_dist.training import feature_parallel
+    from sparkml_dist.training.loader import steps_per_epoch
+    from sparkml_dist.training.models import output_width
+    from sparkml_dist.training.train import TrainJob, train_rank
 
     cfg = load_config(None, _sets(args, mode))
     manifest = read_manifest(cfg.train.manifest_url)

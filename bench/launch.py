@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparkml_dist.config import LaunchConfig, SparkConfig  # noqa: E402
-from sparkml_dist.launch import run_on_ranks  # noqa: E402
-from sparkml_dist.session import build_spark_session  # noqa: E402
+from sparkml_dist.runtime.launch import run_on_ranks  # noqa: E402
+from sparkml_dist.runtime.session import build_spark_session  # noqa: E402
 
 
 def first_step(_ctx=None) -> float:

@@ -97,8 +97,8 @@ def child(task: dict) -> dict:
     import torch  # noqa: F401  (imported before the clock starts, like the rank would have)
 
     from sparkml_dist.config import TrainConfig
-    from sparkml_dist.loader import build_loader_spec, iterate_batches
-    from sparkml_dist.manifest import read_manifest
+    from sparkml_dist.data.manifest import read_manifest
+    from sparkml_dist.training.loader import build_loader_spec, iterate_batches
 
     warnings.simplefilter("ignore", FutureWarning)
     path = task["path"]
@@ -172,9 +172,9 @@ def run_child(task: dict) -> dict:
 def prepare(work: Path, rows: int, features: int) -> dict[str, str]:
     """Generate + partition (both layouts) with the project's code; reused when work holds them already."""
     from sparkml_dist.config import load_config
-    from sparkml_dist.partition import partition
-    from sparkml_dist.session import build_spark_session
-    from sparkml_dist.synthetic import write_dataset
+    from sparkml_dist.data.partition import partition
+    from sparkml_dist.data.synthetic import write_dataset
+    from sparkml_dist.runtime.session import build_spark_session
 
     sets = [
         f"paths.work_dir={work}",

@@ -3,7 +3,7 @@
     .venv/bin/python bench/network.py  (as root) [--workers 2] [--rates 100mbit,1gbit,unshaped] [--rows 200000]
         [--features 64] [--work-dir /tmp/sparkml-bench-network] [--plot docs/bench/network_time_to_target.png]
 
-Brings up ``sparkml_dist.netcluster`` (a head namespace with the Spark master, the driver and so the
+Brings up ``sparkml_dist.runtime.netcluster`` (a head namespace with the Spark master, the driver and so the
 parameter servers; one namespace per worker host, one single-core executor each, pinned to its own CPU) and,
 for each link rate (changed in place), runs every kind as the job a user submits (``spark-submit`` from the
 head): MLlib (its final log-loss x 1.01 is the target), the MapReduce baselines (gd, sgd, averaging: one
@@ -33,11 +33,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sparkml_dist import netcluster  # noqa: E402
-from sparkml_dist.cluster import package_library  # noqa: E402
 from sparkml_dist.compare import summarize_run  # noqa: E402
 from sparkml_dist.config import load_config  # noqa: E402
-from sparkml_dist.tracking import get_run_record  # noqa: E402
+from sparkml_dist.experiments.tracking import get_run_record  # noqa: E402
+from sparkml_dist.runtime import netcluster  # noqa: E402
+from sparkml_dist.runtime.cluster import package_library  # noqa: E402
 
 PS = ["comm.strategy=parameter_server"]
 STRATEGIES: dict[str, list[str]] = {

@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparkml_dist.config import load_config  # noqa: E402
-from sparkml_dist.partition import partition  # noqa: E402
-from sparkml_dist.session import build_spark_session  # noqa: E402
-from sparkml_dist.synthetic import write_dataset  # noqa: E402
+from sparkml_dist.data.partition import partition  # noqa: E402
+from sparkml_dist.data.synthetic import write_dataset  # noqa: E402
+from sparkml_dist.runtime.session import build_spark_session  # noqa: E402
 
 MODES = ("shuffle_split", "stratified_split")
 """The default (one global permutation) and the mode without a network shuffle, each against the copy."""

@@ -89,8 +89,8 @@ def _base(work: Path, rows: int, buckets: int, out: str = "partitioned") -> list
 def stream(manifest_url: str, batch_size: int) -> dict:
     """In a fresh process: stream rank 0 of 2's shard once; rows/s into torch and the process's peak RSS."""
     from sparkml_dist.config import TrainConfig
-    from sparkml_dist.loader import build_loader_spec, iterate_batches
-    from sparkml_dist.manifest import read_manifest
+    from sparkml_dist.data.manifest import read_manifest
+    from sparkml_dist.training.loader import build_loader_spec, iterate_batches
 
     manifest = read_manifest(manifest_url)
     spec = build_loader_spec(manifest, 0, 2, TrainConfig(batch_size=batch_size, shuffle=True))
@@ -115,7 +115,7 @@ def stream(manifest_url: str, batch_size: int) -> dict:
 
 def _last(cfg, run_id: str, key: str) -> float | None:
     """The last logged value of metric ``key`` of a run (None when it was not logged)."""
-    from sparkml_dist.tracking import get_run_record
+    from sparkml_dist.experiments.tracking import get_run_record
 
     value = get_run_record(cfg.tracking, run_id, (key,)).metrics.get(key)
     return round(value, 1) if value is not None else None

@@ -58,7 +58,7 @@ def _job(module: str, sets: list[str]) -> tuple[dict, float]:
 def _history(tracking_uri: str, run_id: str) -> tuple[list[dict], dict]:
     from mlflow.tracking import MlflowClient
 
-    from sparkml_dist.metric_names import mlflow_key
+    from sparkml_dist.experiments.metric_names import mlflow_key
 
     client = MlflowClient(tracking_uri)
     keys = ("val_log_loss", "elapsed_s", "epoch_s")

@@ -98,7 +98,7 @@ def run_job(description: str, argv: list[str] | None, body: Callable[[JobConfig,
     """
     from pyspark.sql import SparkSession
 
-    from sparkml_dist.session import build_spark_session, stop_spark_session
+    from sparkml_dist.runtime.session import build_spark_session, stop_spark_session
 
     cfg = parse_config(description, argv)
     owned = SparkSession.getActiveSession() is None

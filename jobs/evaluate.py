@@ -13,7 +13,7 @@ from typing import Any
 
 from jobs._cli import run_cli, run_job
 from sparkml_dist.config import JobConfig
-from sparkml_dist.promote import evaluate
+from sparkml_dist.experiments.promote import evaluate
 
 
 def _body(cfg: JobConfig, spark: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from jobs._cli import run_cli, run_job
 from sparkml_dist.config import JobConfig
-from sparkml_dist.synthetic import write_dataset
+from sparkml_dist.data.synthetic import write_dataset
 
 
 def _body(cfg: JobConfig, spark: Any) -> dict[str, Any]:

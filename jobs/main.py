@@ -11,11 +11,11 @@ from typing import Any
 
 from jobs._cli import run_cli, run_job
 from sparkml_dist.config import JobConfig
+from sparkml_dist.data.partition import partition
+from sparkml_dist.data.synthetic import write_dataset
+from sparkml_dist.experiments.ui import page_url
 from sparkml_dist.fit import run_training
 from sparkml_dist.metrics import PRIMARY
-from sparkml_dist.partition import partition
-from sparkml_dist.synthetic import write_dataset
-from sparkml_dist.ui import page_url
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from jobs._cli import run_cli, run_job
 from sparkml_dist.config import JobConfig
-from sparkml_dist.partition import partition
+from sparkml_dist.data.partition import partition
 
 
 def _body(cfg: JobConfig, spark: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from jobs._cli import emit, parse_config, run_cli
-from sparkml_dist.promote import promote
+from sparkml_dist.experiments.promote import promote
 
 
 def main(argv: list[str] | None = None) -> dict:

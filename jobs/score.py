@@ -16,7 +16,7 @@ from typing import Any
 
 from jobs._cli import run_cli, run_job
 from sparkml_dist.config import JobConfig
-from sparkml_dist.score import score
+from sparkml_dist.serving.score import score
 
 
 def _body(cfg: JobConfig, spark: Any) -> dict[str, Any]:

@@ -21,8 +21,8 @@ $PY -m jobs.evaluate --config conf/local.yaml "${SETS[@]}" | tail -n 1
 $PY -m jobs.promote --config conf/local.yaml "${SETS[@]}" | tail -n 1
 read -r EXP RUN < <(echo "$summary" | $PY -c 'import json,sys; t=json.load(sys.stdin)["train"]; print(t["experiment_id"], t["run_id"])')
 
-PORT=$($PY -c 'from sparkml_dist.ui import free_port; print(free_port())')
-setsid $PY -m sparkml_dist.ui --config conf/local.yaml "${SETS[@]}" --port "$PORT" >"$WORK/ui.log" 2>&1 &
+PORT=$($PY -c 'from sparkml_dist.experiments.ui import free_port; print(free_port())')
+setsid $PY -m sparkml_dist.experiments.ui --config conf/local.yaml "${SETS[@]}" --port "$PORT" >"$WORK/ui.log" 2>&1 &
 SERVER=$!
 trap 'kill -TERM -- -$SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 180); do

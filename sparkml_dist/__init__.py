@@ -23,3 +23,9 @@ def quiet_petastorm_warnings() -> None:
 
 
 quiet_petastorm_warnings()
+
+# The old flat module paths (sparkml_dist.train, sparkml_dist.ps.server, ...) still import, as the very modules
+# that now live in the sub-packages: see _aliases.py.
+from sparkml_dist import _aliases  # noqa: E402
+
+_aliases.install()

@@ -38,9 +38,10 @@ from pyspark import RDD, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from sparkml_dist import storage, tracking
 from sparkml_dist.config import BASELINE_KINDS, BaselineConfig, ConfigError, JobConfig
-from sparkml_dist.manifest import Manifest, ManifestError, ShardEntry, read_manifest
+from sparkml_dist.data import storage
+from sparkml_dist.data.manifest import Manifest, ManifestError, ShardEntry, read_manifest
+from sparkml_dist.experiments import tracking
 from sparkml_dist.metrics import REGRESSION, eval_sums, summarize
 
 log = logging.getLogger(__name__)

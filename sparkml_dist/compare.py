@@ -19,11 +19,12 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sparkml_dist import faults, tracking
 from sparkml_dist.config import JobConfig
+from sparkml_dist.data.outputs import LocalFS, OutputKind, check_output, files_listed
 from sparkml_dist.errors import UserError
+from sparkml_dist.experiments import tracking
 from sparkml_dist.metrics import PRIMARY
-from sparkml_dist.outputs import LocalFS, OutputKind, check_output, files_listed
+from sparkml_dist.runtime import faults
 
 COMPARE_MARKER = "_compare.json"
 COMPARE_OUTPUT = OutputKind("compare", COMPARE_MARKER, files_listed)

@@ -346,7 +346,7 @@ class TrainConfig:
     """mlp only: dropout after each hidden layer."""
     optimizer: str = "adam"
     """A registered optimizer: sgd, adam, adamw, or a row-sparse one for wide sparse models
-    (``sparkml_dist/sparse_optim.py``: each updates only the weight rows a step touched): lazy_adam, adagrad,
+    (``sparkml_dist/training/sparse_optim.py``: each updates only the weight rows a step touched): lazy_adam, adagrad,
     ftrl (FTRL-Proximal, hyper-parameters ftrl_*)."""
     lr: float = 0.01
     """Learning rate (before optional scaling by world size)."""
@@ -376,7 +376,7 @@ class TrainConfig:
     shuffle_buffer_rows: int = 20_000
     """Rows held in the shuffle buffer per rank."""
     reader: Literal["auto", "petastorm", "arrow"] = "auto"
-    """How a rank reads its shard (``sparkml_dist/readers``). petastorm: Petastorm 0.12.1's reader (the
+    """How a rank reads its shard (``sparkml_dist/training/readers``). petastorm: Petastorm 0.12.1's reader (the
     default where it imports: pyarrow < 15). arrow: the project's own reader on pyarrow.parquet/pyarrow.fs,
     which runs on any pyarrow >= 14 and yields the same batches bit for bit for the same seed. auto: petastorm
     where it imports (and is < 0.13), else arrow (logged with the reason). With either, every row group a rank
@@ -642,8 +642,8 @@ class TrackingConfig:
 
     outage_wait_s: float = 600.0
     """A training run never waits on an unreachable tracking server: its metrics are kept in a spool beside
-    its checkpoints and delivered when the server is back (``sparkml_dist/spool``). At the end of the run it waits this
-    many seconds for the server, then fails saying where the metrics and the model are."""
+    its checkpoints and delivered when the server is back (``sparkml_dist/experiments/spool``). At the end of the
+    run it waits this many seconds for the server, then fails saying where the metrics and the model are."""
 
     def __post_init__(self) -> None:
         if not self.experiment.strip() or len(self.experiment) > MAX_EXPERIMENT_NAME:

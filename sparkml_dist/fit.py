@@ -20,19 +20,21 @@ import numpy as np
 import torch
 from pyspark.sql import SparkSession
 
-from sparkml_dist import feature_parallel, outputs, spool, tracking
 from sparkml_dist.config import PS_STRATEGY, CommConfig, JobConfig
-from sparkml_dist.launch import job_deadline, run_on_ranks
-from sparkml_dist.loader import steps_per_epoch
-from sparkml_dist.manifest import Manifest, feature_tags, read_manifest
-from sparkml_dist.metric_names import mlflow_key
+from sparkml_dist.data import outputs
+from sparkml_dist.data.manifest import Manifest, feature_tags, read_manifest
+from sparkml_dist.data.partition import verify_pages
+from sparkml_dist.experiments import spool, tracking
+from sparkml_dist.experiments.metric_names import mlflow_key
+from sparkml_dist.experiments.spool import SPOOL_DIR
 from sparkml_dist.metrics import REGRESSION, primary_metric
-from sparkml_dist.model_size import check_model_size, count_parameters
-from sparkml_dist.models import build_model, check_model_for_data, prediction_model, split_first_layer
-from sparkml_dist.partition import verify_pages
 from sparkml_dist.ps import driver as ps_driver
-from sparkml_dist.spool import SPOOL_DIR
-from sparkml_dist.train import TrainJob, train_rank
+from sparkml_dist.runtime.launch import job_deadline, run_on_ranks
+from sparkml_dist.training import feature_parallel
+from sparkml_dist.training.loader import steps_per_epoch
+from sparkml_dist.training.model_size import check_model_size, count_parameters
+from sparkml_dist.training.models import build_model, check_model_for_data, prediction_model, split_first_layer
+from sparkml_dist.training.train import TrainJob, train_rank
 
 log = logging.getLogger(__name__)
 

@@ -60,12 +60,12 @@ class Registry(Generic[T]):
 # Where each registry's built-in entries live: importing the module registers them. Config validation
 # imports these lazily, so loading a config does not import torch unless a name must be checked.
 _PROVIDERS: dict[str, tuple[str, ...]] = {
-    "models": ("sparkml_dist.models",),
-    "optimizers": ("sparkml_dist.models",),
+    "models": ("sparkml_dist.training.models",),
+    "optimizers": ("sparkml_dist.training.models",),
     "strategies": ("sparkml_dist.comm",),
     "compressors": ("sparkml_dist.comm",),
-    "modes": ("sparkml_dist.loop", "sparkml_dist.train", "sparkml_dist.feature_parallel"),
-    "readers": ("sparkml_dist.readers",),
+    "modes": ("sparkml_dist.training.loop", "sparkml_dist.training.train", "sparkml_dist.training.feature_parallel"),
+    "readers": ("sparkml_dist.training.readers",),
 }
 
 

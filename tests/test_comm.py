@@ -165,8 +165,9 @@ def test_the_rank_side_never_imports_pyspark():
     import subprocess
     import sys
 
-    modules = ["sparkml_dist.rank", "sparkml_dist.loop", "sparkml_dist.train", "sparkml_dist.feature_parallel",
-               "sparkml_dist.comm", "sparkml_dist.device", "sparkml_dist.errors"]  # fmt: skip
+    modules = ["sparkml_dist.runtime.rank", "sparkml_dist.training.loop", "sparkml_dist.training.train",
+               "sparkml_dist.training.feature_parallel", "sparkml_dist.comm", "sparkml_dist.training.device",
+               "sparkml_dist.errors"]  # fmt: skip
     code = f"import sys; import {', '.join(modules)}; print(sorted(m for m in sys.modules if 'pyspark' in m))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

@@ -24,8 +24,8 @@ from torch import nn
 
 from sparkml_dist.comm.rows import mean_of_rows, no_rows
 from sparkml_dist.config import CommConfig
-from sparkml_dist.rank import Collectives
 from sparkml_dist.registry import Registry
+from sparkml_dist.runtime.rank import Collectives
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

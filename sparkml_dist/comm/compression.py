@@ -14,7 +14,7 @@ import torch
 
 from sparkml_dist.comm.base import COMPRESSORS, Compressor
 from sparkml_dist.config import CommConfig
-from sparkml_dist.rank import Collectives
+from sparkml_dist.runtime.rank import Collectives
 
 
 @COMPRESSORS.register("none")

@@ -30,7 +30,7 @@ from torch import nn
 
 from sparkml_dist.config import SPARSE_GRADIENT_COMPRESSIONS, SPARSE_GRADIENT_STRATEGIES, CommConfig, TrainConfig
 from sparkml_dist.errors import UserError
-from sparkml_dist.rank import Collectives
+from sparkml_dist.runtime.rank import Collectives
 
 INDEX_LIMIT = 2**31
 """Row indices travel as int32 bit patterns."""
@@ -102,7 +102,7 @@ def row_sparse_choice(cfg: TrainConfig, comm: CommConfig, sparse_input: bool, la
 def set_row_sparse(model: nn.Module, on: bool) -> list[nn.Parameter]:
     """Switch every ``SparseLinear`` of ``model`` to row-sparse (COO) gradients, or back; returns the
     parameters whose gradients are then row-sparse (the layers' weights; their biases stay dense)."""
-    from sparkml_dist.models import SparseLinear
+    from sparkml_dist.training.models import SparseLinear
 
     params = []
     for module in model.modules():

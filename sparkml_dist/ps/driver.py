@@ -46,22 +46,22 @@ import numpy as np
 import torch
 from pyspark.sql import SparkSession
 
-from sparkml_dist import tracking
 from sparkml_dist.comm.base import flatten, unflatten_into
 from sparkml_dist.config import CommConfig, ConfigError, JobConfig
+from sparkml_dist.data.manifest import Manifest
 from sparkml_dist.errors import InfraError, UserError
-from sparkml_dist.launch import _FAILURE_MARK, _USER_MARK, LaunchError, _driver_host, available_slots
-from sparkml_dist.loader import build_loader_spec, read_all
-from sparkml_dist.loop import lr_at
-from sparkml_dist.manifest import Manifest
+from sparkml_dist.experiments import tracking
 from sparkml_dist.metrics import summarize
-from sparkml_dist.models import build_model
 from sparkml_dist.ps.client import Endpoint, PSClient, RefusedError, ServerUnreachableError
 from sparkml_dist.ps.server import ShardSpec, cut_path, list_cuts, load_state
 from sparkml_dist.ps.worker import WorkerJob, run_worker
-from sparkml_dist.train import evaluate
+from sparkml_dist.runtime.launch import _FAILURE_MARK, _USER_MARK, LaunchError, _driver_host, available_slots
+from sparkml_dist.training.loader import build_loader_spec, read_all
+from sparkml_dist.training.loop import lr_at
+from sparkml_dist.training.models import build_model
+from sparkml_dist.training.train import evaluate
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sparkml_dist.ps.driver")  # its pre-move name: logging configs keep working
 START_TIMEOUT_S = 60.0
 POLL_S = 0.2
 DEFAULT_ATTEMPTS = 4

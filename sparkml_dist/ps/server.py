@@ -51,12 +51,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparkml_dist import faults
 from sparkml_dist.config import TrainConfig
-from sparkml_dist.loop import lr_at
-from sparkml_dist.models import OPTIMIZERS
 from sparkml_dist.ps.wire import decode, encode
-from sparkml_dist.sparse_optim import RowSparseOptimizer
+from sparkml_dist.runtime import faults
+from sparkml_dist.training.loop import lr_at
+from sparkml_dist.training.models import OPTIMIZERS
+from sparkml_dist.training.sparse_optim import RowSparseOptimizer
 
 log = logging.getLogger("sparkml_dist.ps.server")
 POLL_MS = 100
@@ -285,7 +285,7 @@ def list_cuts(checkpoint_url: str, index: int) -> list[int]:
     """The cut ids shard ``index`` has written, ascending."""
     from pyarrow import fs as pafs
 
-    from sparkml_dist.manifest import arrow_fs
+    from sparkml_dist.data.manifest import arrow_fs
 
     filesystem, path = arrow_fs(checkpoint_path(checkpoint_url, index))
     folder, name = path.rsplit("/", 1)
@@ -301,7 +301,7 @@ def _is_cut_id(text: str) -> bool:
 
 def _drop_cuts(checkpoint_url: str, index: int, keep: int) -> None:
     """Delete shard ``index``'s cuts but the newest ``keep``."""
-    from sparkml_dist.manifest import arrow_fs
+    from sparkml_dist.data.manifest import arrow_fs
 
     for old in list_cuts(checkpoint_url, index)[:-keep]:
         filesystem, path = arrow_fs(cut_path(checkpoint_url, index, old))
@@ -310,7 +310,7 @@ def _drop_cuts(checkpoint_url: str, index: int, keep: int) -> None:
 
 def save_state(url: str, state: dict[str, Any]) -> None:
     """Write ``state`` to ``url`` atomically (a temp file renamed over it)."""
-    from sparkml_dist.manifest import arrow_fs
+    from sparkml_dist.data.manifest import arrow_fs
 
     filesystem, path = arrow_fs(url)
     filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -325,7 +325,7 @@ def save_state(url: str, state: dict[str, Any]) -> None:
 def load_state(url: str) -> dict[str, Any] | None:
     from pyarrow import fs as pafs
 
-    from sparkml_dist.manifest import arrow_fs
+    from sparkml_dist.data.manifest import arrow_fs
 
     filesystem, path = arrow_fs(url)
     if filesystem.get_file_info(path).type == pafs.FileType.NotFound:

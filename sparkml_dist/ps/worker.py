@@ -27,18 +27,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparkml_dist import faults
 from sparkml_dist.comm.base import flatten, unflatten_into
 from sparkml_dist.comm.rows import clip_grad_norm, row_sparse_choice, set_row_sparse
 from sparkml_dist.config import CommConfig, LaunchConfig, TrainConfig
-from sparkml_dist.device import Placement
-from sparkml_dist.loader import build_loader_spec, iterate_batches
-from sparkml_dist.loop import epoch_seed
-from sparkml_dist.manifest import Manifest
-from sparkml_dist.models import SparseLinear, build_model, loss_fn
+from sparkml_dist.data.manifest import Manifest
 from sparkml_dist.ps.client import Endpoint, PSClient
+from sparkml_dist.runtime import faults
+from sparkml_dist.training.device import Placement
+from sparkml_dist.training.loader import build_loader_spec, iterate_batches
+from sparkml_dist.training.loop import epoch_seed
+from sparkml_dist.training.models import SparseLinear, build_model, loss_fn
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sparkml_dist.ps.worker")  # its pre-move name: logging configs keep working
 
 
 @dataclass(frozen=True)
