@@ -16,6 +16,9 @@ import pytest
 import torch
 
 from sparkml_dist.config import load_config
+from tests.test_ps import _flat_ps as _ps_params
+from tests.test_ps import _flat_ring as _ring_params
+from tests.test_sparse_optim import BUCKETS, clicks  # noqa: F401  (module fixture: the hashed click table, partitioned)
 
 
 def _start_shard(tmp_path, optimizer="sgd", size=10, workers=1, staleness=0):
@@ -86,10 +89,7 @@ def test_a_row_sparse_optimizer_on_the_server_keeps_state_only_for_pushed_rows(t
         proc.kill()
 
 
-# --- on real Spark tasks and server processes ------------------------------------------------------------
-
-BUCKETS = 2048
-
+# --- on real Spark tasks and server processes (test_sparse_optim's click table, trained differently) ---------
 
 def _sets(root: Path, *extra: str) -> list[str]:
     return [
@@ -110,45 +110,10 @@ def _sets(root: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def clicks(spark, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sparkml_dist.partition import partition
-
-    root = tmp_path_factory.mktemp("ps-sparse")
-    rng = np.random.default_rng(0)
-    n = 3000
-    site, device = rng.zipf(1.3, n) % 300, rng.integers(0, 4, n)
-    weight_site = np.random.default_rng(99).standard_normal(300)
-    promo, price = rng.random(n) < 0.3, rng.standard_normal(n)
-    logit = 1.5 * weight_site[site] + 0.8 * (device == 2) - 0.7 * promo + 0.5 * price
-    label = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
-    rows = [(i, f"s{site[i]}", int(device[i]), bool(promo[i]), float(price[i]), int(label[i])) for i in range(n)]
-    schema = "row_id long, site string, device int, promo boolean, price double, label long"
-    spark.createDataFrame(rows, schema).write.parquet(f"file://{root / 'clicks'}")
-    partition(spark, load_config(None, _sets(root)))
-    return root
-
-
-def _ps_params(cfg, result) -> torch.Tensor:
-    from sparkml_dist.ps.server import load_state
-
-    state = load_state(f"{cfg.train.runs_url}/{result.run_id}/checkpoints/ps/history.pt")
-    assert state is not None
-    return torch.from_numpy(np.asarray(state["params"]))
-
-
-def _ring_params(cfg, result) -> torch.Tensor:
-    from sparkml_dist import checkpoint
-
-    state = checkpoint.load_latest(f"{cfg.train.runs_url}/{result.run_id}/checkpoints")
-    assert state is not None
-    return torch.cat([t.reshape(-1).float() for t in state["model"].values()])
-
-
 PS_BSP = ("comm.strategy=parameter_server", "comm.pace=ssp", "comm.staleness=0", "comm.ps_shards=2")
 
 
-def test_the_sparse_parameter_server_trains_the_dense_ones_model_and_moves_only_the_touched_rows(spark, clicks):
+def test_the_sparse_parameter_server_trains_the_dense_ones_model_and_moves_only_the_touched_rows(spark, clicks):  # noqa: F811
     from sparkml_dist.fit import run_training
 
     adam = ("train.optimizer=adam", "train.lr=0.05")
@@ -168,7 +133,7 @@ def test_the_sparse_parameter_server_trains_the_dense_ones_model_and_moves_only_
     assert sparse["ps_push_bytes_per_step"] < dense["ps_push_bytes_per_step"] / 4
 
 
-def test_a_row_sparse_optimizer_on_the_servers_equals_allreduce_with_it(spark, clicks):
+def test_a_row_sparse_optimizer_on_the_servers_equals_allreduce_with_it(spark, clicks):  # noqa: F811
     """lazy_adam kept on the server shards (state for the rows pushed) and the same optimizer on ranks
     exchanging rows: bulk-synchronous, the same steps, so the same model."""
     from sparkml_dist.fit import run_training

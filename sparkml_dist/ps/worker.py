@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from sparkml_dist.comm.base import flatten, unflatten_into
-from sparkml_dist.comm.rows import clip_grad_norm, row_sparse_choice, set_row_sparse
+from sparkml_dist.comm.rows import clip_grad_norm, row_block, row_sparse_choice, set_row_sparse
 from sparkml_dist.config import CommConfig, LaunchConfig, TrainConfig
 from sparkml_dist.data.manifest import Manifest
 from sparkml_dist.ps.client import Endpoint, PSClient
@@ -112,9 +112,8 @@ class SparseKeys:
             r = torch.from_numpy(touched[id(p)])
             out = torch.zeros(len(r), p.numel() // p.shape[0])
             if p.grad is not None:
-                g = p.grad.coalesce() if p.grad.is_sparse else p.grad.to_sparse(1).coalesce()
-                where = torch.searchsorted(r, g.indices()[0])
-                out.index_add_(0, where, g.values().reshape(len(where), -1).to(out.dtype))
+                rows, values = row_block(p.grad, p.shape)
+                out.index_add_(0, torch.searchsorted(r, rows), values)
             parts.append(out.reshape(-1))
         return torch.cat([t.to(torch.float32) for t in parts]).numpy()
 
