@@ -13,7 +13,7 @@ import torch
 
 from sparkml_dist.config import ConfigError, load_config
 from sparkml_dist.models import OPTIMIZERS
-from sparkml_dist.sparse_optim import DENSE_BELOW_ROWS, Ftrl, LazyAdam, RowAdagrad
+from sparkml_dist.training.sparse_optim import DENSE_BELOW_ROWS, Ftrl, LazyAdam, RowAdagrad, coalesce_rows, coalesced
 
 ROWS, COLS, STEPS = DENSE_BELOW_ROWS + 24, 3, 6
 
@@ -226,6 +226,33 @@ def test_state_dict_round_trips_and_a_resumed_optimizer_equals_a_straight_one(na
     run(resumed, opt2, steps[3:])
     for a, b in zip(straight, resumed, strict=True):
         assert torch.equal(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("rows", [1000, 1 << 24])  # the position table, and np.unique's inverse
+@pytest.mark.parametrize("trailing", [(), (1,), (3,), (2, 2)])
+def test_coalesce_rows_equals_torch_coalesce(rows: int, trailing: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(rows + len(trailing))
+    index = torch.randint(0, rows, (5000,), generator=gen)
+    index[:50] = rows - 1  # the last row, many times
+    index[50:60] = 0
+    values = torch.randn(5000, *trailing, generator=gen)
+    want = torch.sparse_coo_tensor(index[None], values, (rows, *trailing)).coalesce()
+    got_idx, got = coalesce_rows(index, values, rows)
+    assert got_idx.dtype == torch.int64 and torch.equal(got_idx, want.indices()[0])
+    torch.testing.assert_close(got, want.values(), rtol=1e-5, atol=1e-5)
+    sparse = torch.sparse_coo_tensor(index[None], values, (rows, *trailing))
+    merged = coalesced(sparse)
+    assert merged.is_coalesced() and torch.equal(merged.indices(), want.indices())
+    torch.testing.assert_close(merged.to_dense(), want.to_dense(), rtol=1e-5, atol=1e-5)
+
+
+def test_coalesce_rows_names_a_row_out_of_range_and_takes_no_rows() -> None:
+    values = torch.ones(3, 2)
+    for bad in (10, -1):
+        with pytest.raises(ValueError, match=f"row index {bad} is outside \\[0, 10\\)"):
+            coalesce_rows(torch.tensor([1, bad, 2]), values, 10)
+    idx, summed = coalesce_rows(torch.empty(0, dtype=torch.int64), torch.empty(0, 2), 10)
+    assert idx.numel() == 0 and summed.shape == (0, 2)
 
 
 def test_the_names_are_registered_and_the_ftrl_fields_are_checked(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from torch import nn
 from sparkml_dist.config import SPARSE_GRADIENT_COMPRESSIONS, SPARSE_GRADIENT_STRATEGIES, CommConfig, TrainConfig
 from sparkml_dist.errors import UserError
 from sparkml_dist.runtime.rank import Collectives
+from sparkml_dist.training.sparse_optim import coalesce_rows, coalesced
 
 INDEX_LIMIT = 2**31
 """Row indices travel as int32 bit patterns."""
@@ -41,6 +42,9 @@ def row_block(grad: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torc
     a sparse COO gradient's coalesced rows, or a dense gradient's non-zero rows (a layer fed dense input)."""
     rows, cols = shape[0], int(torch.Size(shape[1:]).numel())
     if grad.is_sparse:
+        if grad.sparse_dim() == 1 and not grad.is_coalesced():
+            idx, values = coalesce_rows(grad._indices()[0], grad._values(), rows)
+            return idx, values.reshape(len(idx), cols).to(torch.float32)
         grad = grad.coalesce()
         idx = grad.indices()[0]
         return idx, grad.values().reshape(len(idx), cols).to(torch.float32)
@@ -68,13 +72,11 @@ def mean_of_rows(grad: torch.Tensor, shape: torch.Size, comm: Collectives, name:
     block[:, 1:] = values
     gathered = comm.allgather(block, name=name)
     where = gathered[:, 0].contiguous().view(torch.int32).to(torch.int64)
-    total = torch.sparse_coo_tensor(where.unsqueeze(0), gathered[:, 1:], (rows, cols), check_invariants=True).coalesce()
-    mean = total / comm.world_size
-    if len(shape) != 2:  # [rows] or [rows, a, b]: the same rows, values in the parameter's trailing shape
-        mean = torch.sparse_coo_tensor(
-            mean.indices(), mean.values().reshape(-1, *shape[1:]), shape, check_invariants=False
-        ).coalesce()
-    return mean
+    idx, total = coalesce_rows(where, gathered[:, 1:], rows)  # a peer's row out of range is a ValueError
+    total /= comm.world_size
+    return torch.sparse_coo_tensor(
+        idx.unsqueeze(0), total.reshape(-1, *shape[1:]), shape, is_coalesced=True, check_invariants=False
+    )
 
 
 def row_sparse_choice(cfg: TrainConfig, comm: CommConfig, sparse_input: bool, layers: int) -> tuple[bool, str]:
@@ -136,7 +138,7 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Ten
     for p in params:
         if p.grad is not None:
             if p.grad.is_sparse:
-                p.grad = p.grad.coalesce()
+                p.grad = coalesced(p.grad)
             grads.append((p, p.grad))
     if not grads:
         return torch.tensor(0.0)

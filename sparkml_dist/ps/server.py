@@ -56,7 +56,7 @@ from sparkml_dist.ps.wire import decode, encode
 from sparkml_dist.runtime import faults
 from sparkml_dist.training.loop import lr_at
 from sparkml_dist.training.models import OPTIMIZERS
-from sparkml_dist.training.sparse_optim import RowSparseOptimizer
+from sparkml_dist.training.sparse_optim import RowSparseOptimizer, coalesced
 
 log = logging.getLogger("sparkml_dist.ps.server")
 POLL_MS = 100
@@ -221,7 +221,7 @@ class Shard:
         if self.rows is None:
             grad = grad.to_dense() if grad.is_sparse else grad
         elif grad.is_sparse:  # the pushed coordinates only: the row-sparse optimizer updates just those
-            grad = grad.coalesce()
+            grad = coalesced(grad)
             grad = torch.sparse_coo_tensor(
                 grad.indices(),
                 grad.values().unsqueeze(1),
