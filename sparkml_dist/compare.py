@@ -30,7 +30,8 @@ COMPARE_MARKER = "_compare.json"
 COMPARE_OUTPUT = OutputKind("compare", COMPARE_MARKER, files_listed)
 """A report directory is marked by _compare.json, which lists its files; only such a directory is replaced."""
 
-HISTORY_KEYS = ("val_log_loss", "elapsed_s", "rows_per_s", "comm_rounds")
+HISTORY_KEYS = ("val_log_loss", "elapsed_s", "rows_per_s", "comm_rounds", "step_val_log_loss", "step_elapsed_s")
+"""Per-epoch histories, and the mid-epoch evaluations' (``train.eval_every_steps``) logged at global steps."""
 
 
 class CompareError(UserError):
@@ -65,7 +66,11 @@ def summarize_run(record: tracking.RunRecord, target: float | None) -> RunSummar
     losses = dict(record.histories.get("val_log_loss", []))
     elapsed = dict(record.histories.get("elapsed_s", []))
     curve = [(step, elapsed.get(step, float("nan")), loss) for step, loss in sorted(losses.items())]
-    reached = [t for _, t, loss in curve if target is not None and loss <= target]
+    inside = dict(record.histories.get("step_elapsed_s", []))  # mid-epoch evaluations, by global step
+    scored = [(t, loss) for _, t, loss in curve] + [
+        (inside[step], loss) for step, loss in record.histories.get("step_val_log_loss", []) if step in inside
+    ]
+    reached = [t for t, loss in scored if target is not None and loss <= target]
     rates = [v for _, v in record.histories.get("rows_per_s", [])]
     world = int(record.tags.get("world_size", "0") or 0)
     measured = m.get("comm_bytes_per_step", m.get("allreduce_bytes_per_step", m.get("bytes_per_iteration")))

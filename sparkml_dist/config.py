@@ -419,6 +419,15 @@ class TrainConfig:
     parameters. 0: epoch ends only. Measured on the default problem (3 ms steps): 1.2% of step time at
     100, 5.7% at 50, 25% at 10 (bench/checkpoint.py). Taken after an optimizer step at which every rank holds the same
     parameters (with local_sgd: the next parameter average at or after the N-th batch)."""
+    eval_every_steps: int = 0
+    """Also evaluate on the validation split every N batches inside an epoch (0: at epoch ends only). Each such
+    evaluation is logged at its global step as ``step_val_<metric>`` with ``step_elapsed_s`` (training seconds
+    so far, the evaluations included), so a run's time to a target (``jobs.compare``, the benchmarks) is read
+    to the evaluation that reached it rather than to the epoch's end; the epoch's own metrics are unchanged.
+    Taken after an optimizer step at which every rank holds the same parameters (with local_sgd: the next
+    parameter average at or after the N-th batch). Ring strategies only: comm.strategy=parameter_server
+    evaluates the servers' snapshot at each epoch's end. Costs one forward pass over a rank's validation rows
+    each time (4% of a step's time per evaluation on bench/sparse.py's table at N=200)."""
     resume_run_id: str | None = None
     """Resume this MLflow run id from its latest checkpoint."""
     verify_pages: bool = False
@@ -447,6 +456,10 @@ class TrainConfig:
         if self.checkpoint_every_steps < 0:
             raise ConfigError(
                 f"train.checkpoint_every_steps must be >= 0 (0: epoch ends only), got {self.checkpoint_every_steps}"
+            )
+        if self.eval_every_steps < 0:
+            raise ConfigError(
+                f"train.eval_every_steps must be >= 0 (0: at epoch ends only), got {self.eval_every_steps}"
             )
         _check_positive("train.reader_workers", self.reader_workers)
         if self.cache_max_mb < 0:
@@ -873,6 +886,12 @@ def check_config(cfg: JobConfig) -> JobConfig:
             raise ConfigError(f"{exc}{extra}") from None
     if tc.sparse_gradients == "on":
         _check_sparse_gradients(tc, comm)
+    if tc.eval_every_steps and comm.strategy == PS_STRATEGY:
+        raise ConfigError(
+            f"train.eval_every_steps={tc.eval_every_steps} evaluates inside the ranks' loop; "
+            f"comm.strategy={PS_STRATEGY} evaluates the servers' snapshot at each epoch's end: set "
+            "train.eval_every_steps=0, or use comm.strategy=allreduce or local_sgd"
+        )
     if tc.mode == "feature_parallel" and (comm.strategy, comm.compression) != ("allreduce", "none"):
         raise ConfigError(
             f"train.mode=feature_parallel allreduces partial outputs every step, not gradients: comm.strategy="

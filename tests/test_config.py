@@ -74,3 +74,11 @@ def test_exponent_notation_is_a_number_in_yaml_and_in_set(tmp_path):
     for text in ("1e", "e-3", "1e-3x", "0x1p3"):
         with pytest.raises(ConfigError, match=f"train.lr must be a number, got '{text}'"):
             load_config(None, [f"train.lr={text}"])
+
+
+def test_eval_every_steps_is_checked_and_refused_where_the_servers_evaluate():
+    assert load_config(None, ["train.eval_every_steps=200"]).train.eval_every_steps == 200
+    with pytest.raises(ConfigError, match=r"train.eval_every_steps must be >= 0 \(0: at epoch ends only\), got -1"):
+        load_config(None, ["train.eval_every_steps=-1"])
+    with pytest.raises(ConfigError, match="comm.strategy=parameter_server evaluates the servers' snapshot"):
+        load_config(None, ["train.eval_every_steps=10", "comm.strategy=parameter_server"])

@@ -197,6 +197,41 @@ def test_resume_after_an_interruption_ends_with_the_same_parameters(spark, work,
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-6)
 
 
+def test_mid_epoch_evaluations_are_logged_at_their_steps_and_leave_training_unchanged(spark, work, data):
+    """train.eval_every_steps=6 with 20 steps an epoch: evaluations after steps 6, 12 and 18 of each epoch
+    (the epoch's end evaluates anyway), logged at their global steps with the training seconds so far; the
+    parameters are those of a run without them; compare reads time to target to the first one that reached it."""
+    from sparkml_dist.compare import HISTORY_KEYS, summarize_run
+    from sparkml_dist.experiments import tracking
+
+    sets = ("train.optimizer=adam", "train.lr=0.02", "train.max_steps_per_epoch=20", "tracking.log_model=false")
+    plain = run_training(spark, _cfg(work, *sets))
+    cfg = _cfg(work, *sets, "train.eval_every_steps=6")
+    evaluated = run_training(spark, cfg)
+    a, b = _final_state(cfg, plain), _final_state(cfg, evaluated)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-6)
+    assert evaluated.final["val_log_loss"] == pytest.approx(plain.final["val_log_loss"], abs=1e-6)
+    keys = (*HISTORY_KEYS, "step_val_auc", "step_epoch", "mid_epoch_eval_s")
+    record = tracking.get_run_record(cfg.tracking, evaluated.run_id, keys)
+
+    def history(key: str) -> dict[int, float]:
+        return dict(record.histories[key])
+
+    losses, elapsed = history("step_val_log_loss"), history("step_elapsed_s")
+    assert sorted(losses) == sorted(elapsed) == [6, 12, 18, 26, 32, 38]
+    assert set(history("step_val_auc")) == set(losses) and history("step_epoch") == {6: 1, 12: 1, 18: 1, 26: 2,
+                                                                                      32: 2, 38: 2}  # fmt: skip
+    epochs = history("elapsed_s")
+    times = [elapsed[6], elapsed[12], elapsed[18], epochs[1], elapsed[26], elapsed[32], elapsed[38], epochs[2]]
+    assert times == sorted(times) and times[0] > 0  # one clock: training seconds, the evaluations included
+    assert history("mid_epoch_eval_s")[1] > 0
+    first = losses[6]
+    reached = [s for s in sorted(losses) if losses[s] <= first]
+    assert summarize_run(record, first).time_to_target_s == pytest.approx(elapsed[reached[0]])
+    assert summarize_run(record, min(losses.values()) - 1).time_to_target_s is None
+
+
 def test_unequal_shards_run_equal_steps_without_hanging(spark, work, data):
     cfg = _cfg(
         work,

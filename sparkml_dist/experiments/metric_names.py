@@ -35,6 +35,7 @@ EXACT: dict[str, str] = {
 PREFIXES: tuple[tuple[str, str], ...] = (
     ("train_", "train/"),
     ("val_", "val/"),
+    ("step_val_", "val_steps/"),  # mid-epoch evaluations (train.eval_every_steps), at global steps, not epochs
     ("final_", "final/"),
     ("candidate_", "candidate/"),
     ("champion_", "champion/"),

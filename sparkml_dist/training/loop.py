@@ -183,6 +183,10 @@ class _EpochClock:
     loop_s: float = 0.0
     checkpoint_s: float = 0.0
     """Seconds spent writing mid-epoch checkpoints (their rank-state gather included)."""
+    eval_s: float = 0.0
+    """Seconds spent in mid-epoch evaluations (``train.eval_every_steps``)."""
+    started: float = 0.0
+    """When the epoch began (perf_counter), for the elapsed time a mid-epoch evaluation is logged with."""
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
 
 
@@ -225,7 +229,7 @@ def _run_epochs(
         torch.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
         started = time.perf_counter()
         before, rounds_before = comm.meter.snapshot(), strategy.rounds
-        clock, start_step = _EpochClock(), 0
+        clock, start_step = _EpochClock(started=started), 0
         if epoch == point.epoch and point.step > 0:  # a mid-epoch checkpoint: same RNG, same partial loss
             start_step = point.step
             states = point.comm_states or []
@@ -241,8 +245,9 @@ def _run_epochs(
         val = work.evaluate(epoch)
         train = comm.allreduce(clock.loss_sum, average=work.same_rows, name=f"train_loss.{epoch}")
         per_step = torch.tensor(
-            [clock.data_s, loop_s - clock.data_s - traffic.seconds - clock.checkpoint_s, traffic.seconds,
-             traffic.payload_bytes, traffic.wire_bytes, clock.checkpoint_s, peak_rss_mb()],
+            [clock.data_s, loop_s - clock.data_s - traffic.seconds - clock.checkpoint_s - clock.eval_s,
+             traffic.seconds, traffic.payload_bytes, traffic.wire_bytes, clock.checkpoint_s, peak_rss_mb(),
+             clock.eval_s],
             dtype=torch.float64,
         )  # fmt: skip
         mean = comm.allreduce(per_step, average=True, name=f"epoch_stats.{epoch}").tolist()
@@ -273,7 +278,7 @@ def _run_steps(
 ) -> _EpochClock:
     cfg, steps, k = job.cfg, work.steps, job.cfg.backward_passes_per_step
     every = cfg.checkpoint_every_steps if cfg.checkpoint else 0
-    due = False
+    due = eval_due = False
     work.model.train()
     with work.batches(epoch) as batches:
         it = iter(batches)
@@ -295,6 +300,10 @@ def _run_steps(
                 strategy.update(opt, clip, global_step // k)
                 opt.zero_grad()
             clock.loss_sum += torch.tensor([loss.item() * rows, rows], dtype=torch.float64)
+            eval_due = eval_due or bool(cfg.eval_every_steps and (step + 1) % cfg.eval_every_steps == 0)
+            if eval_due and (step + 1) % k == 0 and strategy.in_sync and step + 1 < steps:
+                eval_due = False  # the epoch's end evaluates anyway
+                _evaluate_mid_epoch(ctx, job, work, epoch, epoch * steps + step + 1, clock, history)
             due = due or bool(every and (step + 1) % every == 0)
             if due and (step + 1) % k == 0 and strategy.in_sync and step + 1 < steps:
                 due = False
@@ -304,6 +313,29 @@ def _run_steps(
                 work.save(epoch, opt, history, states, step=step + 1)
                 clock.checkpoint_s += time.perf_counter() - t_save
     return clock
+
+
+def _evaluate_mid_epoch(
+    ctx: RankContext,
+    job: TrainJob,
+    work: Workload,
+    epoch: int,
+    global_step: int,
+    clock: _EpochClock,
+    history: list[dict[str, Any]],
+) -> None:
+    """Every rank: score the validation split with the parameters every rank holds now; rank 0 logs it as
+    ``step_val_*`` at ``global_step`` with the training seconds so far (``step_elapsed_s``, this evaluation
+    included, as an epoch's ``elapsed_s`` includes its own)."""
+    t0 = time.perf_counter()
+    scores = summarize(work.evaluate(epoch), job.manifest.num_classes)
+    work.model.train()
+    clock.eval_s += time.perf_counter() - t0
+    if ctx.master:
+        elapsed = sum(h["epoch_s"] for h in history) + time.perf_counter() - clock.started
+        metrics = {f"step_val_{k}": v for k, v in scores.items() if k != "rows"}
+        tracking.log_metrics(job.run, {**metrics, "step_elapsed_s": elapsed, "step_epoch": float(epoch + 1)},
+                             step=global_step)  # fmt: skip
 
 
 def epoch_metrics(
@@ -321,10 +353,10 @@ def epoch_metrics(
     """One epoch's tracked metrics, the same keys for every mode and strategy.
 
     ``scores``: metrics.summarize of the validation split; ``mean``: [data wait s, compute s, communication s,
-    payload bytes, ring wire bytes, mid-epoch checkpoint s, peak RSS MB] of the epoch's steps, averaged over
-    ranks.
+    payload bytes, ring wire bytes, mid-epoch checkpoint s, peak RSS MB, mid-epoch evaluation s] of the
+    epoch's steps, averaged over ranks.
     """
-    data_s, compute_s, comm_s, payload, wire, checkpoint_s, peak_rss = mean
+    data_s, compute_s, comm_s, payload, wire, checkpoint_s, peak_rss, eval_s = mean
     steps = work.steps
     return {
         "epoch": epoch + 1,
@@ -336,6 +368,7 @@ def epoch_metrics(
         "compute_s": compute_s,
         "comm_s": comm_s,
         "checkpoint_s": checkpoint_s,
+        "mid_epoch_eval_s": eval_s,
         "lr": float(opt.param_groups[0]["lr"]),
         "attempt": float(ctx.attempt),
         "elapsed_s": sum(h["epoch_s"] for h in history) + seconds,
