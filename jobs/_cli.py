@@ -98,11 +98,13 @@ def run_job(description: str, argv: list[str] | None, body: Callable[[JobConfig,
     """
     from pyspark.sql import SparkSession
 
-    from sparkml_dist.runtime.session import build_spark_session, stop_spark_session
+    from sparkml_dist.runtime.session import build_spark_session, own, stop_spark_session
 
     cfg = parse_config(description, argv)
     owned = SparkSession.getActiveSession() is None
     spark = build_spark_session(cfg.spark, cfg.launch)
+    if owned:
+        own(spark)  # the body may hand it back early (session.release) once it needs Spark no more
     if owned and logging.getLogger().level > logging.DEBUG:
         _quiet_task_failures(spark)
     try:

@@ -5,6 +5,7 @@ python -m jobs.main --config conf/local.yaml [--set train.epochs=5 ...]
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict
 from typing import Any
@@ -16,6 +17,7 @@ from sparkml_dist.data.synthetic import write_dataset
 from sparkml_dist.experiments.ui import page_url
 from sparkml_dist.fit import run_training
 from sparkml_dist.metrics import PRIMARY
+from sparkml_dist.runtime import session
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ def _body(cfg: JobConfig, spark: Any) -> dict[str, Any]:
     log.info("generated %d rows at %s", generated.rows, generated.output_url)
     parts = partition(spark, cfg)
     log.info("partitioned into %d shards: %s", len(parts.train_rows), parts.manifest_url)
-    trained = run_training(spark, cfg)
+    trained = run_training(spark, cfg, release_spark=functools.partial(session.release, spark))
     key = f"val_{PRIMARY[cfg.data.task]}"
     log.info(
         "MLflow run %s: final %s %.4f\nOpen the MLflow UI with `make mlflow-ui`, then %s (experiment %r).",

@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -64,8 +65,11 @@ class TrainResult:
         return json.dumps(asdict(self))
 
 
-def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
-    """Train cfg.train.model on the manifest's shards with one Horovod rank per shard."""
+def run_training(spark: SparkSession, cfg: JobConfig, release_spark: Callable[[], None] | None = None) -> TrainResult:
+    """Train cfg.train.model on the manifest's shards with one Horovod rank per shard.
+
+    ``release_spark``: called once the ranks have finished, when this job needs Spark no more (a job that
+    built its own session passes ``session.release``, which stops it while the run and model are logged)."""
     started = time.monotonic()
     manifest = read_manifest(cfg.train.manifest_url)
     by_feature = cfg.train.mode == "feature_parallel"  # one rank per feature group, not per sample shard
@@ -150,6 +154,8 @@ def run_training(spark: SparkSession, cfg: JobConfig) -> TrainResult:
     finally:
         stop.set()
         progress.join(timeout=5)
+    if release_spark is not None:  # what follows (the run's last metrics, the model) needs no Spark
+        release_spark()
     try:
         if out is None:  # rank 0 always returns its state; None means the launcher lost it
             raise RuntimeError(f"rank 0 returned no result for run {run.run_id}")
