@@ -427,7 +427,8 @@ class TrainConfig:
     Taken after an optimizer step at which every rank holds the same parameters (with local_sgd: the next
     parameter average at or after the N-th batch). Ring strategies only: comm.strategy=parameter_server
     evaluates the servers' snapshot at each epoch's end. Costs one forward pass over a rank's validation rows
-    each time (4% of a step's time per evaluation on bench/sparse.py's table at N=200)."""
+    each time: on bench/sparse.py's table ~50 ms for 100k rows a rank, under 1% of the 200 steps between two
+    evaluations at N=200 (measured 2026-12-06)."""
     resume_run_id: str | None = None
     """Resume this MLflow run id from its latest checkpoint."""
     verify_pages: bool = False

@@ -164,10 +164,21 @@ def test_two_feature_blocks_equal_one_process_on_all_features_and_mlflow_serves_
 
 
 def test_feature_blocks_on_torch_collectives_equal_one_process(spark, work, data, reference):
-    cfg = dataclasses.replace(data, launch=dataclasses.replace(data.launch, collectives="torch"))
+    """... with mid-epoch evaluations (every rank scores its block's part; the model is unchanged by them)."""
+    from sparkml_dist.experiments import tracking
+
+    cfg = dataclasses.replace(
+        data,
+        launch=dataclasses.replace(data.launch, collectives="torch"),
+        train=dataclasses.replace(data.train, eval_every_steps=2),
+    )
     result = run_training(spark, cfg)
     _assert_same_model(_assembled(cfg, result), reference)
     assert result.final["comm_bytes_per_step"] == (64 * CLASSES + 8) * 4
+    steps = feature_parallel.steps_per_epoch(read_manifest(cfg.train.manifest_url), cfg.train)
+    record = tracking.get_run_record(cfg.tracking, result.run_id, ("step_val_log_loss",))
+    inside = [s for e in range(EPOCHS) for s in range(e * steps + 2, (e + 1) * steps, 2)]
+    assert [s for s, _ in record.histories["step_val_log_loss"]] == inside and inside
 
 
 def test_resume_from_the_block_checkpoints_ends_with_the_same_model(spark, work, data, reference):

@@ -212,6 +212,9 @@ def test_mid_epoch_evaluations_are_logged_at_their_steps_and_leave_training_unch
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-6)
     assert evaluated.final["val_log_loss"] == pytest.approx(plain.final["val_log_loss"], abs=1e-6)
+    # the evaluations' collectives are not training's traffic
+    assert evaluated.final["comm_bytes_per_step"] == plain.final["comm_bytes_per_step"]
+    assert evaluated.final["comm_rounds"] == plain.final["comm_rounds"]
     keys = (*HISTORY_KEYS, "step_val_auc", "step_epoch", "mid_epoch_eval_s")
     record = tracking.get_run_record(cfg.tracking, evaluated.run_id, keys)
 

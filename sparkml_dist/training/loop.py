@@ -41,7 +41,7 @@ from sparkml_dist.experiments import tracking
 from sparkml_dist.metrics import summarize
 from sparkml_dist.registry import Registry
 from sparkml_dist.runtime import faults, heartbeat
-from sparkml_dist.runtime.rank import Collectives, RankContext
+from sparkml_dist.runtime.rank import Collectives, Meter, RankContext
 from sparkml_dist.training.device import Placement
 from sparkml_dist.training.models import build_optimizer
 
@@ -185,6 +185,8 @@ class _EpochClock:
     """Seconds spent writing mid-epoch checkpoints (their rank-state gather included)."""
     eval_s: float = 0.0
     """Seconds spent in mid-epoch evaluations (``train.eval_every_steps``)."""
+    eval_traffic: Meter = field(default_factory=Meter)
+    """What the mid-epoch evaluations' collectives moved: left out of the epoch's communication figures."""
     started: float = 0.0
     """When the epoch began (perf_counter), for the elapsed time a mid-epoch evaluation is logged with."""
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
@@ -240,7 +242,7 @@ def _run_epochs(
                 clock.loss_sum = mine["loss_sum"].clone()
         clock = _run_steps(ctx, job, work, strategy, opt, clip, epoch, clock, start_step, history)
         strategy.sync(opt)
-        traffic = comm.meter.since(before)
+        traffic = comm.meter.since(before).since(clock.eval_traffic)  # training's traffic only
         loop_s = time.perf_counter() - started
         val = work.evaluate(epoch)
         train = comm.allreduce(clock.loss_sum, average=work.same_rows, name=f"train_loss.{epoch}")
@@ -327,10 +329,13 @@ def _evaluate_mid_epoch(
     """Every rank: score the validation split with the parameters every rank holds now; rank 0 logs it as
     ``step_val_*`` at ``global_step`` with the training seconds so far (``step_elapsed_s``, this evaluation
     included, as an epoch's ``elapsed_s`` includes its own)."""
-    t0 = time.perf_counter()
+    t0, before = time.perf_counter(), work.comm.meter.snapshot()
     scores = summarize(work.evaluate(epoch), job.manifest.num_classes)
     work.model.train()
     clock.eval_s += time.perf_counter() - t0
+    moved, seen = work.comm.meter.since(before), clock.eval_traffic
+    clock.eval_traffic = Meter(seen.calls + moved.calls, seen.payload_bytes + moved.payload_bytes,
+                               seen.wire_bytes + moved.wire_bytes, seen.seconds + moved.seconds)  # fmt: skip
     if ctx.master:
         elapsed = sum(h["epoch_s"] for h in history) + time.perf_counter() - clock.started
         metrics = {f"step_val_{k}": v for k, v in scores.items() if k != "rows"}
