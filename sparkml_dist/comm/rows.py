@@ -42,10 +42,7 @@ def row_block(grad: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torc
     a sparse COO gradient's coalesced rows, or a dense gradient's non-zero rows (a layer fed dense input)."""
     rows, cols = shape[0], int(torch.Size(shape[1:]).numel())
     if grad.is_sparse:
-        if grad.sparse_dim() == 1 and not grad.is_coalesced():
-            idx, values = coalesce_rows(grad._indices()[0], grad._values(), rows)
-            return idx, values.reshape(len(idx), cols).to(torch.float32)
-        grad = grad.coalesce()
+        grad = coalesced(grad)
         idx = grad.indices()[0]
         return idx, grad.values().reshape(len(idx), cols).to(torch.float32)
     flat = grad.reshape(rows, cols)

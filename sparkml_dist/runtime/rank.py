@@ -84,6 +84,14 @@ class Meter:
             self.seconds - earlier.seconds,
         )
 
+    def plus(self, other: Meter) -> Meter:
+        return Meter(
+            self.calls + other.calls,
+            self.payload_bytes + other.payload_bytes,
+            self.wire_bytes + other.wire_bytes,
+            self.seconds + other.seconds,
+        )
+
 
 class Collectives(ABC):
     """Allreduce, allgather and broadcast between the ranks of one training job, metered; each call marks

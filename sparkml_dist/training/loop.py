@@ -302,12 +302,14 @@ def _run_steps(
                 strategy.update(opt, clip, global_step // k)
                 opt.zero_grad()
             clock.loss_sum += torch.tensor([loss.item() * rows, rows], dtype=torch.float64)
+            # every rank holds the same parameters, and the epoch's end (which evaluates and checkpoints) is not next
+            in_sync = (step + 1) % k == 0 and strategy.in_sync and step + 1 < steps
             eval_due = eval_due or bool(cfg.eval_every_steps and (step + 1) % cfg.eval_every_steps == 0)
-            if eval_due and (step + 1) % k == 0 and strategy.in_sync and step + 1 < steps:
-                eval_due = False  # the epoch's end evaluates anyway
+            if eval_due and in_sync:
+                eval_due = False
                 _evaluate_mid_epoch(ctx, job, work, epoch, epoch * steps + step + 1, clock, history)
             due = due or bool(every and (step + 1) % every == 0)
-            if due and (step + 1) % k == 0 and strategy.in_sync and step + 1 < steps:
+            if due and in_sync:
                 due = False
                 t_save = time.perf_counter()
                 name = f"rank_state.{epoch}.{step + 1}"
@@ -333,9 +335,7 @@ def _evaluate_mid_epoch(
     scores = summarize(work.evaluate(epoch), job.manifest.num_classes)
     work.model.train()
     clock.eval_s += time.perf_counter() - t0
-    moved, seen = work.comm.meter.since(before), clock.eval_traffic
-    clock.eval_traffic = Meter(seen.calls + moved.calls, seen.payload_bytes + moved.payload_bytes,
-                               seen.wire_bytes + moved.wire_bytes, seen.seconds + moved.seconds)  # fmt: skip
+    clock.eval_traffic = clock.eval_traffic.plus(work.comm.meter.since(before))
     if ctx.master:
         elapsed = sum(h["epoch_s"] for h in history) + time.perf_counter() - clock.started
         metrics = {f"step_val_{k}": v for k, v in scores.items() if k != "rows"}
