@@ -92,7 +92,7 @@ test: setup airflow-venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(MAKE) --no-print-directory docs
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q --durations=25 tests
 ifeq ($(VENV),.venv)
 	$(MAKE) --no-print-directory test-spark4
 	$(MAKE) --no-print-directory test-modern
