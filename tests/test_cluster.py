@@ -1,8 +1,8 @@
 """A real Spark standalone cluster (a master and two single-core workers on 127.0.0.1) running the real
 generate, partition and training jobs through spark-submit, with the library shipped as --py-files.
 
-Cost: about 2-3 minutes on the 2-core CI machine (the cluster, then three spark-submit applications; the
-training one starts torch + Horovod in two executors).
+Cost: about 2-3 minutes on the 2-core CI machine: one cluster for the module, generate and partition once,
+then two trainings (one killed and resumed) that start torch + Horovod in two executors each.
 """
 
 from __future__ import annotations
@@ -12,12 +12,22 @@ import os
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from _mlflow_db import epochs_logged
 
-from sparkml_dist.cluster import ClusterError, alive_workers, package_library, read_state, running_cluster, spark_home
+from sparkml_dist.cluster import (
+    ClusterError,
+    ClusterInfo,
+    alive_workers,
+    package_library,
+    read_state,
+    running_cluster,
+    spark_home,
+)
 from sparkml_dist.config import load_config
 from sparkml_dist.manifest import read_manifest
 from sparkml_dist.tracking import get_run_record
@@ -80,28 +90,46 @@ def _submit_command(master_url: str, py_files: Path, job: str, work: Path, *extr
     return cmd, env
 
 
-@pytest.mark.slow
-def test_jobs_run_on_a_standalone_cluster(tmp_path: Path) -> None:
-    work = tmp_path / "work"
+@dataclass(frozen=True)
+class Cluster:
+    info: ClusterInfo
+    run_dir: Path
+    work: Path
+    py_files: Path
+    parts: dict
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One cluster for the module, with the data generated and partitioned once by spark-submit: the two
+    drills below train on it (each its own run), which saves a cluster start and two applications. Its
+    teardown checks the stop: no state file and no daemon left."""
+    root = tmp_path_factory.mktemp("standalone")
+    work = root / "work"
     work.mkdir()
-    py_files = package_library(tmp_path / "dist")
-    run_dir = tmp_path / "cluster"
+    py_files = package_library(root / "dist")
+    run_dir = root / "cluster"
     with running_cluster(run_dir, workers=2, cores=1, memory="1g", timeout_s=180) as info:
-        assert info.master_url.startswith("spark://127.0.0.1:")
-        assert alive_workers(info.webui_url) == 2
         _submit(info.master_url, py_files, "generate", work)
         parts = _submit(info.master_url, py_files, "partition", work)
-        trained = _submit(info.master_url, py_files, "train", work)
-        with urllib.request.urlopen(f"{info.webui_url}/json/", timeout=10) as resp:
-            master = json.loads(resp.read())
-    pids = info.pids
+        yield Cluster(info, run_dir, work, py_files, parts)
     assert not (run_dir / "cluster.json").exists()
-    assert all(not Path(f"/proc/{pid}").exists() for pid in pids), "stop left a daemon running"
+    assert all(not Path(f"/proc/{pid}").exists() for pid in info.pids), "stop left a daemon running"
+
+
+@pytest.mark.slow
+def test_jobs_run_on_a_standalone_cluster(cluster: Cluster) -> None:
+    info, work = cluster.info, cluster.work
+    assert info.master_url.startswith("spark://127.0.0.1:")
+    assert alive_workers(info.webui_url) == 2
+    trained = _submit(info.master_url, cluster.py_files, "train", work)
+    with urllib.request.urlopen(f"{info.webui_url}/json/", timeout=10) as resp:
+        master = json.loads(resp.read())
 
     cfg = load_config(REPO / "conf" / "local.yaml", _overrides(work))
     manifest = read_manifest(cfg.train.manifest_url)
     assert manifest.num_shards == 2
-    assert parts["manifest_url"] == f"{cfg.train.manifest_url}/_manifest.json"
+    assert cluster.parts["manifest_url"] == f"{cfg.train.manifest_url}/_manifest.json"
 
     record = get_run_record(cfg.tracking, trained["run_id"], ("val_log_loss",))
     assert record.status == "FINISHED"
@@ -122,7 +150,7 @@ def test_stop_is_a_no_op_without_a_cluster_and_status_names_the_fix(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_a_killed_driver_on_a_standalone_cluster_leaves_no_executor_and_the_rerun_resumes(tmp_path: Path) -> None:
+def test_a_killed_driver_on_a_standalone_cluster_leaves_no_executor_and_the_rerun_resumes(cluster: Cluster) -> None:
     """Issue 19 section 2 on a cluster, where the executors are not the driver's children: SIGKILL the
     spark-submit driver after epoch 2; its executors and their Python workers are gone within 60 s (the
     master ends the application when the driver's connection drops), and the same command resumes the run."""
@@ -131,40 +159,40 @@ def test_a_killed_driver_on_a_standalone_cluster_leaves_no_executor_and_the_reru
 
     import psutil
 
-    work = tmp_path / "work"
-    work.mkdir()
-    py_files = package_library(tmp_path / "dist")
+    info, work, py_files = cluster.info, cluster.work, cluster.py_files
     # rank 1 sleeps 0.1 s a step: ~3 s epochs, so the kill lands after epoch 2 and well before the last
     # (unslowed, the 30-step epochs took 0.1 s each and the run could end before the poll saw epoch 2)
     sets = ("train.epochs=5", "train.max_steps_per_epoch=30", "tracking.run_key=standalone-kill",
             "launch.job_timeout_s=0", "tracking.system_metrics_s=0",
             "launch.fault_kind=slow", "launch.fault_rank=1", "launch.fault_delay_s=0.1")  # fmt: skip
-    with running_cluster(tmp_path / "cluster", workers=2, cores=1, memory="1g", timeout_s=180) as info:
-        _submit(info.master_url, py_files, "generate", work)
-        _submit(info.master_url, py_files, "partition", work)
-        cmd, env = _submit_command(info.master_url, py_files, "train", work, *sets)
-        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        executors: dict[int, psutil.Process] = {}  # and everything else the driver started
-        deadline = time.monotonic() + 400
-        while epochs_logged(work / "mlflow.db") < 2:
-            assert proc.poll() is None, proc.communicate()[1].decode()[-4000:]
-            assert time.monotonic() < deadline, "training did not reach epoch 2 in 400 s"
-            for child in psutil.Process(proc.pid).children(recursive=True):  # the Python driver itself
-                executors.setdefault(child.pid, child)
-            for p in psutil.process_iter(["cmdline"]):
-                if "CoarseGrainedExecutorBackend" in " ".join(p.info["cmdline"] or []):
-                    executors.setdefault(p.pid, p)
-                    for child in p.children(recursive=True):  # the executors' Python workers
-                        executors.setdefault(child.pid, child)
-            time.sleep(0.5)
-        assert len([p for p in executors.values() if "java" in _name(p)]) == 2, executors
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
-        _, alive = psutil.wait_procs(list(executors.values()), timeout=60)
-        left = [f"{p.pid} {' '.join(p.cmdline()[:3])}" for p in alive if p.is_running()]
-        assert not left, f"outlived the killed driver by 60 s: {left}"
-        resumed = _submit(info.master_url, py_files, "train", work, *sets)
+    cmd, env = _submit_command(info.master_url, py_files, "train", work, *sets)
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    executors: dict[int, psutil.Process] = {}  # and everything else the driver started
+    earlier = {p.pid for p in psutil.process_iter(["cmdline"]) if _is_executor(p)}  # another test's, ending
+    deadline = time.monotonic() + 400
+    while epochs_logged(work / "mlflow.db", run_key="standalone-kill") < 2:
+        assert proc.poll() is None, proc.communicate()[1].decode()[-4000:]
+        assert time.monotonic() < deadline, "training did not reach epoch 2 in 400 s"
+        for child in psutil.Process(proc.pid).children(recursive=True):  # the Python driver itself
+            executors.setdefault(child.pid, child)
+        for p in psutil.process_iter(["cmdline"]):
+            if _is_executor(p) and p.pid not in earlier:
+                executors.setdefault(p.pid, p)
+                for child in p.children(recursive=True):  # the executors' Python workers
+                    executors.setdefault(child.pid, child)
+        time.sleep(0.5)
+    assert len([p for p in executors.values() if "java" in _name(p)]) == 2, executors
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    _, alive = psutil.wait_procs(list(executors.values()), timeout=60)
+    left = [f"{p.pid} {' '.join(p.cmdline()[:3])}" for p in alive if p.is_running()]
+    assert not left, f"outlived the killed driver by 60 s: {left}"
+    resumed = _submit(info.master_url, py_files, "train", work, *sets)
     assert resumed["resumed_from_epoch"] >= 2 and resumed["epochs"] == 5, resumed
+
+
+def _is_executor(p) -> bool:
+    return "CoarseGrainedExecutorBackend" in " ".join(p.info["cmdline"] or [])
 
 
 def _name(p) -> str:
