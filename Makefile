@@ -118,7 +118,7 @@ SPARK4_TESTS := tests/test_launch.py tests/test_train.py tests/test_score.py tes
 test-spark4:
 	$(MAKE) --no-print-directory SPARK=4.0 setup
 	PYSPARK_PYTHON=$(CURDIR)/.venv-spark4.0/bin/python PYSPARK_DRIVER_PYTHON=$(CURDIR)/.venv-spark4.0/bin/python \
-	  .venv-spark4.0/bin/pytest -q $(SPARK4_TESTS)
+	  .venv-spark4.0/bin/pytest -q --durations=10 $(SPARK4_TESTS)
 
 # The modern stack (.venv-modern, set up here if needed: its Horovod wheel is cached per torch version in
 # .cache/wheels/torch-<version>): pyspark 4.3, pyarrow 25, numpy 2, pandas 3, torch 2.14 and no Petastorm, so
@@ -143,7 +143,7 @@ MODERN_TESTS := tests/test_partition.py tests/test_partition_stratified.py tests
 test-modern:
 	$(MAKE) --no-print-directory STACK=modern setup
 	PYSPARK_PYTHON=$(CURDIR)/.venv-modern/bin/python PYSPARK_DRIVER_PYTHON=$(CURDIR)/.venv-modern/bin/python \
-	  .venv-modern/bin/pytest -q $(MODERN_TESTS)
+	  .venv-modern/bin/pytest -q --durations=10 $(MODERN_TESTS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
