@@ -56,7 +56,7 @@ export SPARK_LOCAL_IP := 127.0.0.1
 export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup run test test-fast test-spark4 test-modern lint docs bench clean mlflow-ui airflow-venv airflow-setup airflow-run cluster-up cluster-down
+.PHONY: setup run test test-fast rings-setup test-spark4 test-modern lint docs bench clean mlflow-ui airflow-venv airflow-setup airflow-run cluster-up cluster-down
 setup: $(VENV)/.stamp-project
 
 # 1. torch and the horovod build tools first: horovod compiles against the installed torch. (The modern stack
@@ -89,6 +89,9 @@ run: setup
 	$(PY) -m jobs.main --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 
 test: setup airflow-venv
+ifeq ($(VENV),.venv)
+	$(MAKE) --no-print-directory rings-setup
+endif
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(MAKE) --no-print-directory docs
@@ -97,6 +100,21 @@ ifeq ($(VENV),.venv)
 	$(MAKE) --no-print-directory test-spark4
 	$(MAKE) --no-print-directory test-modern
 endif
+
+# The venvs of the two other rings below, set up side by side before any test runs (a failed setup stops CI
+# at once; nothing else competes with the tests for the 2 cores): the Spark 4.0 one mostly installs wheels
+# (its Horovod wheel is the default venv's, cached) while the modern one compiles Horovod against its own
+# torch. Each one's output is printed when both are done, in order.
+RING_LOGS := .cache/setup-logs
+rings-setup:
+	@mkdir -p $(RING_LOGS)
+	@echo "setting up .venv-spark4.0 and .venv-modern side by side (output in $(RING_LOGS)/, printed when both end)"
+	@$(MAKE) --no-print-directory SPARK=4.0 setup > $(RING_LOGS)/spark4.0.log 2>&1 & spark4=$$!; \
+	  $(MAKE) --no-print-directory STACK=modern setup > $(RING_LOGS)/modern.log 2>&1 & modern=$$!; \
+	  wait $$spark4; rc_spark4=$$?; wait $$modern; rc_modern=$$?; \
+	  echo "== make SPARK=4.0 setup (rc $$rc_spark4)"; cat $(RING_LOGS)/spark4.0.log; \
+	  echo "== make STACK=modern setup (rc $$rc_modern)"; cat $(RING_LOGS)/modern.log; \
+	  test $$rc_spark4 -eq 0 && test $$rc_modern -eq 0
 
 # The edit loop's ring: lint, types and the tests that need no Spark session (tests/conftest.py --fast: a test
 # asking for the `spark` fixture, or marked slow, is deselected). CI runs `make test`.
