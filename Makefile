@@ -93,6 +93,7 @@ ifeq ($(VENV),.venv)
 	$(MAKE) --no-print-directory rings-setup
 endif
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(MAKE) --no-print-directory docs
 	$(VENV)/bin/pytest -q --durations=25 tests
@@ -120,6 +121,7 @@ rings-setup:
 # asking for the `spark` fixture, or marked slow, is deselected). CI runs `make test`.
 test-fast: setup airflow-venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(MAKE) --no-print-directory docs
 	$(VENV)/bin/pytest -q --fast tests
@@ -165,6 +167,7 @@ test-modern:
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 # The docs site into site/ (open site/index.html). Strict: every warning fails, and mkdocs.yml's validation

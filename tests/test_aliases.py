@@ -23,7 +23,7 @@ def _old_and_new() -> list[tuple[str, str]]:
         for old, new in MOVED.items():
             prefix = f"{PACKAGE}.{new}"
             if name == prefix or name.startswith(prefix + "."):
-                pairs.append((f"{PACKAGE}.{old}{name[len(prefix):]}", name))
+                pairs.append((f"{PACKAGE}.{old}{name[len(prefix) :]}", name))
     return sorted(pairs)
 
 

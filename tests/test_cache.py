@@ -21,8 +21,12 @@ def _epoch(spec, epoch, cache=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.mark.parametrize("shuffle", [True, False])
 @pytest.mark.parametrize("rank", [0, 1])  # the shards differ in size: the larger one's tail is left in epoch 1
-def test_cached_epochs_are_the_streamed_epochs_bit_for_bit_and_then_read_no_file(manifest, shuffle, rank,  # noqa: F811
-                                                                                   monkeypatch):
+def test_cached_epochs_are_the_streamed_epochs_bit_for_bit_and_then_read_no_file(
+    manifest,  # noqa: F811
+    shuffle,
+    rank,
+    monkeypatch,
+):
     spec = build_loader_spec(manifest, rank, 2, _train(shuffle=shuffle, reader="arrow"), split="train")
     cache = build_cache(spec, "memory", 0, 2)
     assert cache is not None
@@ -43,8 +47,11 @@ def test_a_shard_over_the_bound_streams_under_auto_and_fails_clearly_under_memor
         assert build_cache(spec, "auto", 0.001, 1) is None
     assert "exceeds the 0 MB bound: streamed" in caplog.text
     assert len(_epoch(spec, 0)) == spec.steps  # streamed, all steps
-    with pytest.raises(CacheError, match=r"train.cache=memory: .* needs about \d+ MB decoded, more than the 0 MB "
-                                         r"bound: raise train.cache_max_mb"):
+    with pytest.raises(
+        CacheError,
+        match=r"train.cache=memory: .* needs about \d+ MB decoded, more than the 0 MB "
+        r"bound: raise train.cache_max_mb",
+    ):
         build_cache(spec, "memory", 0.001, 1)
     assert build_cache(spec, "off", 0, 1) is None
     assert build_cache(dataclasses.replace(spec), "auto", 0, 1) is not None  # the derived bound fits it

@@ -269,8 +269,13 @@ def allreduce_sgd(spark, comm_data):
         ("comm.compression=topk", "comm.topk_ratio=1.0"),
         ("comm.strategy=local_sgd", "comm.local_steps=1", "comm.compression=topk", "comm.topk_ratio=1.0"),
         ("launch.collectives=torch",),
-        ("launch.collectives=torch", "comm.strategy=local_sgd", "comm.local_steps=1", "comm.compression=topk",
-         "comm.topk_ratio=1.0"),
+        (
+            "launch.collectives=torch",
+            "comm.strategy=local_sgd",
+            "comm.local_steps=1",
+            "comm.compression=topk",
+            "comm.topk_ratio=1.0",
+        ),
     ],
     ids=["local_sgd_k1", "topk_ratio1", "local_sgd_k1_topk_ratio1", "torch_allreduce", "torch_local_sgd_k1_topk1"],
 )

@@ -91,6 +91,7 @@ def test_a_row_sparse_optimizer_on_the_server_keeps_state_only_for_pushed_rows(t
 
 # --- on real Spark tasks and server processes (test_sparse_optim's click table, trained differently) ---------
 
+
 def _sets(root: Path, *extra: str) -> list[str]:
     return [
         f"paths.work_dir={root}",

@@ -221,7 +221,7 @@ def _clip(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     head = limit // 4
-    return f"{text[:head]}\n[... {len(text) - limit} characters ...]\n{text[-(limit - head):]}"
+    return f"{text[:head]}\n[... {len(text) - limit} characters ...]\n{text[-(limit - head) :]}"
 
 
 def _put(url: str, body: dict[str, Any], timeout_s: float) -> None:
