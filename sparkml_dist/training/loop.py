@@ -211,7 +211,12 @@ def run_rank(ctx: RankContext, job: TrainJob) -> dict[str, Any] | None:
     strategy.start()
     clip: Callable[[], None] | None = (lambda: work.clip(cfg.grad_clip_norm)) if cfg.grad_clip_norm > 0 else None
     history = list(point.history)
-    with tracking.system_metrics(job.run, f"rank{ctx.rank}", job.system_metrics_s):
+    # CPU, memory, disk and network are the host's, the same for every rank on it: one rank per host samples
+    # them (its first local rank), so the others never load MLflow and its store (~2 s of CPU in each at its
+    # first sample, which stalled every rank's epoch on 2 cores; bench/peers.py, 2026-12-06). A rank on a GPU
+    # samples too, for its own device's memory.
+    sampler = ctx.local_rank == 0 or ctx.device != "cpu"
+    with tracking.system_metrics(job.run, f"rank{ctx.rank}", job.system_metrics_s if sampler else 0.0):
         _run_epochs(ctx, job, work, strategy, opt, clip, point, history)
     return work.result(history, point.epoch) if ctx.master else None
 
