@@ -93,7 +93,6 @@ def _submit_command(master_url: str, py_files: Path, job: str, work: Path, *extr
 @dataclass(frozen=True)
 class Cluster:
     info: ClusterInfo
-    run_dir: Path
     work: Path
     py_files: Path
     parts: dict
@@ -112,7 +111,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with running_cluster(run_dir, workers=2, cores=1, memory="1g", timeout_s=180) as info:
         _submit(info.master_url, py_files, "generate", work)
         parts = _submit(info.master_url, py_files, "partition", work)
-        yield Cluster(info, run_dir, work, py_files, parts)
+        yield Cluster(info, work, py_files, parts)
     assert not (run_dir / "cluster.json").exists()
     assert all(not Path(f"/proc/{pid}").exists() for pid in info.pids), "stop left a daemon running"
 
