@@ -35,7 +35,7 @@ from sparkml_dist.training import feature_parallel
 from sparkml_dist.training.loader import steps_per_epoch
 from sparkml_dist.training.model_size import check_model_size, count_parameters
 from sparkml_dist.training.models import build_model, check_model_for_data, prediction_model, split_first_layer
-from sparkml_dist.training.train import TrainJob, train_rank
+from sparkml_dist.training.train import TrainJob, prepare_rank, train_rank
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ def run_training(spark: SparkSession, cfg: JobConfig, release_spark: Callable[[]
                 launch_cfg,
                 description=f"train {cfg.train.model} on {world} Horovod ranks (run {run.run_id})",
                 on_retry=functools.partial(_note_restart, run),
+                prepare=functools.partial(prepare_rank, job=job),
             )
     except BaseException:
         tracking.finish_run(run, "FAILED")

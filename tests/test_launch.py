@@ -208,3 +208,86 @@ def test_the_torch_rendezvous_and_gloo_listen_only_on_the_task_address_and_keep_
     ips, leaked = run_on_ranks(spark, _listening, 2, dataclasses.replace(CFG, collectives="torch"))
     assert ips == ["127.0.0.1"]  # the TCPStore (rank 0) and gloo's pairs: never 0.0.0.0 or ::
     assert leaked == []  # host:port/secret travels through allGather only
+
+
+def _last_rank_lingers(ctx):
+    import torch
+
+    total = ctx.collectives().allreduce(torch.tensor([1.0]), average=False, name="last")
+    if ctx.rank == 1:
+        time.sleep(2.0)  # past the last collective: only the exit barrier holds rank 0
+    return float(total[0])
+
+
+@pytest.mark.parametrize("engine", ["horovod", "torch"])
+def test_rank_0_keeps_the_rendezvous_until_every_rank_marked_leaving_through_the_engines_own_store(spark, engine):
+    """The exit barrier is the engine's store (Spark's barrier() polls once a second): a rank that leaves late
+    is waited for, and its mark arrives (without it, rank 0 would wait out launch.collective_timeout_s)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, collectives=engine, collective_timeout_s=40)
+    started = time.monotonic()
+    assert run_on_ranks(spark, _last_rank_lingers, 2, cfg) == 2.0
+    assert 2.0 <= time.monotonic() - started < 40
+
+
+@pytest.mark.parametrize("engine", ["horovod", "torch"])
+def test_the_exit_barrier_counts_only_marked_ranks_and_gives_up_at_its_timeout(engine):
+    """Rank 0's side alone, no Spark: an unmarked rank is not waited for past the timeout; a mark, made as a
+    leaving rank makes it (a TCPStore key under the run's secret / a PUT to the guarded Horovod store), ends
+    the wait."""
+    import dataclasses
+    import datetime
+    import urllib.request
+
+    from sparkml_dist.runtime import engines
+
+    engine_ = engines.build_engine(dataclasses.replace(CFG, collectives=engine))
+    plan = host_plan(["127.0.0.1", "127.0.0.1"])
+    rendezvous = engine_.serve("127.0.0.1", ["127.0.0.1", "127.0.0.1"], plan)
+    try:
+        assert rendezvous.wait_left(1, 0.1)  # a single rank waits for nobody
+        started = time.monotonic()
+        assert not rendezvous.wait_left(2, 0.3)
+        assert time.monotonic() - started < 10
+        hostport, _, secret = rendezvous.address.partition("/")
+        if engine == "torch":
+            import torch.distributed as dist
+
+            host, _, port = hostport.rpartition(":")
+            client = dist.TCPStore(host, int(port), 2, False, datetime.timedelta(seconds=10), use_libuv=False)
+            dist.PrefixStore(secret, client).set(f"{engines.LEFT_SCOPE}/1", "1")
+        else:
+            port = hostport.rpartition(":")[2]
+            url = f"http://{rendezvous.address}:{port}/{engines.LEFT_SCOPE}/1"
+            urllib.request.urlopen(urllib.request.Request(url, data=b"1", method="PUT"), timeout=5).close()
+        assert rendezvous.wait_left(2, 10)
+    finally:
+        rendezvous.close()
+
+
+def _prepare_marks(rank, where):
+    import os
+
+    if rank == 1:
+        raise RuntimeError("a failed preparation is logged, not fatal")
+    with open(os.path.join(where, f"prepared-{rank}"), "w") as f:
+        f.write("x")
+
+
+def _sees_its_preparation(ctx, where):
+    import os
+
+    path = os.path.join(where, f"prepared-{ctx.rank}")
+    deadline = time.monotonic() + 30
+    while ctx.rank == 0 and not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return os.path.exists(path)
+
+
+def test_prepare_runs_on_every_rank_while_the_group_forms_and_its_failure_is_not_fatal(spark, tmp_path):
+    import functools
+
+    fn = functools.partial(_sees_its_preparation, where=str(tmp_path))
+    assert run_on_ranks(spark, fn, 2, CFG, prepare=functools.partial(_prepare_marks, where=str(tmp_path))) is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared-0"]

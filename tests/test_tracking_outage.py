@@ -137,3 +137,18 @@ def test_a_server_that_never_comes_back_ends_the_job_saying_where_metrics_and_mo
     assert "python -m sparkml_dist.spool" in err and "/checkpoints" in err
     checkpoints = err.split("The trained model's state is in ")[1].split()[0]
     assert list(Path(checkpoints.removeprefix("file://")).glob("epoch-*.pt"))
+
+
+def test_warming_a_ranks_client_opens_a_local_store_but_never_asks_a_server(tmp_path):
+    """Rank 0 opens its MLflow client while the group forms (training.train.prepare_rank): a local store is
+    read once; a server, which may be away, is not asked (MLflow would wait out its retries)."""
+    from sparkml_dist import tracking
+
+    cfg = load_config(None, [f"paths.work_dir={tmp_path}"])
+    run = tracking.start_run(cfg, {"data_fingerprint": "fp", "world_size": "2"}, "allreduce")
+    tracking.warm(run)
+    tracking.finish_run(run)
+    away = tracking.RunHandle(f"http://127.0.0.1:{free_port()}", "0", "no-such-run", "file:///nowhere")
+    started = time.monotonic()
+    tracking.warm(away)  # no request: nothing listens there, and nothing raises
+    assert time.monotonic() - started < 5

@@ -59,6 +59,15 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+def warm(run: RunHandle) -> None:
+    """Import MLflow and open ``run``'s client before the first log needs it; a local store (sqlite, file)
+    is also read once (the run), which opens it. A server is not asked: during an outage that would wait
+    out MLflow's retries."""
+    client = _client(run.tracking_uri)
+    if not spool.is_server(run.tracking_uri):
+        client.get_run(run.run_id)
+
+
 def _ensure_local_dirs(cfg: TrackingConfig) -> None:
     if cfg.tracking_uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(cfg.tracking_uri[len("sqlite:///") - 1 :]) or ".", exist_ok=True)

@@ -25,6 +25,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -57,6 +58,15 @@ GLOO_SOCKET_IFNAME = "GLOO_SOCKET_IFNAME"
 """torch's gloo binds its pairs to this interface's address (else to what the hostname resolves to)."""
 
 
+LEFT_SCOPE = "sparkml-dist-left"
+"""The rendezvous keys (torch: TCPStore keys under the run's secret; Horovod: an ad-hoc KV scope) where each
+rank other than 0 marks that it left the group: rank 0's exit barrier (``Rendezvous.wait_left``)."""
+LEFT_POLL_S = 0.01
+LEFT_PUT_TIMEOUT_S = 5.0
+SERVER_POLL_S = 0.05
+"""How often a socketserver's loop looks for a shutdown (its default, 0.5 s, was a stage's last half second)."""
+
+
 class LaunchError(UserError):
     """The cluster cannot run the barrier stage as configured (slots, host setup, an engine not installed)."""
 
@@ -86,10 +96,18 @@ def host_plan(hosts: list[str]) -> list[Slot]:
 
 
 class Rendezvous(Protocol):
-    """What ``Engine.serve`` returns: the address to share and a way to stop it."""
+    """What ``Engine.serve`` returns: the address to share, a wait for every other rank's exit mark, and a
+    way to stop it."""
 
     @property
     def address(self) -> str: ...
+
+    def wait_left(self, world_size: int, timeout_s: float) -> bool:
+        """Block until ranks 1..world_size-1 have marked that they left the group (``Engine.leave``), at most
+        ``timeout_s``; whether they all did. Rank 0 calls it before ``close``, so no rank is still using the
+        rendezvous when it stops: the exit barrier, through the engine's own store (Spark's
+        ``BarrierTaskContext.barrier`` polls its RPC once a second, which cost every stage ~1 s)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -116,7 +134,8 @@ class Engine(ABC):
 
     @abstractmethod
     def leave(self) -> None:
-        """Leave the group; called on every exit after a successful ``join``."""
+        """Leave the group; called on every exit after a successful ``join``. A rank other than 0 then marks
+        in the rendezvous that it left (best effort: on a failed stage rank 0 may be gone already)."""
 
 
 ENGINES: Registry[type[Engine]] = Registry("collective engine", "launch.collectives")
@@ -185,6 +204,12 @@ class HorovodEngine(Engine):
 
     name = "horovod"
 
+    def __init__(self, cfg: LaunchConfig) -> None:
+        super().__init__(cfg)
+        self._left_url = ""
+        """Where this rank (not 0) marks that it left: the rendezvous's guarded KV store, as Gloo's client
+        would address it."""
+
     def check_hosts(self, hosts: list[str], host: str) -> None:
         check_hostname(hosts, host)
 
@@ -225,7 +250,10 @@ class HorovodEngine(Engine):
         server.secret = secrets.token_hex(16)  # type: ignore[attr-defined]
         server.allowed_peers = {resolve(h) for h in hosts}  # type: ignore[attr-defined]
         server.init(plan)
-        threading.Thread(target=server.serve_forever, daemon=True, name="horovod-rendezvous").start()
+        threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": SERVER_POLL_S}, daemon=True,
+            name="horovod-rendezvous",
+        ).start()  # fmt: skip
         return _HorovodRendezvous(server, f"{host}:{server.server_address[1]}/{server.secret}")  # type: ignore[attr-defined]
 
     def join(self, address: str, slot: Slot, host: str, device: str) -> Collectives:
@@ -245,18 +273,40 @@ class HorovodEngine(Engine):
         import horovod.torch as hvd
 
         join_with_timeout(hvd.init, cfg.start_timeout_s, slot.rank, "hvd.init")
+        if slot.rank > 0:
+            self._left_url = f"http://{address}:{port}/{LEFT_SCOPE}/{slot.rank}"
         return HorovodCollectives(slot.rank, slot.size)
 
     def leave(self) -> None:
         import horovod.torch as hvd
 
         hvd.shutdown()
+        if self._left_url:
+            try:
+                import urllib.request
+
+                request = urllib.request.Request(self._left_url, data=b"1", method="PUT")
+                self._left_url = ""
+                urllib.request.urlopen(request, timeout=LEFT_PUT_TIMEOUT_S).close()
+            except OSError as exc:  # rank 0 gone (a failed stage): nothing waits for the mark
+                log.debug("could not mark leaving in the rendezvous: %s", exc)
 
 
 @dataclass
 class _HorovodRendezvous:
     server: Any
     address: str
+
+    def wait_left(self, world_size: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.server.cache_lock:
+                left = len(self.server.cache.get(LEFT_SCOPE, {}))
+            if left >= world_size - 1:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(LEFT_POLL_S)
 
     def close(self) -> None:
         self.server.shutdown()
@@ -336,6 +386,8 @@ class TorchEngine(Engine):
     def __init__(self, cfg: LaunchConfig) -> None:
         super().__init__(cfg)
         self._server: Any = None
+        self._store: Any = None
+        self._rank = -1
 
     def serve(self, host: str, hosts: list[str], plan: list[Slot]) -> Rendezvous:
         import torch.distributed as dist
@@ -366,9 +418,10 @@ class TorchEngine(Engine):
 
         def init() -> None:
             base = self._server or dist.TCPStore(store_host, int(port), slot.size, False, timeout, use_libuv=False)
+            self._store, self._rank = dist.PrefixStore(secret, base), slot.rank
             dist.init_process_group(
                 backend,
-                store=dist.PrefixStore(secret, base),
+                store=self._store,
                 rank=slot.rank,
                 world_size=slot.size,
                 timeout=datetime.timedelta(seconds=cfg.collective_timeout_s),
@@ -382,12 +435,31 @@ class TorchEngine(Engine):
 
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self._store is not None and self._rank > 0:
+            try:
+                self._store.set(f"{LEFT_SCOPE}/{self._rank}", "1")
+            except Exception as exc:  # noqa: BLE001 (rank 0 gone, a failed stage: nothing waits for the mark)
+                log.debug("could not mark leaving in the rendezvous: %s", exc)
+        self._store = None
 
 
 @dataclass
 class _TorchRendezvous:
     engine: TorchEngine
     address: str
+
+    def wait_left(self, world_size: int, timeout_s: float) -> bool:
+        if world_size < 2:
+            return True
+        import torch.distributed as dist
+
+        secret = self.address.partition("/")[2]
+        store = dist.PrefixStore(secret, self.engine._server)
+        try:
+            store.wait([f"{LEFT_SCOPE}/{r}" for r in range(1, world_size)], datetime.timedelta(seconds=timeout_s))
+        except Exception:  # noqa: BLE001 (torch raises a plain RuntimeError/DistStoreError on its timeout)
+            return False
+        return True
 
     def close(self) -> None:
         self.engine._server = None  # the TCPStore's server (and its socket) stops when its last reference goes

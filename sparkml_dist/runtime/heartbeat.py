@@ -140,7 +140,9 @@ class HeartbeatServer:
 
     def __init__(self, host: str) -> None:
         self._server = _HeartbeatHTTPServer(host, secrets.token_hex(16))
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="heartbeats")
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name="heartbeats"
+        )  # shutdown() waits for the next poll: the default 0.5 s was every stage's last half second
 
     @property
     def url(self) -> str:

@@ -99,8 +99,14 @@ def run_on_ranks(
     cfg: LaunchConfig,
     description: str = "sparkml-dist ranks",
     on_retry: Callable[[int, BaseException], None] | None = None,
+    prepare: Callable[[int], None] | None = None,
 ) -> T:
     """Run ``fn`` on ``world_size`` ranks (``launch.collectives``) in one barrier stage; return rank 0's result.
+
+    ``prepare(rank)``, if given, runs on a thread of each rank while it waits for the others before the group
+    exists (Spark's ``allGather`` of the rendezvous address sleeps in 1 s steps): what the rank will need
+    anyway and can do alone (imports, opening a client). Best effort: its errors are logged at DEBUG, and
+    ``fn`` meets them again where they matter.
 
     Spark cannot retry a failed barrier *result* stage ("Could not recover from a failed barrier
     ResultStage"), so the retry is here: when a rank's process is lost or stalls (not when it raises), the
@@ -116,7 +122,7 @@ def run_on_ranks(
     with heartbeat.HeartbeatServer(_driver_host(spark)) as beats:
         for attempt in range(attempts):
             try:
-                return _run_attempt(spark, fn, world_size, cfg, description, attempt, beats, deadline)
+                return _run_attempt(spark, fn, world_size, cfg, description, attempt, beats, deadline, prepare)
             except RankFailedError as exc:
                 if not exc.retryable or attempt + 1 >= attempts:
                     if exc.retryable:
@@ -171,11 +177,12 @@ def _run_attempt(
     attempt: int,
     beats: heartbeat.HeartbeatServer,
     deadline: float | None,
+    prepare: Callable[[int], None] | None = None,
 ) -> T:
     sc = spark.sparkContext
     group = f"sparkml-dist-{uuid.uuid4().hex[:12]}-a{attempt}"
     sc.setJobGroup(group, description, interruptOnCancel=True)
-    task = _make_task(fn, world_size, cfg, attempt, beats.url)
+    task = _make_task(fn, world_size, cfg, attempt, beats.url, prepare)
     rdd = sc.parallelize(range(world_size), world_size).barrier().mapPartitions(task)  # type: ignore[arg-type]
     box: dict[str, Any] = {}
 
@@ -246,7 +253,12 @@ def _run_attempt(
 
 
 def _make_task(
-    fn: Callable[[RankContext], T], world_size: int, cfg: LaunchConfig, attempt: int, beat_url: str | None
+    fn: Callable[[RankContext], T],
+    world_size: int,
+    cfg: LaunchConfig,
+    attempt: int,
+    beat_url: str | None,
+    prepare: Callable[[int], None] | None = None,
 ) -> Callable[[Iterator[int]], Iterator]:
     interval = max(0.5, min(5.0, cfg.stall_timeout_s / 5)) if cfg.stall_timeout_s > 0 else 5.0
 
@@ -261,7 +273,7 @@ def _make_task(
         try:
             with heartbeat.beating(beat_url, attempt, rank, host, interval, report):
                 try:
-                    yield rank, _run_rank(fn, ctx, rank, hosts, host, world_size, cfg, attempt)
+                    yield rank, _run_rank(fn, ctx, rank, hosts, host, world_size, cfg, attempt, prepare)
                 except BaseException as exc:
                     report["failure"] = _failure_text(rank, host, exc)
                     raise
@@ -287,7 +299,10 @@ def _run_rank(
     world_size: int,
     cfg: LaunchConfig,
     attempt: int,
+    prepare: Callable[[int], None] | None = None,
 ) -> T | None:
+    if prepare is not None:
+        threading.Thread(target=_prepare, args=(prepare, rank), daemon=True, name="sparkml-dist-prepare").start()
     plan = host_plan(hosts)
     engine = build_engine(cfg)
     engine.check_hosts(hosts, host)
@@ -307,12 +322,23 @@ def _run_rank(
             result = fn(RankContext(rank, world_size, slot.local_rank, slot.local_size, slot.cross_rank,
                                     slot.cross_size, host, attempt, device, cpus, comm))  # fmt: skip
         finally:
-            engine.leave()
-        ctx.barrier()  # rank 0 keeps the rendezvous up until every rank is done with it
+            engine.leave()  # a rank other than 0 marks in the rendezvous that it left
+        if rendezvous is not None and not rendezvous.wait_left(world_size, cfg.collective_timeout_s):
+            log.warning(
+                "rank 0: not every rank marked leaving the group within launch.collective_timeout_s=%g; stopping "
+                "the rendezvous anyway (the stage fails if one of them did)", cfg.collective_timeout_s,
+            )  # fmt: skip
         return result if rank == 0 else None
     finally:
         if rendezvous is not None:
             rendezvous.close()
+
+
+def _prepare(prepare: Callable[[int], None], rank: int) -> None:
+    try:
+        prepare(rank)
+    except Exception:  # noqa: BLE001 (best effort: the rank function meets the same error where it matters)
+        log.debug("rank %d: preparing while the group forms failed", rank, exc_info=True)
 
 
 def _pick_device(ctx: Any, cfg: LaunchConfig) -> str:
