@@ -183,5 +183,22 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
         print(f"error: {type(user).__name__}: {user}", file=sys.stderr, flush=True)
         if not isinstance(exc, UserError):
             print("(details: re-run with --log-level DEBUG)", file=sys.stderr, flush=True)
+        _skip_teardown_collection(argv)
         sys.exit(exit_code_of(user))
+    _skip_teardown_collection(argv)
     sys.exit(0)
+
+
+def _skip_teardown_collection(argv: list[str] | None) -> None:
+    """The job is over and its process exits next: move every live object out of the garbage collector's
+    reach. The interpreter's teardown otherwise runs full collections over torch's, MLflow's and PySpark's
+    object graphs only to free memory the process is about to return: 1.1-1.5 s of every job's wall after its
+    last line (measured 2026-12-07: 1.3 s -> 0.17 s with torch and MLflow imported; freezing in an atexit
+    handler instead saves less, as handlers that run before it collect). Nothing else changes: objects still
+    die by reference count (files close, atexit handlers and ``weakref.finalize`` run); only cyclic garbage,
+    which the exit frees anyway, is left uncollected. Only for a program (``argv`` None, read from the command
+    line): a caller that runs a job inside its own process with its own argv (the tests) keeps its collector."""
+    if argv is None:
+        import gc
+
+        gc.freeze()

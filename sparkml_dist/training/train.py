@@ -202,9 +202,11 @@ def train_rank(ctx: RankContext, job: TrainJob) -> dict[str, Any] | None:
 
 
 def prepare_rank(rank: int, job: TrainJob) -> None:
-    """What a rank does while the group forms (``run_on_ranks(prepare=...)``): import the training modes,
-    and on rank 0, the one that logs, open the run's MLflow client. Done at rank 0's first epoch end instead,
-    the MLflow import and store (~1.3 s on 2 cores) held every other rank at the next allreduce."""
+    """What a rank does while the group forms (``run_on_ranks(prepare=...)``), each measured on the peers
+    benchmark's job (2 cores): import the training modes; build a throwaway optimizer, since torch's first
+    optimizer imports its compiler stack (~1 s, torch 2.13); and on rank 0, the one that logs, open the run's
+    MLflow client (~1.3 s, done at rank 0's first epoch end it held every other rank at the next allreduce)."""
     registry.load("modes")
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     if rank == 0:
         tracking.warm(job.run)
