@@ -30,12 +30,12 @@ from sparkml_dist.experiments.metric_names import mlflow_key
 from sparkml_dist.experiments.spool import SPOOL_DIR
 from sparkml_dist.metrics import REGRESSION, primary_metric
 from sparkml_dist.ps import driver as ps_driver
-from sparkml_dist.runtime.launch import job_deadline, run_on_ranks
+from sparkml_dist.runtime.launch import WorkerWarmup, job_deadline, run_on_ranks
 from sparkml_dist.training import feature_parallel
 from sparkml_dist.training.loader import steps_per_epoch
 from sparkml_dist.training.model_size import check_model_size, count_parameters
 from sparkml_dist.training.models import build_model, check_model_for_data, prediction_model, split_first_layer
-from sparkml_dist.training.train import TrainJob, prepare_rank, train_rank
+from sparkml_dist.training.train import TrainJob, prepare_rank, prepare_worker, train_rank
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,9 @@ def run_training(spark: SparkSession, cfg: JobConfig, release_spark: Callable[[]
     )
     if cfg.train.verify_pages:
         verify_pages(spark, manifest)
+    warmup = None
+    if cfg.comm.strategy != PS_STRATEGY and cfg.launch.backend == "barrier":  # the driver opens MLflow meanwhile
+        warmup = WorkerWarmup.start(spark, world, prepare_worker)
     experiment_id = tracking.ensure_experiment(cfg.tracking)  # unreachable tracking fails here, before any task
     sc = spark.sparkContext
     tags = {
@@ -148,6 +151,7 @@ def run_training(spark: SparkSession, cfg: JobConfig, release_spark: Callable[[]
                 description=f"train {cfg.train.model} on {world} Horovod ranks (run {run.run_id})",
                 on_retry=functools.partial(_note_restart, run),
                 prepare=functools.partial(prepare_rank, job=job),
+                warmup=warmup,
             )
     except BaseException:
         tracking.finish_run(run, "FAILED")

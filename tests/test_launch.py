@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -163,8 +164,6 @@ def _every_collective(ctx):
 
 @pytest.mark.parametrize("engine", ["horovod", "torch"])
 def test_both_engines_give_the_same_collectives_and_count_them(spark, engine):
-    import dataclasses
-
     out = run_on_ranks(spark, _every_collective, 2, dataclasses.replace(CFG, collectives=engine))
     total, mean, rows, param, obj, objs, calls, kind = out
     assert total == [3.0, 4.0] and mean == [1.5]
@@ -183,8 +182,6 @@ def _torch_fails_on_rank_1(ctx):
 
 
 def test_torch_engine_reports_the_failing_rank_and_leaves_the_worker_reusable(spark):
-    import dataclasses
-
     cfg = dataclasses.replace(CFG, collectives="torch")
     with pytest.raises(RankFailedError) as err:
         run_on_ranks(spark, _torch_fails_on_rank_1, 2, cfg)
@@ -203,8 +200,6 @@ def _listening(ctx):
 
 
 def test_the_torch_rendezvous_and_gloo_listen_only_on_the_task_address_and_keep_the_secret_out_of_env(spark):
-    import dataclasses
-
     ips, leaked = run_on_ranks(spark, _listening, 2, dataclasses.replace(CFG, collectives="torch"))
     assert ips == ["127.0.0.1"]  # the TCPStore (rank 0) and gloo's pairs: never 0.0.0.0 or ::
     assert leaked == []  # host:port/secret travels through allGather only
@@ -223,8 +218,6 @@ def _last_rank_lingers(ctx):
 def test_rank_0_keeps_the_rendezvous_until_every_rank_marked_leaving_through_the_engines_own_store(spark, engine):
     """The exit barrier is the engine's store (Spark's barrier() polls once a second): a rank that leaves late
     is waited for, and its mark arrives (without it, rank 0 would wait out launch.collective_timeout_s)."""
-    import dataclasses
-
     cfg = dataclasses.replace(CFG, collectives=engine, collective_timeout_s=40)
     started = time.monotonic()
     assert run_on_ranks(spark, _last_rank_lingers, 2, cfg) == 2.0
@@ -236,7 +229,6 @@ def test_the_exit_barrier_counts_only_marked_ranks_and_gives_up_at_its_timeout(e
     """Rank 0's side alone, no Spark: an unmarked rank is not waited for past the timeout; a mark, made as a
     leaving rank makes it (a TCPStore key under the run's secret / a PUT to the guarded Horovod store), ends
     the wait."""
-    import dataclasses
     import datetime
     import urllib.request
 
@@ -291,3 +283,41 @@ def test_prepare_runs_on_every_rank_while_the_group_forms_and_its_failure_is_not
     fn = functools.partial(_sees_its_preparation, where=str(tmp_path))
     assert run_on_ranks(spark, fn, 2, CFG, prepare=functools.partial(_prepare_marks, where=str(tmp_path))) is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared-0"]
+
+
+def _warm_marks(where):
+    import os
+    import uuid
+
+    with open(os.path.join(where, f"warmed-{os.getpid()}-{uuid.uuid4().hex[:6]}"), "w") as f:
+        f.write("x")
+
+
+def _warm_stalls():
+    time.sleep(120)
+
+
+def test_a_worker_warmup_runs_in_one_task_per_rank_and_a_stalled_one_is_cancelled_before_the_stage(spark, tmp_path):
+    import functools
+
+    from sparkml_dist.runtime.launch import WorkerWarmup
+
+    warmup = WorkerWarmup.start(spark, 2, functools.partial(_warm_marks, str(tmp_path)))
+    assert warmup is not None
+    assert run_on_ranks(spark, _allreduce, 2, CFG, warmup=warmup)[0] == 3.0
+    assert len(list(tmp_path.iterdir())) == 2  # one warm-up task per rank, done before the stage began
+    started = time.monotonic()
+    stalled = WorkerWarmup.start(spark, 2, _warm_stalls)
+    assert run_on_ranks(spark, _allreduce, 2, dataclasses.replace(CFG, start_timeout_s=3), warmup=stalled)[0] == 3.0
+    assert time.monotonic() - started < 60  # waited launch.start_timeout_s=3, cancelled, and the stage ran
+
+
+def test_no_worker_warmup_when_spark_would_not_reuse_its_workers(spark):
+    from sparkml_dist.runtime.launch import WorkerWarmup
+
+    conf = spark.sparkContext._conf  # the live SparkConf the check reads
+    conf.set("spark.python.worker.reuse", "false")
+    try:
+        assert WorkerWarmup.start(spark, 2, _warm_stalls) is None
+    finally:
+        conf.set("spark.python.worker.reuse", "true")

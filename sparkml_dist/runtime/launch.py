@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from pyspark.sql import SparkSession
@@ -100,13 +100,15 @@ def run_on_ranks(
     description: str = "sparkml-dist ranks",
     on_retry: Callable[[int, BaseException], None] | None = None,
     prepare: Callable[[int], None] | None = None,
+    warmup: WorkerWarmup | None = None,
 ) -> T:
     """Run ``fn`` on ``world_size`` ranks (``launch.collectives``) in one barrier stage; return rank 0's result.
 
     ``prepare(rank)``, if given, runs on a thread of each rank while it waits for the others before the group
     exists (Spark's ``allGather`` of the rendezvous address sleeps in 1 s steps): what the rank will need
     anyway and can do alone (imports, opening a client). Best effort: its errors are logged at DEBUG, and
-    ``fn`` meets them again where they matter.
+    ``fn`` meets them again where they matter. ``warmup`` (``WorkerWarmup.start``, begun earlier by the
+    caller) is waited for, at most ``launch.start_timeout_s``, before the stage starts.
 
     Spark cannot retry a failed barrier *result* stage ("Could not recover from a failed barrier
     ResultStage"), so the retry is here: when a rank's process is lost or stalls (not when it raises), the
@@ -117,6 +119,8 @@ def run_on_ranks(
         timeout = cfg.job_timeout_s if cfg.job_timeout_s > 0 else cfg.collective_timeout_s * 10
         return run_in_process(fn, world_size, timeout_s=timeout)[0]
     check_cluster(spark, world_size)
+    if warmup is not None:
+        warmup.wait(cfg.start_timeout_s)
     attempts = max_attempts(spark, cfg)
     deadline = time.monotonic() + cfg.job_timeout_s if cfg.job_timeout_s > 0 else None
     with heartbeat.HeartbeatServer(_driver_host(spark)) as beats:
@@ -135,6 +139,53 @@ def run_on_ranks(
                 if on_retry is not None:
                     on_retry(attempt + 1, exc)
     raise AssertionError("unreachable")
+
+
+class WorkerWarmup:
+    """A small Spark job, started early, that starts ``world_size`` Python workers and runs ``prepare()`` in
+    each, so the barrier stage's tasks, which Spark hands to the idle workers of finished tasks
+    (``spark.python.worker.reuse``, on by default), find their imports done. On a 2-core machine this moved
+    ~2 s of worker start and imports (pyspark's worker, torch, this package) off the training stage's path
+    into the time the driver spends opening MLflow (bench/peers.py's job, 2026-12-07). Best effort: a failure
+    is logged at DEBUG (the stage meets it again), and ``wait`` cancels a warm-up that has not ended in time."""
+
+    def __init__(self, spark: SparkSession, world_size: int, prepare: Callable[[], None]) -> None:
+        self._sc = spark.sparkContext
+        self._group = f"sparkml-dist-warmup-{uuid.uuid4().hex[:12]}"
+        self._thread = threading.Thread(target=self._run, args=(world_size, prepare), daemon=True,
+                                        name=self._group)  # fmt: skip
+
+    @classmethod
+    def start(cls, spark: SparkSession, world_size: int, prepare: Callable[[], None]) -> WorkerWarmup | None:
+        """Start it, unless Spark would not reuse the workers it starts (then it would only cost CPU)."""
+        if spark.sparkContext.getConf().get("spark.python.worker.reuse", "true").lower() == "false":
+            return None
+        warmup = cls(spark, world_size, prepare)
+        warmup._thread.start()
+        return warmup
+
+    def _run(self, world_size: int, prepare: Callable[[], None]) -> None:
+        def task(_: Iterable[int]) -> Iterable[int]:
+            try:
+                prepare()
+            except Exception:  # noqa: BLE001 (best effort: the stage meets the same error where it matters)
+                logging.getLogger("sparkml_dist.launch").debug("worker warm-up failed", exc_info=True)
+            return iter(())
+
+        try:
+            self._sc.setJobGroup(self._group, "sparkml-dist: start and warm the ranks' Python workers",
+                                 interruptOnCancel=True)  # fmt: skip
+            self._sc.parallelize(range(world_size), world_size).mapPartitions(task).collect()
+        except Exception:  # noqa: BLE001 (cancelled, or the session stopped: nothing to warm any more)
+            log.debug("worker warm-up did not finish", exc_info=True)
+
+    def wait(self, timeout_s: float) -> None:
+        """Let it finish (at most ``timeout_s``), so the stage's tasks get its workers; then cancel it."""
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.debug("worker warm-up still running after %.0f s: cancelled", timeout_s)
+            self._sc.cancelJobGroup(self._group)
+            self._thread.join(10)
 
 
 def job_deadline(cfg: LaunchConfig, epochs: int, rows_per_rank_per_epoch: float) -> LaunchConfig:
