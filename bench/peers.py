@@ -14,8 +14,10 @@ One run, one data set (generated and partitioned as bench/compare.py does: 2 sha
 
 Two clocks per kind: ``time_to_target_s`` (training seconds, validation at each epoch end included, to the
 first epoch end at or below the target; data loading and process start excluded, as our runs log it) and
-``job_wall_s`` (spawn to exit). Ratios are taken against the peer in the same run. Prints one JSON object
-and writes docs/bench/peers_<date>.{json,png}.
+``job_wall_s`` (spawn to exit). Ratios are taken against the peer in the same run: of the medians
+(``*_vs_peer``, what the goal is judged on) and, with rounds, the median of each round's own ratio
+(``*_vs_peer_same_round``: the runs of one round share the machine's speed of the moment). Prints one JSON
+object and writes docs/bench/peers_<date>.{json,png}.
 """
 
 from __future__ import annotations
@@ -132,6 +134,12 @@ def main() -> None:
             v["to_target_vs_peer"] = round(v["time_to_target_s"] / peer["time_to_target_s"], 2)
         if v.get("job_wall_s") and peer["job_wall_s"]:
             v["job_wall_vs_peer"] = round(v["job_wall_s"] / peer["job_wall_s"], 2)
+    for name, v in kinds.items():  # the same round's runs side by side: a drift in the machine's speed cancels
+        for clock in ("time_to_target_s", "job_wall_s"):
+            pairs = [r[clock] / p[clock] for r, p in zip(v.get("runs", []), kinds[PEER]["runs"], strict=False)
+                     if r.get(clock) and p.get(clock)]  # fmt: skip
+            if pairs and name != PEER:
+                v[f"{clock.removesuffix('_s')}_vs_peer_same_round"] = round(statistics.median(pairs), 2)
     out["kinds"] = kinds
     every = {k: kinds[k] for k in EVERY_STEP if k in kinds}
     out["goal_every_step_met"] = {
