@@ -52,6 +52,7 @@ __all__ = [
     "evaluate",
     "lr_at",
     "prepare_rank",
+    "prepare_worker",
     "train_rank",
     "whole_optimizer_steps",
 ]
