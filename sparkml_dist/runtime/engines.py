@@ -35,6 +35,7 @@ import torch
 from sparkml_dist.config import LaunchConfig
 from sparkml_dist.errors import UserError
 from sparkml_dist.registry import Registry
+from sparkml_dist.runtime import heartbeat
 from sparkml_dist.runtime.rank import Collectives
 
 log = logging.getLogger("sparkml_dist.engines")  # its pre-move name: logging configs keep working
@@ -63,8 +64,6 @@ LEFT_SCOPE = "sparkml-dist-left"
 rank other than 0 marks that it left the group: rank 0's exit barrier (``Rendezvous.wait_left``)."""
 LEFT_POLL_S = 0.01
 LEFT_PUT_TIMEOUT_S = 5.0
-SERVER_POLL_S = 0.05
-"""How often a socketserver's loop looks for a shutdown (its default, 0.5 s, was a stage's last half second)."""
 
 
 class LaunchError(UserError):
@@ -251,7 +250,7 @@ class HorovodEngine(Engine):
         server.allowed_peers = {resolve(h) for h in hosts}  # type: ignore[attr-defined]
         server.init(plan)
         threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": SERVER_POLL_S}, daemon=True,
+            target=server.serve_forever, kwargs={"poll_interval": heartbeat.SERVER_POLL_S}, daemon=True,
             name="horovod-rendezvous",
         ).start()  # fmt: skip
         return _HorovodRendezvous(server, f"{host}:{server.server_address[1]}/{server.secret}")  # type: ignore[attr-defined]

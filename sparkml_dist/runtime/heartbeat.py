@@ -135,14 +135,19 @@ class _HeartbeatHTTPServer(ThreadingHTTPServer):
         self.moved: dict[tuple[int, int], tuple[float, tuple[Any, ...]]] = {}
 
 
+SERVER_POLL_S = 0.05
+"""How often a socket server of the stage (this one, Horovod's rendezvous) looks for its shutdown: ``shutdown()``
+waits for the next look, and socketserver's default, 0.5 s, was every stage's last half second."""
+
+
 class HeartbeatServer:
     """Driver side: ``with HeartbeatServer("127.0.0.1") as hb: ... hb.url ... hb.stalled(attempt, 60)``."""
 
     def __init__(self, host: str) -> None:
         self._server = _HeartbeatHTTPServer(host, secrets.token_hex(16))
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name="heartbeats"
-        )  # shutdown() waits for the next poll: the default 0.5 s was every stage's last half second
+            target=self._server.serve_forever, kwargs={"poll_interval": SERVER_POLL_S}, daemon=True, name="heartbeats"
+        )
 
     @property
     def url(self) -> str:

@@ -169,7 +169,7 @@ class WorkerWarmup:
             try:
                 prepare()
             except Exception:  # noqa: BLE001 (best effort: the stage meets the same error where it matters)
-                logging.getLogger("sparkml_dist.launch").debug("worker warm-up failed", exc_info=True)
+                log.debug("worker warm-up failed", exc_info=True)
             return iter(())
 
         try:
