@@ -83,7 +83,9 @@ def _wait(what: str, ready, job: subprocess.Popen, timeout_s: float = 240) -> No
     deadline = time.monotonic() + timeout_s
     while not ready():
         assert job.poll() is None, f"the job ended before {what}:\n{job.communicate()[1][-4000:]}"
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        if time.monotonic() >= deadline:
+            job.kill()  # its stderr says which phase it was in
+            raise AssertionError(f"{what}: not within {timeout_s} s; the job's stderr:\n{job.communicate()[1][-4000:]}")
         time.sleep(0.2)
 
 
