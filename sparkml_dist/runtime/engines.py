@@ -320,20 +320,44 @@ class TorchCollectives(Collectives):
 
     Horovod semantics kept: the input is never changed, ``average`` divides the sum by the world size (gloo
     has no AVG), and an allgather accepts a different first dimension per rank (sizes gathered first, then
-    padded to the largest).
+    padded to the largest). ``small_allreduce_bytes`` (``launch.small_allreduce_bytes``, gloo only): an
+    allreduce whose gathered size is at most this goes as one allgather and a sum in rank order (``_sum_of_rows``).
     """
 
-    def __init__(self, rank: int, world_size: int, group: Any = None) -> None:
+    def __init__(self, rank: int, world_size: int, group: Any = None, small_allreduce_bytes: int = 0) -> None:
         super().__init__(rank, world_size)
         import torch.distributed as dist
 
         self._dist = dist
         self._group = group
+        self._small_bytes = small_allreduce_bytes
+
+    def _gathers(self, nbytes: int) -> bool:
+        return self.world_size > 1 and nbytes * self.world_size <= self._small_bytes
+
+    def _allreduce_wire_factor(self, nbytes: int) -> float:
+        return float(self.world_size - 1) if self._gathers(nbytes) else super()._allreduce_wire_factor(nbytes)
 
     def _allreduce(self, tensor: torch.Tensor, average: bool, name: str) -> torch.Tensor:
-        out = tensor.detach().clone()
-        self._dist.all_reduce(out, group=self._group)
+        if self._gathers(tensor.numel() * tensor.element_size()):
+            out = self._sum_of_rows(tensor.detach())
+        else:
+            out = tensor.detach().clone()
+            self._dist.all_reduce(out, group=self._group)
         return out.div_(self.world_size) if average else out
+
+    def _sum_of_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks as one allgather (K-1 ring steps; gloo's ring allreduce takes 2(K-1), and for a
+        small vector each step's latency, not its bytes, is the cost) and K-1 additions in rank order, the
+        same on every rank, so every rank holds bit-identical sums."""
+        flat = tensor.contiguous().reshape(-1)
+        gathered = flat.new_empty(self.world_size * flat.numel())  # gloo takes the rows concatenated, flat
+        self._dist.all_gather_into_tensor(gathered, flat, group=self._group)
+        rows = gathered.view(self.world_size, flat.numel())
+        out = rows[0].clone()
+        for row in rows[1:]:
+            out += row
+        return out.reshape(tensor.shape)
 
     def _allgather(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         dist = self._dist
@@ -427,7 +451,8 @@ class TorchEngine(Engine):
             )
 
         join_with_timeout(init, cfg.start_timeout_s, slot.rank, f"torch.distributed init ({backend})")
-        return TorchCollectives(slot.rank, slot.size)
+        small = cfg.small_allreduce_bytes if backend == "gloo" else 0  # NCCL has its own small-message protocol
+        return TorchCollectives(slot.rank, slot.size, small_allreduce_bytes=small)
 
     def leave(self) -> None:
         import torch.distributed as dist

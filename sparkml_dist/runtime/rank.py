@@ -113,8 +113,8 @@ class Collectives(ABC):
         t0 = time.perf_counter()
         with heartbeat.in_collective(name):
             out = self._allreduce(tensor, average, name)
-        k = self.world_size
-        self._count(tensor.numel() * tensor.element_size(), 2 * (k - 1) / k, t0)
+        nbytes = tensor.numel() * tensor.element_size()
+        self._count(nbytes, self._allreduce_wire_factor(nbytes), t0)
         return out
 
     def allgather(self, tensor: torch.Tensor, *, name: str) -> torch.Tensor:
@@ -140,6 +140,11 @@ class Collectives(ABC):
     def allgather_object(self, obj: T, *, name: str) -> list[T]:
         with heartbeat.in_collective(name):
             return self._allgather_object(obj, name)
+
+    def _allreduce_wire_factor(self, nbytes: int) -> float:
+        """Bytes each rank sends per byte of an allreduce of ``nbytes``: a ring's 2(K-1)/K."""
+        k = self.world_size
+        return 2 * (k - 1) / k
 
     @abstractmethod
     def _allreduce(self, tensor: torch.Tensor, average: bool, name: str) -> torch.Tensor: ...
