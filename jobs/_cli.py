@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 from sparkml_dist.config import ConfigError, JobConfig, load_config
 from sparkml_dist.errors import EXIT_USER_ERROR, SparkmlDistError, UserError, exit_code_of
+from sparkml_dist.runtime.heartbeat import dump_stacks_on_signal
 
 log = logging.getLogger("jobs")
 
@@ -170,6 +171,7 @@ def user_error_of(exc: BaseException) -> SparkmlDistError | None:
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> NoReturn:
     """Run a job's ``main`` as a program: exit 0 on success; on a user error print it on a few lines and
     exit with its code (2); let anything unexpected raise with its traceback."""
+    dump_stacks_on_signal()  # kill -USR1 <pid>: where every thread of a job that seems stuck is
     try:
         main(argv)
     except SystemExit:

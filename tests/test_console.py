@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -65,3 +66,24 @@ def test_a_job_run_as_a_program_skips_the_teardown_collection_and_one_run_in_pro
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["frozen", frozen]
+
+
+def test_kill_usr1_makes_a_running_job_write_every_threads_stack_and_go_on():
+    """An operator's first question about a job that seems stuck is where each thread is: SIGUSR1 answers it
+    on stderr (faulthandler: also for a thread stuck in C) and the job carries on to its normal end."""
+    code = (
+        "import threading, time\n"
+        "from jobs._cli import run_cli\n"
+        "def waiting_helper(): time.sleep(4)\n"
+        "def main(argv):\n"
+        "    threading.Thread(target=waiting_helper, daemon=True).start()\n"
+        "    print('ready', flush=True); time.sleep(3); print('done', flush=True)\n"
+        "run_cli(main)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.strip() == "done", err
+    assert "waiting_helper" in err and "in main" in err, err  # both threads, by function

@@ -321,3 +321,17 @@ def test_no_worker_warmup_when_spark_would_not_reuse_its_workers(spark):
         assert WorkerWarmup.start(spark, 2, _warm_stalls) is None
     finally:
         conf.set("spark.python.worker.reuse", "true")
+
+
+def _signals_itself(ctx):
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGUSR1)  # without the handler SIGUSR1's default ends the process
+    return ctx.collectives().allreduce(__import__("torch").tensor([1.0]), average=False, name="after").item()
+
+
+def test_kill_usr1_on_a_rank_dumps_its_stacks_and_the_rank_goes_on(spark):
+    """A rank's Python worker answers SIGUSR1 with its threads' stacks (to the executor's log) and trains on:
+    what an operator sends a rank the heartbeat watch calls stuck."""
+    assert run_on_ranks(spark, _signals_itself, 2, dataclasses.replace(CFG, collectives="torch")) == 2.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -84,9 +85,42 @@ def _wait(what: str, ready, job: subprocess.Popen, timeout_s: float = 240) -> No
     while not ready():
         assert job.poll() is None, f"the job ended before {what}:\n{job.communicate()[1][-4000:]}"
         if time.monotonic() >= deadline:
-            job.kill()  # its stderr says which phase it was in
-            raise AssertionError(f"{what}: not within {timeout_s} s; the job's stderr:\n{job.communicate()[1][-4000:]}")
+            _dump_stacks(job.pid)  # where the driver's and the ranks' threads are, before the kill
+            job.kill()
+            err = job.communicate()[1]
+            raise AssertionError(f"{what}: not within {timeout_s} s; the job's stderr:\n{err[-20000:]}")
         time.sleep(0.2)
+
+
+def _dump_stacks(pid: int) -> None:
+    """SIGUSR1 to the job's driver and to its Spark Python workers (the ranks; heartbeat.dump_stacks_on_signal):
+    each writes its threads' stacks to the job's stderr. Not to the JVM or the workers' daemon (no handler)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    family, grew = {pid}, True
+    while grew:
+        more = {p for p, parent in parents.items() if parent in family} - family
+        family |= more
+        grew = bool(more)
+
+    def daemon(p: int) -> bool:
+        try:
+            return b"pyspark.daemon" in Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+    workers = [p for p in family if daemon(p) and daemon(parents.get(p, 0))]  # forked by the daemon
+    for p in [pid, *workers]:
+        try:
+            os.kill(p, signal.SIGUSR1)
+        except OSError:
+            pass
+    time.sleep(3)
 
 
 def test_an_outage_mid_run_is_absorbed_and_every_epoch_is_delivered(data):

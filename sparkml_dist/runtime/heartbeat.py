@@ -13,6 +13,10 @@ So each beat also says which collective the rank is in (if any) and how many it 
 finds ranks outside every collective whose state has not moved for as long as a peer has waited inside
 one, and the driver fails the attempt naming them.
 
+When the watch says a rank is stuck but not why, its stacks do: ``dump_stacks_on_signal`` (called in the job's
+driver and in every rank) makes ``kill -USR1 <pid>`` write every thread's Python stack to that process's
+stderr (a rank's reaches the executor's log; locally, the job's console) and carry on.
+
 The server binds the driver's own address (127.0.0.1 locally), answers only requests whose path starts
 with a per-run random secret (403 otherwise), and is a context manager that stops it on every exit.
 Pure standard library; no pyspark, no torch.
@@ -20,10 +24,13 @@ Pure standard library; no pyspark, no torch.
 
 from __future__ import annotations
 
+import faulthandler
 import hmac
 import json
 import logging
 import secrets
+import signal
+import sys
 import threading
 import time
 import urllib.request
@@ -39,6 +46,25 @@ FORBIDDEN = 403
 MAX_BODY = 16384
 
 _progress: dict[str, Any] = {"step": -1, "entered": 0, "waiting": None}
+
+
+STACKS_SIGNAL = getattr(signal, "SIGUSR1", None)
+"""The signal on which a driver or rank writes every thread's stack to its stderr (None where there is none)."""
+
+
+def dump_stacks_on_signal() -> bool:
+    """From now on ``kill -USR1 <this pid>`` writes every thread's Python stack to stderr (``faulthandler``, so
+    even a thread that holds the GIL in C, or a deadlocked one, shows where it is) and the process goes on.
+    False where it cannot (no such signal, a stderr without a file descriptor): nothing else changes."""
+    stderr = sys.__stderr__
+    if STACKS_SIGNAL is None or stderr is None:
+        return False
+    try:
+        faulthandler.register(STACKS_SIGNAL, file=stderr, all_threads=True, chain=False)
+    except (AttributeError, OSError, RuntimeError, TypeError, ValueError) as exc:  # no fd behind stderr, no such signal
+        log.debug("kill -USR1 will not dump this process's stacks: %s", exc)
+        return False
+    return True
 
 
 def progress(step: int) -> None:

@@ -352,6 +352,7 @@ def _run_rank(
     attempt: int,
     prepare: Callable[[int], None] | None = None,
 ) -> T | None:
+    heartbeat.dump_stacks_on_signal()  # kill -USR1 <worker pid>: this rank's stacks in the executor's log
     if prepare is not None:
         threading.Thread(target=_prepare, args=(prepare, rank), daemon=True, name="sparkml-dist-prepare").start()
     plan = host_plan(hosts)
