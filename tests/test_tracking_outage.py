@@ -176,7 +176,7 @@ def test_a_server_that_never_comes_back_ends_the_job_saying_where_metrics_and_mo
 
 
 def test_warming_a_ranks_client_opens_a_local_store_but_never_asks_a_server(tmp_path):
-    """Rank 0 opens its MLflow client while the group forms (training.train.prepare_rank): a local store is
+    """Rank 0 opens its MLflow client before the group forms (training.train.prepare_rank): a local store is
     read once; a server, which may be away, is not asked (MLflow would wait out its retries)."""
     from sparkml_dist import tracking
 

@@ -104,11 +104,15 @@ def run_on_ranks(
 ) -> T:
     """Run ``fn`` on ``world_size`` ranks (``launch.collectives``) in one barrier stage; return rank 0's result.
 
-    ``prepare(rank)``, if given, runs on a thread of each rank while it waits for the others before the group
-    exists (Spark's ``allGather`` of the rendezvous address sleeps in 1 s steps): what the rank will need
-    anyway and can do alone (imports, opening a client). Best effort: its errors are logged at DEBUG, and
-    ``fn`` meets them again where they matter. ``warmup`` (``WorkerWarmup.start``, begun earlier by the
-    caller) is waited for, at most ``launch.start_timeout_s``, before the stage starts.
+    ``prepare(rank)``, if given, runs on each rank before it meets the others (Spark's ``allGather`` of the
+    rendezvous address, which sleeps in 1 s steps, absorbs a short one): what the rank will need anyway and
+    can do alone (imports, opening a client). On the rank's own thread, before any collective: run on a
+    second thread while the group formed, it saved nothing measurable once ``WorkerWarmup`` had done the
+    imports (3 runs each, 2026-12-07: 21.1-22.1 s threaded, 20.9-23.0 s in line, 21.2-22.7 s without), and
+    imports racing the engine's start in one process were a suspect of a one-off stall. Best effort: its
+    errors are logged at DEBUG, and ``fn`` meets them again where they matter. ``warmup``
+    (``WorkerWarmup.start``, begun earlier by the caller) is waited for, at most ``launch.start_timeout_s``,
+    before the stage starts.
 
     Spark cannot retry a failed barrier *result* stage ("Could not recover from a failed barrier
     ResultStage"), so the retry is here: when a rank's process is lost or stalls (not when it raises), the
@@ -354,7 +358,7 @@ def _run_rank(
 ) -> T | None:
     heartbeat.dump_stacks_on_signal()  # kill -USR1 <worker pid>: this rank's stacks in the executor's log
     if prepare is not None:
-        threading.Thread(target=_prepare, args=(prepare, rank), daemon=True, name="sparkml-dist-prepare").start()
+        _prepare(prepare, rank)
     plan = host_plan(hosts)
     engine = build_engine(cfg)
     engine.check_hosts(hosts, host)
@@ -390,7 +394,7 @@ def _prepare(prepare: Callable[[int], None], rank: int) -> None:
     try:
         prepare(rank)
     except Exception:  # noqa: BLE001 (best effort: the rank function meets the same error where it matters)
-        log.debug("rank %d: preparing while the group forms failed", rank, exc_info=True)
+        log.debug("rank %d: preparing before the group forms failed", rank, exc_info=True)
 
 
 def _pick_device(ctx: Any, cfg: LaunchConfig) -> str:

@@ -211,7 +211,7 @@ def prepare_worker() -> None:
 
 
 def prepare_rank(rank: int, job: TrainJob) -> None:
-    """What a rank does while the group forms (``run_on_ranks(prepare=...)``), each measured on the peers
+    """What a rank does before the group forms (``run_on_ranks(prepare=...)``), each measured on the peers
     benchmark's job (2 cores): import the training modes; build a throwaway optimizer, since torch's first
     optimizer imports its compiler stack (~1 s, torch 2.13); and on rank 0, the one that logs, open the run's
     MLflow client (~1.3 s, done at rank 0's first epoch end it held every other rank at the next allreduce)."""
