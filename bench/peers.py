@@ -17,7 +17,7 @@ first epoch end at or below the target; data loading and process start excluded,
 ``job_wall_s`` (spawn to exit). Ratios are taken against the peer in the same run: of the medians
 (``*_vs_peer``, what the goal is judged on) and, with rounds, the median of each round's own ratio
 (``*_vs_peer_same_round``: the runs of one round share the machine's speed of the moment). Prints one JSON
-object and writes docs/bench/peers_<date>.{json,png}.
+object and writes docs/bench/peers_<date>.{json,png} (``--tag NAME``: peers_<date>-NAME.{json,png}).
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each kind (median reported)")
     parser.add_argument("--work-dir", default="/tmp/sparkml-bench-peers")
     parser.add_argument("--only", nargs="*", default=None, help="our kinds to run (default: all)")
+    parser.add_argument("--tag", default="", help="write peers_<date>-TAG.{json,png}, keeping a same-day run")
     args = parser.parse_args()
     for key, value in (("SPARK_LOCAL_IP", "127.0.0.1"), ("PYSPARK_PYTHON", sys.executable),
                        ("PYSPARK_DRIVER_PYTHON", sys.executable)):  # fmt: skip
@@ -151,8 +152,9 @@ def main() -> None:
     out["goal_best_1_5x_met"] = bool(ratios and 1 / min(ratios) >= 1.5)
     keep = REPO / "docs" / "bench"
     keep.mkdir(parents=True, exist_ok=True)
-    (keep / f"peers_{out['date']}.json").write_text(json.dumps(out, indent=1, default=str))
-    _plot(kinds, keep / f"peers_{out['date']}.png", target)
+    stem = f"peers_{out['date']}" + (f"-{args.tag}" if args.tag else "")
+    (keep / f"{stem}.json").write_text(json.dumps(out, indent=1, default=str))
+    _plot(kinds, keep / f"{stem}.png", target)
     print(json.dumps(out, default=str))
 
 
