@@ -95,26 +95,19 @@ def _wait(what: str, ready, job: subprocess.Popen, timeout_s: float = 240) -> No
 def _dump_stacks(pid: int) -> None:
     """SIGUSR1 to the job's driver and to its Spark Python workers (the ranks; heartbeat.dump_stacks_on_signal):
     each writes its threads' stacks to the job's stderr. Not to the JVM or the workers' daemon (no handler)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    family, grew = {pid}, True
-    while grew:
-        more = {p for p, parent in parents.items() if parent in family} - family
-        family |= more
-        grew = bool(more)
+    import psutil
 
-    def daemon(p: int) -> bool:
+    def forked_by_the_daemon(p: psutil.Process) -> bool:
         try:
-            return b"pyspark.daemon" in Path(f"/proc/{p}/cmdline").read_bytes()
-        except OSError:
+            parent = p.parent()
+            return parent is not None and all("pyspark.daemon" in " ".join(q.cmdline()) for q in (p, parent))
+        except psutil.Error:
             return False
 
-    workers = [p for p in family if daemon(p) and daemon(parents.get(p, 0))]  # forked by the daemon
+    try:
+        workers = [p.pid for p in psutil.Process(pid).children(recursive=True) if forked_by_the_daemon(p)]
+    except psutil.Error:
+        workers = []
     for p in [pid, *workers]:
         try:
             os.kill(p, signal.SIGUSR1)
